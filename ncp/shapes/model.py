@@ -1,0 +1,129 @@
+"""Architecture of the shapes-world text-to-image model, assembled as a standard `StableDiffusionPipeline`.
+
+A word-level CLIP tokenizer over the grammar's vocabulary, a 2-layer CLIP text encoder, a small AutoencoderKL
+(64x64 RGB <-> 16x16x4 latents) and a small UNet2DConditionModel with cross-attention only at 8x8 and 4x4 (attention
+backward at higher resolution is slow on CPU). Because it is a stock SD1.5-style pipeline, LoRA loading, hot-swap and
+the NCP encoder follow exactly the SD code path.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from ncp.shapes.grammar import VOCABULARY
+
+IMAGE_SIZE = 64
+MAX_TOKENS = 24  # the longest grammar prompt is 13 words + 2 special tokens
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+# Sampling defaults the model ships with (documented in the model card, measured by bench/shapes_speed.py).
+DEFAULT_STEPS = 20
+DEFAULT_GUIDANCE = 3.0
+NOISE_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
+
+
+def _bpe(word: str, merges: list[tuple[str, str]]) -> list[str]:
+    """CLIP's BPE on one word: repeatedly merge the adjacent pair of lowest rank."""
+    rank = {m: i for i, m in enumerate(merges)}
+    pieces = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(pieces) > 1:
+        pairs = [(rank.get((a, b), len(rank)), i) for i, (a, b) in enumerate(zip(pieces, pieces[1:]))]
+        best, i = min(pairs)
+        if best == len(rank):
+            break
+        pieces = pieces[:i] + [pieces[i] + pieces[i + 1]] + pieces[i + 2 :]
+    return pieces
+
+
+def write_tokenizer(folder: Path) -> CLIPTokenizer:
+    """Write a CLIP BPE tokenizer whose merges build every grammar word into one token, then load it.
+
+    Single characters stay in the vocabulary so an unknown word still tokenizes (into characters) instead of failing;
+    the app validates prompts against the grammar before they reach the model anyway.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.json").unlink(missing_ok=True)  # a stale fast-tokenizer file would override the merges
+    chars = sorted({ch for w in VOCABULARY for ch in w} | set("abcdefghijklmnopqrstuvwxyz,"))
+    tokens = [BOS, EOS] + chars + [c + "</w>" for c in chars]
+    merges: list[tuple[str, str]] = []
+    for word in VOCABULARY:
+        # Add the merge of the first two pieces that BPE leaves, until the word is one token. A new merge has the
+        # lowest priority, so words already handled keep tokenizing to one token.
+        while len(pieces := _bpe(word, merges)) > 1:
+            merges.append((pieces[0], pieces[1]))
+            if pieces[0] + pieces[1] not in tokens:
+                tokens.append(pieces[0] + pieces[1])
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    (folder / "vocab.json").write_text(json.dumps(vocab, indent=0))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
+    tok = CLIPTokenizer.from_pretrained(str(folder), model_max_length=MAX_TOKENS, pad_token=EOS)
+    tok.save_pretrained(str(folder))
+    return tok
+
+
+def build_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_TOKENS,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        projection_dim=64,
+    )
+    return CLIPTextModel(config)
+
+
+def build_vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=IMAGE_SIZE,
+    )
+
+
+def build_unet() -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // 4,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64, 128),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        cross_attention_dim=64,
+        attention_head_dim=4,
+        norm_num_groups=16,
+    )
+
+
+def train_scheduler() -> DDPMScheduler:
+    return DDPMScheduler(**NOISE_SCHEDULE)
+
+
+def assemble_pipeline(
+    unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer
+) -> StableDiffusionPipeline:
+    scheduler = DDIMScheduler(**NOISE_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )

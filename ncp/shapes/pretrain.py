@@ -1,0 +1,183 @@
+"""Pretrain the shapes-world model from scratch on CPU: first the VAE, then the UNet and text encoder.
+
+    python -m ncp.shapes.pretrain --out models/shapes-tiny --work runs/shapes-pretrain --unet-steps 8000
+
+Resumable: state is checkpointed to `--work` every `--ckpt-every` steps and picked up on restart. Each checkpoint also
+exports a loadable pipeline to `--work/latest` (so the model can be evaluated while training continues); the final
+pipeline is written with `save_pretrained` to `--out`. Progress: a tqdm bar and `--work/log.jsonl`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ncp.shapes.grammar import random_scene
+from ncp.shapes.model import (
+    IMAGE_SIZE,
+    assemble_pipeline,
+    build_text_encoder,
+    build_unet,
+    build_vae,
+    train_scheduler,
+    write_tokenizer,
+)
+from ncp.shapes.render import render
+
+
+def render_batch(rng: random.Random, n: int, two_object_prob: float) -> tuple[list[str], torch.Tensor]:
+    """n random held-in scenes -> prompts and images in [-1, 1], shape (n, 3, 64, 64)."""
+    scenes = [random_scene(rng, two_object_prob, held_out=False) for _ in range(n)]
+    imgs = np.stack([render(s, IMAGE_SIZE, rng, jitter=1.5) for s in scenes])
+    x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return [s.prompt for s in scenes], x
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int = 200) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup)))))
+
+
+def train_vae(args: argparse.Namespace, work: Path, log) -> None:
+    vae = build_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    ckpt = work / "vae.pt"
+    step = 0
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step = state["step"]
+    if step >= args.vae_steps and (work / "vae").exists():
+        return
+    rng = random.Random(args.seed + step)
+    bar = tqdm(total=args.vae_steps, initial=step, desc="vae")
+    while step < args.vae_steps:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.vae_steps, args.vae_lr, warmup=100)
+        _, x = render_batch(rng, args.vae_batch, args.two_object_prob)
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        kl = post.kl().mean() / x[0].numel()
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + args.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        bar.update(1)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            log({"stage": "vae", "step": step, "loss": loss.item(), "kl": kl.item()})
+        if step % args.ckpt_every == 0 or step == args.vae_steps:
+            torch.save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt)
+    bar.close()
+    # Latent scale: SD divides latents by their std so the diffusion model sees unit variance.
+    with torch.no_grad():
+        _, x = render_batch(random.Random(12345), 256, args.two_object_prob)
+        std = vae.encode(x).latent_dist.mean.std().item()
+    vae.register_to_config(scaling_factor=1.0 / std)
+    vae.save_pretrained(work / "vae")
+    log({"stage": "vae", "done": True, "scaling_factor": 1.0 / std})
+
+
+def train_unet(args: argparse.Namespace, work: Path, out: Path, log) -> None:
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(work / "vae").eval().requires_grad_(False)
+    tokenizer = write_tokenizer(work / "tokenizer")
+    torch.manual_seed(args.seed)
+    text_encoder, unet = build_text_encoder(tokenizer), build_unet()
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
+    sched = train_scheduler()
+    ckpt = work / "unet.pt"
+    step = 0
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        unet.load_state_dict(state["unet"])
+        text_encoder.load_state_dict(state["text_encoder"])
+        opt.load_state_dict(state["opt"])
+        step = state["step"]
+    rng = random.Random(args.seed * 1000 + step)
+    alphas_cumprod = sched.alphas_cumprod
+    bar = tqdm(total=args.unet_steps, initial=step, desc="unet")
+    t0 = time.time()
+    while step < args.unet_steps:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.unet_steps, args.lr)
+        prompts, x = render_batch(rng, args.batch, args.two_object_prob)
+        # Classifier-free guidance needs an unconditional model: drop 10% of prompts.
+        prompts = ["" if rng.random() < 0.1 else p for p in prompts]
+        with torch.no_grad():
+            z0 = vae.encode(x).latent_dist.sample() * vae.config.scaling_factor  # (B, 4, 16, 16)
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
+        cond = text_encoder(ids.input_ids)[0]  # (B, 24, 64)
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(prompts),))
+        eps = torch.randn_like(z0)
+        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
+        loss = F.mse_loss(unet(zt, t, cond).sample, eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        bar.update(1)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            log({"stage": "unet", "step": step, "loss": loss.item(), "lr": opt.param_groups[0]["lr"],
+                 "s_per_step": (time.time() - t0) / 50})
+            t0 = time.time()
+        if step % args.ckpt_every == 0 or step == args.unet_steps:
+            state = {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(), "opt": opt.state_dict()}
+            torch.save({**state, "step": step}, work / "unet.tmp")
+            (work / "unet.tmp").replace(ckpt)
+            pipe = assemble_pipeline(unet, vae, text_encoder, tokenizer)
+            pipe.save_pretrained(work / "latest")
+            (work / "latest" / "step.txt").write_text(str(step))
+    bar.close()
+    assemble_pipeline(unet, vae, text_encoder, tokenizer).save_pretrained(out)
+    log({"stage": "unet", "done": True, "steps": step})
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("models/shapes-tiny"), help="final pipeline folder")
+    p.add_argument("--work", type=Path, default=Path("runs/shapes-pretrain"), help="checkpoints and log")
+    p.add_argument("--vae-steps", type=int, default=800, help="VAE training steps")
+    p.add_argument("--unet-steps", type=int, default=6000, help="UNet + text encoder training steps")
+    p.add_argument("--batch", type=int, default=16, help="images per UNet step")
+    p.add_argument("--vae-batch", type=int, default=8, help="images per VAE step")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of UNet and text encoder")
+    p.add_argument("--vae-lr", type=float, default=1e-3, help="peak learning rate of the VAE")
+    p.add_argument("--kl-weight", type=float, default=1e-4, help="weight of the VAE's KL term (per element)")
+    p.add_argument("--two-object-prob", type=float, default=0.3, help="share of two-object scenes")
+    p.add_argument("--ckpt-every", type=int, default=250, help="checkpoint interval in steps")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    log_path = args.work / "log.jsonl"
+
+    def log(rec: dict) -> None:
+        with log_path.open("a") as f:
+            f.write(json.dumps({"time": time.time(), **rec}) + "\n")
+
+    train_vae(args, args.work, log)
+    train_unet(args, args.work, args.out, log)
+
+
+if __name__ == "__main__":
+    main()
