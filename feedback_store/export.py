@@ -1,0 +1,262 @@
+"""The researchers' (and trainer's) export: immutable, versioned Parquet snapshots of the votes.
+
+    python -m feedback_store.export --db data/arena.duckdb --out data/snapshots [--since SNAPSHOT_ID]
+
+(the CLI opens the database itself, so only while the app is not running; inside the app call `export_snapshot(store,
+out_dir)`: it reads through the app's own connection and writes with pyarrow, so it works while the app holds the file.)
+
+A snapshot is a folder `<out>/<snapshot_id>/` that is never modified after it appears (written to a temp folder, files
+made read-only, then renamed into place): `train.parquet`, `eval.parquet` and `manifest.json`.
+
+Rows: one per vote, image 0 = the left image, image 1 = the right image. Pick-a-Pic v2 columns, so existing training
+code reads it: `caption`, `jpg_0`, `jpg_1` (the image files' bytes, PNG for the shapes world; PIL opens either),
+`label_0`, `label_1` (1/0 for a strict preference, 0.5/0.5 for a tie), `image_0_uid`, `image_1_uid` (sha256),
+`best_image_uid`, `has_label`, `are_different`, `created_at`. Decision on both_bad: kept, labelled 0.5/0.5 like a tie
+but with `has_label = False` and `both_bad = True`, so code that filters on has_label (or drops ties, as the
+reference DPO code does) skips them and no information is lost. Lineage columns: vote_id, pair_id, prompt_id,
+category, prompt_source, rater (pseudonym), outcome, kind, excluded, excluded_reason, both_bad, control_passed,
+time_to_vote_ms, and per image adapter_version_i, base_model_i, seed_i, scheduler_i, steps_i, guidance_i, width_i,
+height_i (i = 0, 1).
+
+By default only usable votes are exported (not flagged, active rater, not a control pair): the files are ready to train
+on. `include_excluded=True` (`--include-excluded`) also writes flagged, shadow-excluded and control-pair rows with
+`excluded`/`kind` set, for audits. Deleted raters' votes are gone from the database and never appear.
+
+Split: a row goes to eval iff sha256(casefolded, whitespace-collapsed caption) read as a fraction is below
+`eval_fraction`, so the split is deterministic, stable across incremental snapshots, and prompt-disjoint.
+
+Incremental: `since=<snapshot_id>` exports only votes after that snapshot's `vote_id_max` and names it as parent.
+The manifest lists schema versions, row counts, the vote-id range, sha256 and size of each file, the parent snapshot,
+and every deleted rater pseudonym, so users of older snapshots can drop those rows too. No IP or user agent exists
+anywhere in the store, so none can be exported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from feedback_store.records import SnapshotRecord, as_utc_naive
+from feedback_store.schema import SCHEMA_VERSION
+from feedback_store.store import FeedbackStore
+
+log = logging.getLogger(__name__)
+
+EXPORT_FORMAT = "ncp-arena-preferences"
+EXPORT_VERSION = 1
+ROW_GROUP = 1024  # rows per Parquet row group: bounds memory when image bytes are attached
+
+_IMAGE_FIELDS = ("adapter_version", "base_model", "seed", "scheduler", "steps", "guidance", "width", "height")
+_SQL = f"""
+SELECT q.text AS caption,
+    CASE v.outcome WHEN 'left' THEN 1.0 WHEN 'right' THEN 0.0 ELSE 0.5 END::DOUBLE AS label_0,
+    CASE v.outcome WHEN 'left' THEN 0.0 WHEN 'right' THEN 1.0 ELSE 0.5 END::DOUBLE AS label_1,
+    l.sha256 AS image_0_uid, x.sha256 AS image_1_uid,
+    CASE v.outcome WHEN 'left' THEN l.sha256 WHEN 'right' THEN x.sha256 ELSE '' END AS best_image_uid,
+    v.outcome <> 'both_bad' AS has_label, l.sha256 <> x.sha256 AS are_different, v.created AS created_at,
+    v.vote_id, v.pair_id, p.prompt_id, q.category, q.source AS prompt_source, v.rater, v.outcome, p.kind,
+    (v.excluded_reason IS NOT NULL OR r.status <> 'active' OR p.kind = 'control') AS excluded,
+    coalesce(v.excluded_reason, CASE WHEN r.status <> 'active' THEN 'rater_' || r.status END) AS excluded_reason,
+    v.outcome = 'both_bad' AS both_bad, v.control_passed, v.time_to_vote_ms,
+    {", ".join(f"l.{c} AS {c}_0, x.{c} AS {c}_1" for c in _IMAGE_FIELDS)},
+    l.path AS _path_0, x.path AS _path_1
+FROM votes v JOIN pairs p ON p.pair_id = v.pair_id JOIN raters r ON r.pseudonym = v.rater
+JOIN prompts q ON q.prompt_id = p.prompt_id
+JOIN images l ON l.image_id = p.left_image_id JOIN images x ON x.image_id = p.right_image_id
+WHERE v.vote_id > ? AND v.vote_id <= ? AND r.status <> 'deleted'
+"""
+_USABLE = " AND v.excluded_reason IS NULL AND r.status = 'active' AND p.kind <> 'control'"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    snapshot_id: str
+    path: Path
+    manifest: dict
+
+    @property
+    def files(self) -> dict[str, Path]:
+        return {name: self.path / name for name in self.manifest["files"]}
+
+
+def eval_mask(captions: pa.Array, eval_fraction: float) -> pa.Array:
+    """True where a caption belongs to the eval split (deterministic, prompt-disjoint; see module docstring)."""
+    unique = pc.unique(captions).to_pylist()
+    chosen = [c for c in unique if _fraction(c) < eval_fraction]
+    return pc.is_in(captions, value_set=pa.array(chosen, type=pa.string()))
+
+
+def _fraction(caption: str) -> float:
+    norm = " ".join(caption.casefold().split())
+    return int(hashlib.sha256(norm.encode("utf-8")).hexdigest()[:8], 16) / 2**32
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _resolve_since(store: FeedbackStore, out: Path, since: str | None) -> tuple[int, str | None]:
+    if since is None:
+        return 0, None
+    manifest = out / since / "manifest.json"
+    if manifest.is_file():
+        return int(json.loads(manifest.read_text())["vote_id_max"]), since
+    record = store.snapshot(since)
+    if record is None:
+        raise FileNotFoundError(f"snapshot {since!r} not found in {out} nor in the store; pass an existing id")
+    return record.vote_id_max, since
+
+
+def _with_images(store: FeedbackStore, table: pa.Table, images: bool) -> pa.Table:
+    """Attach jpg_0/jpg_1 (file bytes, or nulls when images=False) and drop the internal path columns."""
+    cols, blobs = {}, {}
+    for i in (0, 1):
+        paths = table.column(f"_path_{i}").to_pylist()
+        if images:
+            if store.data_dir is None:
+                raise ValueError("the store has no data_dir, so image files cannot be read; pass images=False")
+            for p in paths:
+                if p not in blobs:  # an image shown in several pairs is read once per row group
+                    blobs[p] = (store.data_dir / p).read_bytes()
+            cols[f"jpg_{i}"] = pa.array([blobs[p] for p in paths], type=pa.binary())
+        else:
+            cols[f"jpg_{i}"] = pa.nulls(len(paths), type=pa.binary())
+    table = table.drop_columns(["_path_0", "_path_1"])
+    return table.add_column(1, "jpg_0", cols["jpg_0"]).add_column(2, "jpg_1", cols["jpg_1"])
+
+
+def export_snapshot(
+    store: FeedbackStore,
+    out_dir: str | Path,
+    since: str | None = None,
+    *,
+    images: bool = True,
+    include_excluded: bool = False,
+    eval_fraction: float = 0.1,
+    quarantine_s: float = 0.0,
+    now: datetime | None = None,
+) -> Snapshot:
+    """Write one immutable snapshot folder under out_dir and record it in the store (module docstring)."""
+    if not 0.0 <= eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    now = as_utc_naive(now)
+    since_id, parent = _resolve_since(store, out, since)
+    cur = store._cur()
+    cur.begin()  # one read transaction: the range bound and the rows come from the same state
+    try:
+        # Up to the first vote still in quarantine (ids are committed in order, so the range has no holes).
+        held = cur.execute(
+            "SELECT min(vote_id) FROM votes WHERE vote_id > ? AND created > ?",
+            [since_id, now - timedelta(seconds=quarantine_s)],
+        ).fetchone()[0]
+        top = cur.execute("SELECT coalesce(max(vote_id), 0) FROM votes").fetchone()[0]
+        upto = max(since_id, (held - 1) if held is not None else top)
+        sql = _SQL + ("" if include_excluded else _USABLE) + " ORDER BY v.vote_id"
+        table = cur.execute(sql, [since_id, upto]).to_arrow_table()
+        deleted = [
+            r[0] for r in cur.execute("SELECT pseudonym FROM raters WHERE status = 'deleted' ORDER BY 1").fetchall()
+        ]
+    finally:
+        cur.commit()
+    base_id = f"{now:%Y%m%dT%H%M%S}Z-v{upto}"
+    snapshot_id, n = base_id, 1
+    while (out / snapshot_id).exists():
+        n += 1
+        snapshot_id = f"{base_id}-{n}"
+    tmp = out / f".{snapshot_id}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        is_eval = eval_mask(table.column("caption"), eval_fraction)
+        parts = {"train": table.filter(pc.invert(is_eval)), "eval": table.filter(is_eval)}
+        files, schema = {}, None
+        for split, part in parts.items():
+            path = tmp / f"{split}.parquet"
+            schema = _with_images(store, part.slice(0, 0), images).schema
+            with pq.ParquetWriter(path, schema, compression="zstd") as writer:
+                for start in range(0, part.num_rows, ROW_GROUP):
+                    writer.write_table(_with_images(store, part.slice(start, ROW_GROUP), images))
+            files[path.name] = {"rows": part.num_rows, "bytes": path.stat().st_size, "sha256": _sha256(path)}
+        vote_ids = table.column("vote_id")
+        manifest = {
+            "format": EXPORT_FORMAT,
+            "export_version": EXPORT_VERSION,
+            "db_schema_version": SCHEMA_VERSION,
+            "snapshot_id": snapshot_id,
+            "parent_snapshot": parent,
+            "created": now.isoformat() + "Z",
+            "since_vote_id": since_id,
+            "vote_id_min": since_id + 1,
+            "vote_id_max": upto,
+            "exported_vote_ids": [pc.min(vote_ids).as_py(), pc.max(vote_ids).as_py()],
+            "rows": {"train": parts["train"].num_rows, "eval": parts["eval"].num_rows, "total": table.num_rows},
+            "files": files,
+            "images": images,
+            "include_excluded": include_excluded,
+            "quarantine_s": quarantine_s,
+            "split": {"eval_fraction": eval_fraction, "rule": "sha256(casefold+collapse-spaces(caption))[:8]/2^32"},
+            "labels": "label_0=1: image 0 (left) chosen; 0.5/0.5: tie or both_bad (has_label false for both_bad)",
+            "columns": schema.names if schema is not None else [],
+            "deleted_raters": deleted,
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        for f in tmp.iterdir():
+            f.chmod(0o444)
+        os.rename(tmp, out / snapshot_id)  # atomic: a snapshot folder is complete or absent
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    rows = manifest["rows"]
+    record = SnapshotRecord(
+        snapshot_id, parent, since_id, upto, rows["train"], rows["eval"], str(out / snapshot_id), now
+    )
+    store.record_snapshot(record)
+    log.info("exported snapshot %s: %d train + %d eval rows", snapshot_id, rows["train"], rows["eval"])
+    return Snapshot(snapshot_id, out / snapshot_id, manifest)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Export an immutable Parquet snapshot of the arena's votes.")
+    ap.add_argument("--db", required=True, help="the arena's DuckDB file (stop the app first: it holds the lock)")
+    ap.add_argument("--out", required=True, help="folder that holds the snapshot folders")
+    ap.add_argument("--since", default=None, help="snapshot id: export only votes after it (incremental)")
+    ap.add_argument("--data-dir", default=None, help="root of the stored image paths (default: the db's folder)")
+    ap.add_argument("--no-images", action="store_true", help="leave jpg_0/jpg_1 empty (metadata-only export)")
+    ap.add_argument("--include-excluded", action="store_true", help="also flagged/shadow-excluded/control rows")
+    ap.add_argument("--eval-fraction", type=float, default=0.1)
+    ap.add_argument("--quarantine-s", type=float, default=0.0, help="hold back votes younger than this")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    with FeedbackStore(args.db, data_dir=args.data_dir) as store:
+        snap = export_snapshot(
+            store,
+            args.out,
+            args.since,
+            images=not args.no_images,
+            include_excluded=args.include_excluded,
+            eval_fraction=args.eval_fraction,
+            quarantine_s=args.quarantine_s,
+        )
+    print(json.dumps({"snapshot_id": snap.snapshot_id, "path": str(snap.path), "rows": snap.manifest["rows"]}))
+
+
+if __name__ == "__main__":
+    main()

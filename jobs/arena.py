@@ -1,0 +1,155 @@
+"""The arena service: what app.py's handlers call. Pairs out, votes in, versions served.
+
+It joins the generation service (ncp.serving), the feedback store and the adapter registry, so that the UI layer has
+no SQL and no tensors. Images are written under `<data_dir>/images/<sha256>.png` before their rows, and a pair is
+issued to a session with an unguessable token; a vote names that token.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from feedback_store import FeedbackStore
+from jobs.prompts import Blocklist, PromptPool, validate_prompt
+from jobs.registry import BASE, AdapterRegistry
+from ncp.serving import GeneratedImage, GenerationService, PairPrefetcher, ReadyPair
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IssuedPairView:
+    """What a rater's browser gets: no version names until the vote (anonymous until voted)."""
+
+    pair_id: int
+    token: str
+    prompt: str
+    left_path: str
+    right_path: str
+    kind: str
+
+
+@dataclass(frozen=True)
+class VoteResult:
+    vote_id: int
+    outcome: str
+    left_version: str
+    right_version: str
+
+
+class ArenaService:
+    def __init__(
+        self,
+        store: FeedbackStore,
+        generation: GenerationService,
+        registry: AdapterRegistry,
+        data_dir: Path,
+        pool: PromptPool,
+        blocklist: Blocklist,
+        model_check: Callable[[str], None] | None = None,
+        prefetch_size: int = 8,
+        pair_ttl_s: int = 3600,
+        seed: int = 0,
+    ) -> None:
+        self.store = store
+        self.generation = generation
+        self.registry = registry
+        self.data_dir = Path(data_dir)
+        self.image_dir = self.data_dir / "images"
+        self.image_dir.mkdir(parents=True, exist_ok=True)
+        self.pool = pool
+        self.blocklist = blocklist
+        self.model_check = model_check
+        self.pair_ttl_s = pair_ttl_s
+        self.prefetcher = PairPrefetcher(generation, pool.draw, self.battle_versions, size=prefetch_size, seed=seed)
+        for version in registry.versions():
+            generation.register_version(version, registry.info(version).folder)
+
+    # -- lifecycle -------------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Serve the registry's current version (also after a restart) and start prefetching."""
+        current = self.registry.current()
+        self.store.mark_running_runs_failed("the app restarted while this run was in progress")
+        if current != self.generation.serving_version:
+            self.generation.swap_adapter(current)
+        self.prefetcher.start()
+
+    def stop(self) -> None:
+        self.prefetcher.stop()
+
+    def battle_versions(self) -> list[str]:
+        """Versions a cross-version pair may pit against the serving one: base and the kept previous versions."""
+        return [BASE, *[v for v in self.registry.versions() if self.registry.verify(v)]]
+
+    # -- pairs and votes ---------------------------------------------------------------------------------------------
+    def _save_image(self, img: GeneratedImage, prompt_id: int) -> int:
+        path = self.image_dir / f"{img.sha256}.png"
+        if not path.exists():
+            tmp = path.with_suffix(f".{threading.get_ident()}.tmp")
+            tmp.write_bytes(img.png)
+            tmp.replace(path)
+        return self.store.add_image(
+            prompt_id,
+            str(path.relative_to(self.data_dir)),
+            base_model=img.base_model,
+            seed=img.seed,
+            scheduler=img.scheduler,
+            steps=img.steps,
+            guidance=img.guidance,
+            width=img.width,
+            height=img.height,
+            adapter_version=img.adapter_version,
+            sha256=img.sha256,
+        )
+
+    def next_pair(self, session: str, prompt: str | None = None) -> IssuedPairView:
+        """A pair for this session: from the prefetch queue, or generated now for a typed prompt."""
+        if prompt:
+            text = validate_prompt(prompt, self.blocklist, self.model_check)
+            ready = self.prefetcher.produce_one(text)
+            source, category = "typed", "typed"
+        else:
+            ready = self.prefetcher.get()
+            source, category = "pool", self.pool.category(ready.prompt)
+        return self._issue(ready, session, source, category)
+
+    def _issue(self, ready: ReadyPair, session: str, source: str, category: str) -> IssuedPairView:
+        prompt_id = self.store.add_prompt(ready.prompt, source=source, category=category)
+        left_id, right_id = self._save_image(ready.left, prompt_id), self._save_image(ready.right, prompt_id)
+        issued = self.store.issue_pair(
+            prompt_id,
+            left_id,
+            right_id,
+            ready.kind,
+            session,
+            ttl_s=self.pair_ttl_s,
+            control_bad_side=ready.broken_side,
+        )
+        return IssuedPairView(
+            pair_id=issued.pair_id,
+            token=issued.token,
+            prompt=ready.prompt,
+            left_path=str(self.image_dir / f"{ready.left.sha256}.png"),
+            right_path=str(self.image_dir / f"{ready.right.sha256}.png"),
+            kind=ready.kind,
+        )
+
+    def vote(
+        self,
+        session: str,
+        token: str,
+        outcome: str,
+        rater: str,
+        reasons: tuple[str, ...] = (),
+        time_to_vote_ms: int | None = None,
+    ) -> VoteResult:
+        """Record a vote (raises VoteRejected with a reason) and return the reveal."""
+        self.store.ensure_rater(rater)
+        receipt = self.store.record_vote(
+            token, session, outcome, rater, reasons=tuple(reasons), time_to_vote_ms=time_to_vote_ms
+        )
+        return VoteResult(receipt.vote_id, receipt.outcome, receipt.left_version, receipt.right_version)

@@ -1,0 +1,336 @@
+"""One alignment round: snapshot -> train (subprocess) -> evaluate (subprocess) -> gate -> publish -> hot-swap.
+
+    python -m jobs.round --data-dir data        # one round by hand, with the app stopped (jobs/round.py)
+
+The scheduled job (jobs/schedule.py) calls `AlignmentLoop.run_round` inside the app process, which owns the DuckDB
+file; the trainer and the evaluator read the round's Parquet snapshot. Any failure (non-zero exit, NaN, SIGKILL,
+time limit, an adapter that does not load, a gate that does not hold) leaves the served version unchanged and is
+recorded on the training run with its reason; the next round proceeds normally.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from feedback_store import FeedbackStore
+from feedback_store.export import export_snapshot
+from jobs.registry import BASE, AdapterRegistry, RegistryError
+from jobs.subprocess_run import read_progress, run_child
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """Settings of the alignment loop (every field has a default; the app's entry point maps env vars onto them)."""
+
+    model: str = "models/shapes-tiny"  # the base pipeline the trainer and evaluator load
+    train_every_s: float = 300.0  # schedule interval
+    min_new_votes: int = 32  # trainable votes since the last round needed to start one
+    min_pairs: int = 16  # strict-preference pairs needed in the snapshot
+    quarantine_s: float = 0.0  # votes younger than this wait for the next round (time to flag abuse)
+    max_rater_share: float = 0.34  # at most this share of a round's pairs from one rater (poisoning bound)
+    time_limit_s: float = 300.0  # wall-clock limit of the training subprocess
+    eval_time_limit_s: float = 240.0
+    objective: str = "dpo"
+    space: str = "ncp"
+    beta: float = 5e5
+    lr: float = 2e-4
+    max_steps: int = 120
+    batch_size: int = 8
+    lora_rank: int = 8  # fixed for the life of a deployment (hot-swap needs the same rank and targets)
+    lora_alpha: int = 8
+    extra_train_args: tuple[str, ...] = ()
+    launcher: tuple[str, ...] = (sys.executable, "-m", "ncp.train")  # or ("accelerate", "launch", "-m", "ncp.train")
+    evaluator: tuple[str, ...] = (sys.executable, "-m", "ncp.evaluate")
+    threads: int = 1  # torch threads of the subprocesses (the app keeps generating beside them)
+    shapes_probes: int = 0  # shapes world: judge probe prompts for the gate (0: no judge)
+    probe_seeds: int = 2
+    gate_min_acc_delta: float = -0.02  # promote if candidate implicit acc >= serving's + this (held-out pairs)
+    gate_min_eval_pairs: int = 8  # fewer held-out pairs than this: the accuracy criterion is not used
+    gate_min_judge_delta: float = 0.0  # shapes: promote only if judge(candidate) - judge(serving) >= this
+    keep_versions: int = 5
+
+    def __post_init__(self) -> None:
+        if self.objective not in ("dpo", "cpo", "sft") or self.space not in ("latent", "ncp"):
+            raise ValueError(f"objective must be dpo|cpo|sft and space latent|ncp, got {self.objective}/{self.space}.")
+        if not 0 < self.max_rater_share <= 1:
+            raise ValueError(f"max_rater_share must be in (0, 1], got {self.max_rater_share}.")
+        if self.time_limit_s <= 0 or self.train_every_s <= 0:
+            raise ValueError("time_limit_s and train_every_s must be positive.")
+
+
+@dataclass
+class RoundStatus:
+    """What the UI shows about the round in progress and the last one."""
+
+    state: str = "idle"  # idle | exporting | training | evaluating | publishing
+    round_dir: str | None = None
+    started: float | None = None
+    progress: dict = field(default_factory=dict)  # the trainer's latest progress line
+    last: dict | None = None  # the last RoundResult as a dict
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    status: str  # promoted | rejected | failed | skipped
+    reason: str
+    run_id: int | None = None
+    version: str | None = None
+    parent: str = BASE
+    snapshot_id: str | None = None
+    metrics: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def cap_rater_share(src: Path, dst: Path, max_share: float, min_pairs: int) -> int:
+    """Write the strict-preference rows of `src` to `dst` with no rater above `max_share` of the rows (the newest
+    rows of an over-represented rater are dropped); returns the row count."""
+    table = pq.read_table(src)
+    table = table.filter(pc.and_(pc.field("has_label"), pc.not_equal(pc.field("label_0"), 0.5)))
+    raters = table.column("rater").to_pylist()
+    cap = max(1, math.floor(max_share * max(len(raters), min_pairs)))
+    seen: dict[str, int] = {}
+    keep = []
+    for r in raters:
+        seen[r] = seen.get(r, 0) + 1
+        keep.append(seen[r] <= cap)
+    import pyarrow as pa
+
+    table = table.filter(pa.array(keep))
+    pq.write_table(table, dst)
+    return table.num_rows
+
+
+class AlignmentLoop:
+    def __init__(
+        self,
+        store: FeedbackStore,
+        registry: AdapterRegistry,
+        data_dir: Path,
+        config: LoopConfig,
+        on_promote: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store, self.registry, self.config = store, registry, config
+        self.data_dir = Path(data_dir)
+        self.rounds_dir = self.data_dir / "rounds"
+        self.snapshots_dir = self.data_dir / "snapshots"
+        self.on_promote = on_promote
+        self.clock = clock
+        self.status = RoundStatus()
+        self._round_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._last_vote_id = self._trained_upto()
+
+    # -- scheduling helpers -----------------------------------------------------------------------------------------
+    def _trained_upto(self) -> int:
+        snaps = self.store.snapshots()
+        return max((s.vote_id_max for s in snaps), default=0)
+
+    def new_trainable_votes(self) -> int:
+        return len(self.store.trainable_votes(since_vote_id=self._last_vote_id, quarantine_s=self.config.quarantine_s))
+
+    def due(self) -> bool:
+        return self.new_trainable_votes() >= self.config.min_new_votes
+
+    def stop(self) -> None:
+        """Kill a running round's child process (app shutdown)."""
+        self._stop.set()
+
+    def tick(self) -> RoundResult:
+        """The scheduled job: one round if enough new trainable votes arrived."""
+        if not self.due():
+            return RoundResult("skipped", f"fewer than {self.config.min_new_votes} new trainable votes")
+        return self.run_round(trigger="schedule")
+
+    # -- one round --------------------------------------------------------------------------------------------------
+    def run_round(self, trigger: str = "manual") -> RoundResult:
+        if not self._round_lock.acquire(blocking=False):
+            return RoundResult("skipped", "a round is already running")
+        t0 = time.monotonic()
+        try:
+            result = self._round(trigger, t0)
+        except Exception as err:  # a round must never take the app down; the reason is recorded
+            logger.exception("round failed")
+            result = RoundResult("failed", f"{type(err).__name__}: {err}", seconds=time.monotonic() - t0)
+        finally:
+            self.status.state = "idle"
+            self._round_lock.release()
+        self.status.last = asdict(result)
+        return result
+
+    def _round(self, trigger: str, t0: float) -> RoundResult:
+        cfg = self.config
+        parent = self.registry.current()
+        self.status = RoundStatus(state="exporting", started=self.clock(), last=self.status.last)
+        snap = export_snapshot(self.store, self.snapshots_dir, quarantine_s=cfg.quarantine_s)
+        self._last_vote_id = max(self._last_vote_id, int(snap.manifest["vote_id_max"]))
+        round_dir = self.rounds_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{snap.snapshot_id}"
+        round_dir.mkdir(parents=True, exist_ok=True)
+        self.status.round_dir = str(round_dir)
+        train_file = round_dir / "train.parquet"
+        n = cap_rater_share(snap.path / "train.parquet", train_file, cfg.max_rater_share, cfg.min_pairs)
+        run_id = self.store.start_training_run(
+            snap.snapshot_id, parent, config={**asdict(cfg), "trigger": trigger, "pairs": n}
+        )
+
+        def fail(status: str, reason: str, metrics: dict | None = None) -> RoundResult:
+            self.store.finish_training_run(run_id, "failed", reason, metrics)  # a gate rejection is a failed run too
+            return RoundResult(
+                status, reason, run_id, None, parent, snap.snapshot_id, metrics or {}, time.monotonic() - t0
+            )
+
+        if n < cfg.min_pairs:
+            return fail("failed", f"only {n} trainable strict-preference pairs; need {cfg.min_pairs}")
+
+        # -- train ---------------------------------------------------------------------------------------------------
+        self.status.state = "training"
+        cand = round_dir / "adapter"
+        progress = round_dir / "progress.jsonl"
+        cmd = [
+            *cfg.launcher,
+            "--model",
+            cfg.model,
+            "--data",
+            str(train_file),
+            "--out",
+            str(cand),
+            "--objective",
+            cfg.objective,
+            "--space",
+            cfg.space,
+            "--beta",
+            str(cfg.beta),
+            "--lr",
+            str(cfg.lr),
+            "--max-steps",
+            str(cfg.max_steps),
+            "--batch-size",
+            str(cfg.batch_size),
+            "--lora-rank",
+            str(cfg.lora_rank),
+            "--lora-alpha",
+            str(cfg.lora_alpha),
+            "--max-seconds",
+            str(max(10.0, cfg.time_limit_s - 30)),
+            "--threads",
+            str(cfg.threads),
+            "--progress-file",
+            str(progress),
+            "--no-progress-bar",
+            *cfg.extra_train_args,
+        ]
+        if parent != BASE:
+            cmd += ["--init-adapter", str(self.registry.info(parent).folder)]
+
+        def poll() -> None:
+            lines = read_progress(progress)
+            if lines:
+                self.status.progress = lines[-1]
+
+        res = run_child(
+            cmd,
+            time_limit_s=cfg.time_limit_s,
+            log_path=round_dir / "train.log",
+            on_poll=poll,
+            cancel=self._stop.is_set,
+        )
+        if not res.ok:
+            return fail("failed", f"training: {res.reason}")
+        metrics_path = cand / "metrics.json"
+        if not metrics_path.exists():
+            return fail("failed", "training finished without metrics.json (incomplete adapter)")
+        train_metrics = json.loads(metrics_path.read_text())
+        final_loss = train_metrics.get("final", {}).get("loss", train_metrics.get("loss"))
+        if isinstance(final_loss, float) and not math.isfinite(final_loss):
+            return fail("failed", f"training loss is not finite ({final_loss})")
+
+        # -- evaluate (also the load test of the candidate) -----------------------------------------------------------
+        self.status.state = "evaluating"
+        eval_out = round_dir / "eval.json"
+        ecmd = [
+            *cfg.evaluator,
+            "--model",
+            cfg.model,
+            "--out",
+            str(eval_out),
+            "--threads",
+            str(cfg.threads),
+            "--version",
+            f"candidate={cand}",
+        ]
+        if parent != BASE:
+            ecmd += ["--version", f"serving={self.registry.info(parent).folder}"]
+        eval_file = snap.path / "eval.parquet"
+        if eval_file.exists() and pq.read_metadata(eval_file).num_rows > 0:
+            ecmd += ["--data", str(eval_file)]
+        if cfg.shapes_probes:
+            ecmd += ["--shapes-probes", str(cfg.shapes_probes), "--probe-seeds", str(cfg.probe_seeds)]
+        eres = run_child(
+            ecmd, time_limit_s=cfg.eval_time_limit_s, log_path=round_dir / "eval.log", cancel=self._stop.is_set
+        )
+        if not eres.ok:
+            return fail("failed", f"evaluation / load test: {eres.reason}")
+        ev = json.loads(eval_out.read_text())
+        metrics = {"train": train_metrics.get("final", {}), "eval": ev, "pairs": n, "train_seconds": res.seconds}
+
+        ok, why = self.gate(ev, parent)
+        metrics["gate"] = why
+        if not ok:
+            self.store.register_adapter_version(
+                f"rejected-{run_id}", parent, snap.snapshot_id, metrics, status="rejected"
+            )
+            return fail("rejected", f"gate: {why}", metrics)
+
+        # -- publish and swap -----------------------------------------------------------------------------------------
+        self.status.state = "publishing"
+        try:
+            info = self.registry.publish(cand, parent=parent, snapshot_id=snap.snapshot_id, metrics=metrics)
+            self.registry.set_current(info.version, reason=f"promoted by round {run_id}")
+        except RegistryError as err:
+            return fail("failed", f"publish: {err}", metrics)
+        self.store.register_adapter_version(info.version, parent, snap.snapshot_id, metrics, status="published")
+        if self.on_promote is not None:
+            self.on_promote(info.version)
+        self.store.finish_training_run(run_id, "succeeded", None, metrics, adapter_version=info.version)
+        self.registry.prune()
+        shutil.rmtree(cand, ignore_errors=True)
+        return RoundResult(
+            "promoted", why, run_id, info.version, parent, snap.snapshot_id, metrics, time.monotonic() - t0
+        )
+
+    def gate(self, ev: dict, parent: str) -> tuple[bool, str]:
+        """The promotion rule: held-out implicit accuracy no worse than the serving version's (by the configured
+        margin) and, in the shapes world, a judge score at least the serving version's plus the configured delta."""
+        cfg = self.config
+        cand = ev["versions"]["candidate"]
+        serving = ev["versions"].get("serving")
+        notes = []
+        if ev.get("eval_pairs", 0) >= cfg.gate_min_eval_pairs:
+            ref_acc = serving["implicit_acc"] if serving else 0.5
+            delta = cand["implicit_acc"] - ref_acc
+            notes.append(f"implicit acc {cand['implicit_acc']:.3f} vs {ref_acc:.3f}")
+            if delta < cfg.gate_min_acc_delta:
+                return False, "; ".join(notes) + f" (delta {delta:+.3f} < {cfg.gate_min_acc_delta:+.3f})"
+        else:
+            notes.append(f"only {ev.get('eval_pairs', 0)} held-out pairs: accuracy criterion not used")
+        if "judge" in cand:
+            ref = serving["judge"] if serving else ev["base_judge"]
+            delta = cand["judge"] - ref
+            notes.append(f"judge {cand['judge']:.3f} vs {ref:.3f}")
+            if delta < cfg.gate_min_judge_delta:
+                return False, "; ".join(notes) + f" (delta {delta:+.3f} < {cfg.gate_min_judge_delta:+.3f})"
+        return True, "; ".join(notes)

@@ -1,0 +1,172 @@
+"""Everything the live app runs, built from one `ArenaConfig`: store, registry, generation, arena, loop, schedule.
+
+app.py's `main()` maps environment variables onto `ArenaConfig` and calls `Runtime.create(config)`; tests build a
+Runtime directly with a temporary data dir. Admin actions live here too, each checking credentials server-side.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import random
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from feedback_store import FeedbackStore, pseudonymize
+from feedback_store.export import export_snapshot
+from jobs.arena import ArenaService
+from jobs.loop import AlignmentLoop, LoopConfig
+from jobs.prompts import Blocklist, PoolPrompt, PromptPool, load_pool
+from jobs.registry import BASE, AdapterRegistry
+from jobs.schedule import LoopScheduler
+from ncp.pipelines import load_pipeline
+from ncp.serving import GenerationService, PairMix, SamplingConfig
+
+logger = logging.getLogger(__name__)
+SHAPES_MODEL = Path(__file__).resolve().parents[1] / "models" / "shapes-tiny"
+
+
+class AdminDenied(PermissionError):
+    """An admin action without valid credentials."""
+
+
+@dataclass(frozen=True)
+class ArenaConfig:
+    data_dir: Path = Path("data")
+    model: str = str(SHAPES_MODEL)  # a diffusers folder or hub id (SDXL / SD1.5); default: the embedded shapes model
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    mix: PairMix = field(default_factory=PairMix)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    schedule: bool = True  # run the alignment loop on a timer
+    prefetch: int = 8
+    admin_token: str | None = None
+    admin_users: tuple[str, ...] = ()  # HF OAuth usernames allowed to administer
+    rater_salt: str = "ncp-arena-default-salt"  # set a secret in production: pseudonyms are HMACs of it
+    pair_ttl_s: int = 3600
+    seed: int = 0
+
+    @property
+    def is_shapes(self) -> bool:
+        return Path(self.model).resolve() == SHAPES_MODEL.resolve() or "shapes" in Path(self.model).name
+
+
+def shapes_pool(n: int = 400, seed: int = 1) -> PromptPool:
+    """Held-in shapes prompts for raters, excluding the evaluator's probe prompts (prompt-disjoint probes)."""
+    from ncp.evaluate import PROBE_SEED
+    from ncp.shapes.grammar import probe_prompts
+
+    probes = set(probe_prompts(256, seed=PROBE_SEED, two_object_prob=0.3))
+    one = [p for p in probe_prompts(n, seed=seed) if p not in probes]
+    two = [p for p in probe_prompts(n // 2, seed=seed + 1, two_object_prob=1.0) if p not in probes]
+    return PromptPool([PoolPrompt(p, "one object") for p in one] + [PoolPrompt(p, "two objects") for p in two])
+
+
+class Runtime:
+    def __init__(self, config: ArenaConfig, pipe=None) -> None:
+        self.config = config
+        data = Path(config.data_dir)
+        data.mkdir(parents=True, exist_ok=True)
+        self.store = FeedbackStore(data / "arena.duckdb")
+        self.registry = AdapterRegistry(data / "adapters", keep=config.loop.keep_versions)
+        pipe = pipe if pipe is not None else load_pipeline(config.model)
+        pipe.set_progress_bar_config(disable=True)
+        self.generation = GenerationService(
+            pipe,
+            config.model if not config.is_shapes else "shapes-tiny",
+            config.sampling,
+            lora_rank=config.loop.lora_rank,
+        )
+        model_check = None
+        if config.is_shapes:
+            from ncp.shapes.grammar import parse
+
+            model_check, pool = parse, shapes_pool(seed=config.seed + 1)
+        else:
+            pool = PromptPool(load_pool())
+        self.blocklist = Blocklist(data / "blocklist.txt")
+        self.arena = ArenaService(
+            self.store,
+            self.generation,
+            self.registry,
+            data,
+            pool,
+            self.blocklist,
+            model_check=model_check,
+            prefetch_size=config.prefetch,
+            pair_ttl_s=config.pair_ttl_s,
+            seed=config.seed,
+        )
+        self.arena.prefetcher.mix = config.mix
+        self.loop = AlignmentLoop(self.store, self.registry, data, config.loop, on_promote=self.serve)
+        self.scheduler = LoopScheduler(self.loop, config.loop.train_every_s)
+        self._swap_lock = threading.Lock()
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.arena.start()
+        self.scheduler.start()
+        if not self.config.schedule:
+            self.scheduler.pause()
+
+    def stop(self) -> None:
+        self.scheduler.shutdown()
+        self.arena.stop()
+        self.store.close()
+
+    # -- serving ------------------------------------------------------------------------------------------------------
+    def serve(self, version: str) -> float:
+        """Hot-swap `version` into the live pipeline and drop prefetched pairs of the old one."""
+        with self._swap_lock:
+            if version != BASE:
+                self.generation.register_version(version, self.registry.info(version).folder)
+            seconds = self.generation.swap_adapter(version)
+            self.arena.prefetcher.flush()
+            return seconds
+
+    def rater_id(self, raw: str) -> str:
+        return pseudonymize(raw, self.config.rater_salt)
+
+    # -- admin (credentials checked here, server-side, for every action) ----------------------------------------------
+    def check_admin(self, token: str | None = None, username: str | None = None) -> None:
+        ok_token = (
+            bool(self.config.admin_token)
+            and bool(token)
+            and hmac.compare_digest(str(token), str(self.config.admin_token))
+        )
+        ok_user = bool(username) and username in self.config.admin_users
+        if not (ok_token or ok_user):
+            raise AdminDenied("Admin credentials are missing or wrong: sign in as an admin or give the admin token.")
+
+    def admin_run_round(self, token: str | None = None, username: str | None = None) -> str:
+        self.check_admin(token, username)
+        self.scheduler.run_now()
+        return "A training round will start now."
+
+    def admin_pause(self, paused: bool, token: str | None = None, username: str | None = None) -> str:
+        self.check_admin(token, username)
+        (self.scheduler.pause if paused else self.scheduler.resume)()
+        return "Schedule paused." if paused else "Schedule resumed."
+
+    def admin_promote(self, version: str, token: str | None = None, username: str | None = None) -> str:
+        """Promote or roll back to any kept version (or "base"): a registry pointer change plus a hot-swap."""
+        self.check_admin(token, username)
+        if version != BASE and version not in self.registry.versions():
+            raise ValueError(f"Unknown version {version!r}; kept versions: {', '.join(self.registry.versions())}.")
+        previous = self.registry.current()
+        self.registry.set_current(version, reason=f"admin: {previous} -> {version}")
+        if previous != BASE:
+            self.store.set_adapter_status(previous, "rolled_back")
+        self.serve(version)
+        return f"Now serving {version} (was {previous})."
+
+    def admin_set_blocklist(self, text: str, token: str | None = None, username: str | None = None) -> str:
+        self.check_admin(token, username)
+        self.blocklist.write(text)
+        return f"Blocklist saved: {len(self.blocklist.terms())} terms."
+
+    def export_now(self) -> Path:
+        return export_snapshot(self.store, Path(self.config.data_dir) / "snapshots").path
+
+
+__all__ = ["AdminDenied", "ArenaConfig", "Runtime", "random"]

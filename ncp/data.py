@@ -1,0 +1,406 @@
+"""Preference pairs for training: Pick-a-Pic v2 style Parquet in, cached VAE latents out.
+
+Two stages, both used by `ncp.trainer`:
+1. `load_pairs(paths)` reads Parquet (one file, several files, or a folder of shards) with the Pick-a-Pic v2 columns
+   `caption, jpg_0, jpg_1, label_0, label_1` (images as encoded bytes; other columns are ignored) and maps every row
+   to the project's one vocabulary, `prompt, chosen, rejected`. Ties (0.5/0.5) are dropped by default, as the
+   reference Diffusion-DPO code does (METHOD.md, "Settings"). Bad rows are skipped and counted in ONE warning.
+2. `encode_pairs(pairs, vae, resolution=...)` resizes and center-crops each image once, VAE-encodes it once (an image
+   that appears in several pairs is encoded once), caches the latents in memory and optionally on disk, and records
+   the SDXL micro-conditioning of each pair, shared by its two images (METHOD.md, "Known pitfalls").
+
+`PreferenceDataset` + `collate_pairs` turn encoded pairs into `PairBatch`es of stacked tensors.
+
+Run as a quick inspection tool: `python -m ncp.data data/snapshot.parquet [--absolute-winners] [--keep-ties]`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import math
+import os
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from PIL import Image, UnidentifiedImageError
+from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
+# Valid (label_0, label_1) outcomes in Pick-a-Pic v2: image 0 wins, image 1 wins, tie.
+_WIN_0, _WIN_1, _TIE = (1.0, 0.0), (0.0, 1.0), (0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One judged pair, in the project's vocabulary. Images are the original encoded bytes (PNG/JPEG/...).
+
+    `chosen_size`/`rejected_size` are the decoded (height, width). For a kept tie (`is_tie`), `chosen` is `jpg_0`.
+    """
+
+    prompt: str
+    chosen: bytes = field(repr=False)
+    rejected: bytes = field(repr=False)
+    chosen_size: tuple[int, int]
+    rejected_size: tuple[int, int]
+    is_tie: bool = False
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What `load_pairs` read and why rows were left out (counts add up to `rows`)."""
+
+    files: tuple[str, ...]
+    rows: int
+    kept: int
+    ties_dropped: int
+    bad_rows: dict[str, int]
+    not_absolute_winner: int
+
+    def to_dict(self) -> dict:
+        return {
+            "files": list(self.files),
+            "rows": self.rows,
+            "kept": self.kept,
+            "ties_dropped": self.ties_dropped,
+            "bad_rows": dict(self.bad_rows),
+            "not_absolute_winner": self.not_absolute_winner,
+        }
+
+
+def parquet_files(paths: str | Path | Sequence[str | Path]) -> list[Path]:
+    """Expand one file, a list of files, or folders (every `*.parquet` below them, sorted) into a list of files."""
+    items = [paths] if isinstance(paths, str | Path) else list(paths)
+    if not items:
+        raise ValueError("No data given: pass a Parquet file, several files, or a folder of Parquet shards.")
+    files: list[Path] = []
+    for item in map(Path, items):
+        if item.is_dir():
+            shards = sorted(item.rglob("*.parquet"))
+            if not shards:
+                raise FileNotFoundError(f"Folder {item} holds no *.parquet files; point --data at a snapshot folder.")
+            files.extend(shards)
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise FileNotFoundError(f"Data path {item} does not exist.")
+    return files
+
+
+def _image_bytes(value: object) -> bytes | None:
+    # Pick-a-Pic stores raw bytes; HF `datasets` Image columns store {"bytes": ..., "path": ...}.
+    if isinstance(value, dict):
+        value = value.get("bytes")
+    return bytes(value) if isinstance(value, bytes | bytearray | memoryview) and len(value) > 0 else None
+
+
+def _decoded_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) if the bytes decode fully as an image, else None."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return im.height, im.width
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def _labels(label_0: object, label_1: object) -> tuple[float, float] | None:
+    try:
+        pair = (float(label_0), float(label_1))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    for valid in (_WIN_0, _WIN_1, _TIE):
+        if all(math.isclose(a, b, abs_tol=1e-6) for a, b in zip(pair, valid, strict=True)):
+            return valid
+    return None
+
+
+@dataclass(frozen=True)
+class _Row:
+    prompt: str
+    images: tuple[bytes, bytes]
+    sizes: tuple[tuple[int, int], tuple[int, int]]
+    labels: tuple[float, float]
+
+
+def _valid_rows(files: Sequence[Path], bad: Counter) -> Iterable[_Row]:
+    for path in files:
+        pf = pq.ParquetFile(path)
+        missing = [c for c in REQUIRED_COLUMNS if c not in pf.schema_arrow.names]
+        if missing:
+            raise ValueError(
+                f"{path} lacks the Pick-a-Pic v2 column(s) {missing}; expected {list(REQUIRED_COLUMNS)} "
+                "(export votes with feedback_store's Parquet export)."
+            )
+        for batch in pf.iter_batches(batch_size=256, columns=list(REQUIRED_COLUMNS)):
+            for rec in batch.to_pylist():
+                caption = rec["caption"]
+                if not isinstance(caption, str) or not caption.strip():
+                    bad["missing_caption"] += 1
+                    continue
+                labels = _labels(rec["label_0"], rec["label_1"])
+                if labels is None:
+                    bad["bad_labels"] += 1
+                    continue
+                images = (_image_bytes(rec["jpg_0"]), _image_bytes(rec["jpg_1"]))
+                sizes = tuple(_decoded_size(b) if b is not None else None for b in images)
+                if None in images or None in sizes:
+                    bad["undecodable_image"] += 1
+                    continue
+                yield _Row(caption, images, sizes, labels)  # type: ignore[arg-type]
+
+
+def absolute_winner_ids(rows: Sequence[_Row]) -> set[tuple[str, str]]:
+    """The paper's "absolute winners" filter (sec. 5), as implemented here.
+
+    An image is identified by (prompt, sha256 of its bytes). Over ALL valid rows (ties included), count for each image
+    its wins, losses and draws. An image is an absolute winner when it has no losses, no draws and at least two wins
+    for its prompt. A pair is kept by the filter when its chosen image is an absolute winner.
+    """
+    wins: Counter = Counter()
+    spoiled: set[tuple[str, str]] = set()  # images with any loss or draw
+    for row in rows:
+        ids = [(row.prompt, hashlib.sha256(b).hexdigest()) for b in row.images]
+        if row.labels == _TIE:
+            spoiled.update(ids)
+        else:
+            win = 0 if row.labels == _WIN_0 else 1
+            wins[ids[win]] += 1
+            spoiled.add(ids[1 - win])
+    return {img for img, n in wins.items() if n >= 2 and img not in spoiled}
+
+
+def load_pairs(
+    paths: str | Path | Sequence[str | Path], *, keep_ties: bool = False, absolute_winners: bool = False
+) -> tuple[list[PreferencePair], LoadReport]:
+    """Read Pick-a-Pic v2 style Parquet into `PreferencePair`s plus a `LoadReport`.
+
+    Bad rows (missing/empty caption, labels other than 1/0, 0/1, 0.5/0.5, an image that is missing or does not decode)
+    are skipped and counted, with one warning for the whole load. `keep_ties` keeps 0.5/0.5 rows (as ordered pairs,
+    `jpg_0` first, flagged `is_tie`); `absolute_winners` applies `absolute_winner_ids` (which never keeps a tie).
+    """
+    files = parquet_files(paths)
+    bad: Counter = Counter()
+    rows = list(_valid_rows(files, bad))
+    n_total = len(rows) + sum(bad.values())
+    winners = absolute_winner_ids(rows) if absolute_winners else None
+    pairs: list[PreferencePair] = []
+    ties = filtered = 0
+    for row in rows:
+        is_tie = row.labels == _TIE
+        c = 1 if row.labels == _WIN_1 else 0  # index of the chosen image (jpg_0 for a tie)
+        if winners is not None and (is_tie or (row.prompt, hashlib.sha256(row.images[c]).hexdigest()) not in winners):
+            filtered += 1
+            continue
+        if is_tie and not keep_ties:
+            ties += 1
+            continue
+        pairs.append(
+            PreferencePair(row.prompt, row.images[c], row.images[1 - c], row.sizes[c], row.sizes[1 - c], is_tie)
+        )
+    if bad:
+        detail = ", ".join(f"{k}: {v}" for k, v in sorted(bad.items()))
+        logger.warning(
+            "Skipped %d bad row(s) of %d in %d file(s) (%s).", sum(bad.values()), n_total, len(files), detail
+        )
+    report = LoadReport(tuple(map(str, files)), n_total, len(pairs), ties, dict(sorted(bad.items())), filtered)
+    logger.info("Loaded %d pair(s): %s", len(pairs), report.to_dict())
+    return pairs, report
+
+
+# ---------------------------------------------------------------------------------------------------- encoding
+
+
+@dataclass(frozen=True, eq=False)
+class EncodedPair:
+    """A pair ready for training. Latents are (C, h, w) float32, already scaled by the VAE's scaling factor.
+
+    The SDXL micro-conditioning (original size, crop top-left, target size; all (height, width)) is computed once for
+    the pair and shared by its two images: the rejected image goes through exactly the chosen image's geometry.
+    """
+
+    prompt: str
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    original_size: tuple[int, int]
+    crop_top_left: tuple[int, int]
+    target_size: tuple[int, int]
+    is_tie: bool = False
+
+    @property
+    def time_ids(self) -> torch.Tensor:
+        """SDXL `add_time_ids` for this pair: (6,) = original_size + crop_top_left + target_size."""
+        return torch.tensor([*self.original_size, *self.crop_top_left, *self.target_size], dtype=torch.float32)
+
+
+def crop_geometry(size: tuple[int, int], resolution: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Resize so the shorter side is `resolution`, then center-crop a square: returns (resized (h, w), crop (top, left))
+    in resized-image pixels, the convention of diffusers' SDXL training scripts."""
+    h, w = size
+    scale = resolution / min(h, w)
+    rh, rw = max(resolution, round(h * scale)), max(resolution, round(w * scale))
+    return (rh, rw), ((rh - resolution) // 2, (rw - resolution) // 2)
+
+
+def _pixels(data: bytes, source_size: tuple[int, int], resolution: int) -> torch.Tensor:
+    """Decode, force to `source_size` (only differs for a partner of another size), resize, crop -> (3, R, R) in [-1, 1]."""
+    (rh, rw), (top, left) = crop_geometry(source_size, resolution)
+    with Image.open(io.BytesIO(data)) as im:
+        im = im.convert("RGB")
+        if (im.height, im.width) != source_size:
+            im = im.resize((source_size[1], source_size[0]), Image.Resampling.BICUBIC)
+        im = im.resize((rw, rh), Image.Resampling.BICUBIC).crop((left, top, left + resolution, top + resolution))
+        arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def latent_cache_key(data: bytes, model_key: str, resolution: int, source_size: tuple[int, int]) -> str:
+    """sha256 over the image bytes, the VAE's identity, the training resolution and the geometry source size."""
+    h = hashlib.sha256(data)
+    h.update(f"\0{model_key}\0{resolution}\0{source_size[0]}x{source_size[1]}".encode())
+    return h.hexdigest()
+
+
+class LatentCache:
+    """Latents by key: always in memory, and under `folder/<key[:2]>/<key>.safetensors` when a folder is given.
+
+    Disk writes are atomic (temp file + `os.replace`), so concurrent processes sharing the folder never read a
+    half-written file."""
+
+    def __init__(self, folder: str | Path | None = None) -> None:
+        self.folder = Path(folder) if folder else None
+        self.memory: dict[str, torch.Tensor] = {}
+        self.hits = 0
+
+    def _path(self, key: str) -> Path:
+        return Path(self.folder or ".") / key[:2] / f"{key}.safetensors"
+
+    def get(self, key: str) -> torch.Tensor | None:
+        if key in self.memory:
+            self.hits += 1
+            return self.memory[key]
+        if self.folder is not None and self._path(key).is_file():
+            self.hits += 1
+            self.memory[key] = load_file(self._path(key))["latent"]
+            return self.memory[key]
+        return None
+
+    def put(self, key: str, latent: torch.Tensor) -> None:
+        self.memory[key] = latent
+        if self.folder is not None:
+            path = self._path(key)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            save_file({"latent": latent.contiguous()}, str(tmp))
+            os.replace(tmp, path)
+
+
+@torch.no_grad()
+def encode_pairs(
+    pairs: Sequence[PreferencePair],
+    vae: torch.nn.Module,
+    *,
+    resolution: int,
+    model_key: str,
+    cache: LatentCache | None = None,
+    batch_size: int = 8,
+) -> list[EncodedPair]:
+    """VAE-encode every distinct image once and return `EncodedPair`s (latents on CPU, float32).
+
+    Latents are the posterior MEAN (not a sample, as the reference DPO script draws), so the cache is deterministic;
+    then `(z - shift_factor) * scaling_factor` as the pipelines decode. The VAE runs in its own dtype and device
+    (keep an SDXL VAE in float32: the stock one overflows in fp16, METHOD.md pitfalls).
+    """
+    cache = cache or LatentCache()
+    param = next(vae.parameters())
+    scale = float(vae.config.scaling_factor)
+    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+    todo: dict[str, tuple[bytes, tuple[int, int]]] = {}  # key -> (bytes, geometry source size), encoded below
+    keys: list[tuple[str, str]] = []
+    for p in pairs:
+        kc = latent_cache_key(p.chosen, model_key, resolution, p.chosen_size)
+        kr = latent_cache_key(p.rejected, model_key, resolution, p.chosen_size)
+        keys.append((kc, kr))
+        for key, data in ((kc, p.chosen), (kr, p.rejected)):
+            if key not in todo and cache.get(key) is None:
+                todo[key] = (data, p.chosen_size)
+    items = list(todo.items())
+    for i in range(0, len(items), batch_size):
+        chunk = items[i : i + batch_size]
+        pixels = torch.stack([_pixels(data, size, resolution) for _, (data, size) in chunk])
+        dist = vae.encode(pixels.to(param.device, param.dtype)).latent_dist
+        latents = ((dist.mean - shift) * scale).float().cpu()
+        for (key, _), z in zip(chunk, latents, strict=True):
+            cache.put(key, z.clone())
+    logger.info(
+        "Encoded %d image(s), %d from cache, for %d pair(s).", len(todo), len(pairs) * 2 - len(todo), len(pairs)
+    )
+    out = []
+    for p, (kc, kr) in zip(pairs, keys, strict=True):
+        _, crop = crop_geometry(p.chosen_size, resolution)
+        out.append(
+            EncodedPair(
+                p.prompt, cache.memory[kc], cache.memory[kr], p.chosen_size, crop, (resolution, resolution), p.is_tie
+            )
+        )
+    return out
+
+
+@dataclass(frozen=True, eq=False)
+class PairBatch:
+    """B pairs stacked: `chosen`/`rejected` (B, C, h, w); `time_ids` (B, 6), one row per pair for both images."""
+
+    prompts: tuple[str, ...]
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    time_ids: torch.Tensor
+
+
+class PreferenceDataset(torch.utils.data.Dataset):
+    """A map-style dataset over encoded pairs (use with `collate_pairs`)."""
+
+    def __init__(self, pairs: Sequence[EncodedPair]) -> None:
+        if not pairs:
+            raise ValueError("No preference pairs to train on (all rows were ties, filtered out or bad; see the log).")
+        self.pairs = list(pairs)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> EncodedPair:
+        return self.pairs[index]
+
+
+def collate_pairs(items: Sequence[EncodedPair]) -> PairBatch:
+    return PairBatch(
+        prompts=tuple(p.prompt for p in items),
+        chosen=torch.stack([p.chosen for p in items]),
+        rejected=torch.stack([p.rejected for p in items]),
+        time_ids=torch.stack([p.time_ids for p in items]),
+    )
+
+
+def main() -> None:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="Summarise a Pick-a-Pic v2 style preference snapshot.")
+    parser.add_argument("paths", nargs="+", help="Parquet file(s) or folder(s) of shards")
+    parser.add_argument("--keep-ties", action="store_true", help="keep 0.5/0.5 rows")
+    parser.add_argument("--absolute-winners", action="store_true", help="apply the paper's sec. 5 filter")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _, report = load_pairs(args.paths, keep_ties=args.keep_ties, absolute_winners=args.absolute_winners)
+    print(json.dumps(report.to_dict(), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""Evaluate adapter versions for the promotion gate: implicit reward accuracy on held-out pairs and, in the shapes
+world, the pixel judge's score on a fixed probe set.
+
+    python -m ncp.evaluate --model models/shapes-tiny --data snapshot/eval.parquet \
+        --version candidate=runs/r1/adapter --version serving=adapters/v0003 --shapes-probes 48 --out eval.json
+
+Loading each adapter with the stock `load_lora_weights` is also the load test a version must pass before it is
+swapped into the live app. Implicit reward (Diffusion-DPO, METHOD.md): r_v(x) = -(L_v(x) - L_ref(x)) with the
+latent eps error L and the base model (adapters disabled) as reference; a version is right on a held-out pair when
+r_v(chosen) > r_v(rejected), averaged over a few shared (t, eps) draws. The base model scores 0.5 by definition.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ncp.data import encode_pairs, load_pairs
+from ncp.perception import noisy_latents
+from ncp.pipelines import encode_prompts, is_sdxl, load_pipeline
+
+logger = logging.getLogger(__name__)
+PROBE_SEED = 777  # probe prompts come from this seed; the arena's prompt pool excludes them
+
+
+@torch.no_grad()
+def reward_margins(
+    pipe, adapters: Sequence[str], data: Sequence[str | Path], *, draws: int = 4, seed: int = 0, batch: int = 16
+) -> dict[str, np.ndarray]:
+    """Per held-out pair, the implicit reward margin r(chosen) - r(rejected) of each loaded adapter name."""
+    pairs, _ = load_pairs(list(data))
+    if not pairs:
+        return {a: np.zeros(0) for a in adapters}
+    size = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    encoded = encode_pairs(pairs, pipe.vae, resolution=size, model_key="eval")
+    sched, unet, sdxl = pipe.scheduler, pipe.unet, is_sdxl(pipe)
+    gen = torch.Generator().manual_seed(seed)
+    out = {a: [] for a in adapters}
+    for i in range(0, len(encoded), batch):
+        chunk = encoded[i : i + batch]
+        lat = torch.cat([torch.stack([p.chosen for p in chunk]), torch.stack([p.rejected for p in chunk])])
+        cond = encode_prompts(pipe, [p.prompt for p in chunk]).repeat(2)
+        added = cond.added_cond_kwargs(torch.stack([p.time_ids for p in chunk]).repeat(2, 1)) if sdxl else None
+        margin = {a: torch.zeros(len(chunk)) for a in adapters}
+        for _ in range(draws):
+            # One t and eps per pair, shared by its two images (METHOD.md).
+            eps = torch.randn((len(chunk), *lat.shape[1:]), generator=gen).repeat(2, 1, 1, 1)
+            t = torch.randint(0, sched.config.num_train_timesteps, (len(chunk),), generator=gen).repeat(2)
+            x_t = noisy_latents(sched, lat, eps, t)
+
+            def err(x_t=x_t, t=t, eps=eps, cond=cond, added=added) -> torch.Tensor:
+                pred = unet(x_t, t, cond.encoder_hidden_states, added_cond_kwargs=added).sample
+                return ((pred - eps) ** 2).mean(dim=(1, 2, 3))
+
+            pipe.disable_lora()
+            ref = err()
+            pipe.enable_lora()
+            for a in adapters:
+                pipe.set_adapters([a])
+                lc, lr = (err() - ref).chunk(2)
+                margin[a] += (lr - lc) / draws  # r(c) - r(r) = -(Lc - Lrc) + (Lr - Lrr)
+        for a in adapters:
+            out[a].append(margin[a])
+    return {a: torch.cat(v).numpy() for a, v in out.items()}
+
+
+def accuracy(margins: np.ndarray) -> float:
+    if margins.size == 0:
+        return float("nan")
+    return float(np.mean((margins > 0) + 0.5 * (margins == 0)))
+
+
+@torch.no_grad()
+def judge_probe(
+    pipe, adapter: str | None, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, guidance: float
+) -> np.ndarray:
+    """Judge overall score of each (prompt, seed) probe image made by `adapter` (None = base)."""
+    from ncp.shapes.judge import score
+
+    if adapter is None:
+        pipe.disable_lora()
+    else:
+        pipe.enable_lora()
+        pipe.set_adapters([adapter])
+    scores = []
+    for seed in seeds:
+        gens = [torch.Generator().manual_seed(int(seed) * 100003 + i) for i in range(len(prompts))]
+        images = pipe(prompt=list(prompts), generator=gens, num_inference_steps=steps, guidance_scale=guidance).images
+        scores.append([score(img, p).overall for img, p in zip(images, prompts, strict=True)])
+    pipe.enable_lora()
+    return np.asarray(scores).T  # (prompts, seeds)
+
+
+def mean_ci(x: np.ndarray) -> tuple[float, float]:
+    """Mean and 95% normal half-width."""
+    x = np.asarray(x, dtype=float).ravel()
+    if x.size < 2:
+        return float(x.mean()) if x.size else float("nan"), float("nan")
+    return float(x.mean()), float(1.96 * x.std(ddof=1) / math.sqrt(x.size))
+
+
+def evaluate(
+    model: str,
+    versions: dict[str, Path],
+    data: Sequence[str | Path],
+    *,
+    shapes_probes: int = 0,
+    probe_seeds: int = 2,
+    steps: int = 20,
+    guidance: float = 3.0,
+    draws: int = 4,
+) -> dict:
+    pipe = load_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    for name, folder in versions.items():
+        pipe.load_lora_weights(str(folder), adapter_name=name)  # raises on a corrupt or incompatible adapter
+    result: dict = {"versions": {}}
+    margins = reward_margins(pipe, list(versions), data, draws=draws) if data else {}
+    n_pairs = len(next(iter(margins.values()))) if margins else 0
+    result["eval_pairs"] = n_pairs
+    probes = None
+    if shapes_probes:
+        from ncp.shapes.grammar import probe_prompts
+
+        probes = probe_prompts(shapes_probes, seed=PROBE_SEED, two_object_prob=0.3)
+        base = judge_probe(pipe, None, probes, range(probe_seeds), steps=steps, guidance=guidance)
+        result["base_judge"] = mean_ci(base)[0]
+    for name in tqdm(versions, desc="evaluate", disable=len(versions) < 2):
+        row = {"implicit_acc": accuracy(margins[name]) if margins else float("nan")}
+        if probes is not None:
+            s = judge_probe(pipe, name, probes, range(probe_seeds), steps=steps, guidance=guidance)
+            row["judge"], row["judge_ci"] = mean_ci(s)
+            row["judge_gain_vs_base"], row["judge_gain_ci"] = mean_ci(s - base)
+        result["versions"][name] = row
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="diffusers pipeline folder or cached hub id")
+    p.add_argument("--data", nargs="*", default=[], help="held-out Pick-a-Pic v2 style Parquet file(s)")
+    p.add_argument("--version", action="append", default=[], metavar="NAME=FOLDER", help="adapter to evaluate")
+    p.add_argument("--shapes-probes", type=int, default=0, help="shapes world: number of judge probe prompts (0: off)")
+    p.add_argument("--probe-seeds", type=int, default=2, help="seeds per probe prompt")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps for probe images")
+    p.add_argument("--guidance", type=float, default=3.0, help="guidance scale for probe images")
+    p.add_argument("--draws", type=int, default=4, help="(t, eps) draws per held-out pair")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--out", type=Path, required=True, help="JSON result file")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    torch.set_num_threads(args.threads)
+    versions = {}
+    for spec in args.version:
+        name, sep, folder = spec.partition("=")
+        if not sep or not name or not folder:
+            p.error(f"--version must look like NAME=FOLDER, got {spec!r}")
+        versions[name] = Path(folder)
+    res = evaluate(
+        args.model,
+        versions,
+        args.data,
+        shapes_probes=args.shapes_probes,
+        probe_seeds=args.probe_seeds,
+        steps=args.steps,
+        guidance=args.guidance,
+        draws=args.draws,
+    )
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(res, indent=2))
+    tmp.replace(args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,532 @@
+"""The preference trainer: LoRA on a diffusers UNet, one of six methods (objective dpo|cpo|sft x space latent|ncp),
+an accelerate loop (gradient accumulation, mixed precision, several processes), resumable and deterministic.
+
+Run it through the CLI (`python -m ncp.train --help`, or `accelerate launch -m ncp.train ...`); in Python:
+    result = train(TrainConfig(objective="dpo", space="ncp", max_steps=200), model="models/shapes",
+                   data=["data/snapshot"], out="adapters/v7")
+
+Per step (METHOD.md): each pair draws ONE timestep t, ONE noise eps (and for NCP one variance noise z), SHARED by its
+chosen and rejected latents; `ncp.perception.per_sample_errors` measures policy (and reference) errors of the 2B
+images and `ncp.objectives.preference_loss` turns them into the loss. Randomness (data order, t, eps, z) is a pure
+function of (seed, micro-step, process index), so a resumed run repeats an uninterrupted one exactly.
+
+Output: `out/` = the diffusers LoRA (`ncp.adapters.save_adapter`, alpha kept) + `metrics.json`, written into a
+temporary sibling folder and renamed into place at the very end: a killed or failed run never leaves an adapter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal, get_args, get_type_hints
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers import DDPMScheduler
+from tqdm.auto import tqdm
+
+from ncp.adapters import (
+    LoraSettings,
+    add_lora,
+    load_adapter_weights,
+    lora_parameters,
+    reference_mode,
+    save_adapter,
+    unwrap_unet,
+)
+from ncp.data import LatentCache, PairBatch, PreferenceDataset, collate_pairs, encode_pairs, load_pairs
+from ncp.objectives import PreferenceLoss, preference_loss
+from ncp.perception import per_sample_errors
+from ncp.pipelines import Conditioning, encode_prompts, is_sdxl, load_pipeline, sdxl_time_ids
+
+logger = logging.getLogger(__name__)
+METRIC_KEYS = ("loss", "implicit_acc", "reward_margin", "chosen_err", "rejected_err")
+
+
+def _opt(default: Any, help: str) -> Any:  # noqa: A002 - argparse's word
+    if isinstance(default, list | tuple):
+        return field(default=tuple(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that shapes a training run (the CLI exposes every field; `help` metadata is its --help text)."""
+
+    objective: Literal["dpo", "cpo", "sft"] = _opt("dpo", "loss: dpo (needs the reference), cpo or sft (METHOD.md)")
+    space: Literal["latent", "ncp"] = _opt("ncp", "where errors are measured: latent eps-MSE or NCP encoder features")
+    beta: float = _opt(5000.0, "KL strength beta (dpo/cpo); NCP errors are ~c_t^2 smaller, see METHOD.md")
+    sft_weight: float = _opt(0.0, "cpo only: weight lambda of the chosen-image error (paper eq. 9-11)")
+    lr: float = _opt(1e-5, "AdamW learning rate (constant after warm-up)")
+    lr_warmup_steps: int = _opt(0, "linear learning-rate warm-up, in optimizer steps")
+    weight_decay: float = _opt(1e-2, "AdamW weight decay (paper: 1e-2)")
+    adam_8bit: bool = _opt(False, "8-bit AdamW from bitsandbytes (CUDA; must be installed)")
+    max_grad_norm: float = _opt(1.0, "gradient clipping norm (paper: 1.0)")
+    batch_size: int = _opt(1, "pairs per process per micro-step; effective batch = this x accumulation x processes")
+    gradient_accumulation: int = _opt(1, "micro-steps per optimizer step")
+    max_steps: int = _opt(100, "optimizer steps to run")
+    max_seconds: float = _opt(0.0, "wall-clock limit in seconds; stops early and still saves (0 = none)")
+    mixed_precision: Literal["no", "fp16", "bf16"] = _opt("no", "autocast precision; frozen weights are cast to it")
+    gradient_checkpointing: bool = _opt(False, "recompute UNet activations in backward (less memory, slower)")
+    lora_rank: int = _opt(64, "LoRA rank r (paper: 64); fixed for a deployment")
+    lora_alpha: float = _opt(64.0, "LoRA alpha (paper: 64); fixed for a deployment")
+    lora_targets: tuple[str, ...] = _opt(("to_q", "to_k", "to_v", "to_out.0"), "UNet module names that get LoRA")
+    include_mid: bool = _opt(False, "ncp: add the mid block to the encoder (released SD1.5 runs: on; SDXL: off)")
+    normalize: bool = _opt(False, "ncp: divide the perceptual error by the mean squared target feature")
+    seed: int = _opt(0, "seed of LoRA init, data order, timesteps and noise")
+    resolution: int = _opt(0, "training image size in pixels (0 = the model's native size)")
+    keep_ties: bool = _opt(False, "train on 0.5/0.5 ties too (as ordered pairs, jpg_0 first); default drops them")
+    absolute_winners: bool = _opt(False, "keep only pairs whose chosen image is an absolute winner (paper sec. 5)")
+    latent_cache_dir: str = _opt("", "folder for cached VAE latents (shared across runs); empty = memory only")
+    checkpoint_every: int = _opt(0, "save a resumable checkpoint every N optimizer steps (0 = never)")
+    checkpoint_dir: str = _opt("", "where checkpoints go (default: '<out>.checkpoints'); the latest 2 are kept")
+    resume: str = _opt("", "'latest' (newest in checkpoint_dir, if any) or a checkpoint folder; empty = fresh")
+    init_adapter: str = _opt("", "adapter folder to continue from (same LoRA rank, alpha and targets)")
+    progress_file: str = _opt("", "JSON-lines progress file (start/step/end/error events); empty = none")
+
+    def __post_init__(self) -> None:
+        for name, kind in get_type_hints(TrainConfig).items():
+            if getattr(kind, "__origin__", None) is Literal and getattr(self, name) not in get_args(kind):
+                raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; choose one of {get_args(kind)}.")
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        checks = {
+            "beta": self.beta > 0 and math.isfinite(self.beta),
+            "sft_weight": self.sft_weight >= 0 and math.isfinite(self.sft_weight),
+            "lr": self.lr > 0 and math.isfinite(self.lr),
+            "max_grad_norm": self.max_grad_norm > 0,
+            "weight_decay": self.weight_decay >= 0,
+            "batch_size": self.batch_size >= 1,
+            "gradient_accumulation": self.gradient_accumulation >= 1,
+            "max_steps": self.max_steps >= 1,
+            "max_seconds": self.max_seconds >= 0,
+            "lr_warmup_steps": self.lr_warmup_steps >= 0,
+            "checkpoint_every": self.checkpoint_every >= 0,
+            "resolution": self.resolution == 0 or (self.resolution >= 8 and self.resolution % 8 == 0),
+            "seed": self.seed >= 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                hint = TrainConfig.__dataclass_fields__[name].metadata["help"]
+                raise ValueError(f"{name}={getattr(self, name)!r} is out of range ({hint}).")
+        self.lora_settings()  # validates rank, alpha and targets with LoraSettings' own errors
+        if self.adam_8bit and importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError(
+                "adam_8bit needs bitsandbytes: `pip install bitsandbytes` (CUDA only), or drop adam_8bit."
+            )
+
+    def lora_settings(self) -> LoraSettings:
+        return LoraSettings(rank=self.lora_rank, alpha=self.lora_alpha, target_modules=self.lora_targets)
+
+
+class TrainingError(RuntimeError):
+    """A run that stopped for a reason the user must act on (the message says which); no adapter was written."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    out: Path
+    steps: int
+    stop_reason: str
+    metrics: dict[str, Any]
+
+
+# ------------------------------------------------------------------------------------------- determinism helpers
+
+
+def _mix(*values: int) -> int:
+    return int(np.random.SeedSequence(list(values)).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+@lru_cache(maxsize=4)
+def _permutation(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    return tuple(torch.randperm(n, generator=torch.Generator().manual_seed(_mix(seed, epoch, 7))).tolist())
+
+
+def batch_indices(n: int, batch_size: int, micro_step: int, seed: int, num_processes: int, process: int) -> list[int]:
+    """Pair indices of one process for global micro-step `micro_step`: an endless stream of seeded per-epoch
+    permutations, cut into global batches of batch_size x num_processes, each process taking its own slice."""
+    start = (micro_step * num_processes + process) * batch_size
+    return [_permutation(n, seed, pos // n)[pos % n] for pos in range(start, start + batch_size)]
+
+
+def pair_loss(
+    unet: torch.nn.Module,
+    scheduler: DDPMScheduler,
+    batch: PairBatch,
+    cond: Conditioning,
+    config: TrainConfig,
+    generator: torch.Generator,
+    *,
+    sdxl: bool,
+) -> PreferenceLoss:
+    """The loss of one micro-batch of B pairs: errors of the 2B images [chosen; rejected], then the objective."""
+    device = next(unwrap_unet(unet).parameters()).device
+    b, shape = batch.chosen.shape[0], batch.chosen.shape[1:]
+    # ONE timestep, noise and variance noise per pair, shared by its chosen and rejected image (METHOD.md).
+    noise = torch.randn((b, *shape), generator=generator).repeat(2, 1, 1, 1).to(device)
+    steps = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).repeat(2).to(device)
+    z = torch.randn((b, *shape), generator=generator).repeat(2, 1, 1, 1).to(device) if config.space == "ncp" else None
+    latents = torch.cat([batch.chosen, batch.rejected]).to(device)  # (2B, C, h, w)
+    cond2 = cond.repeat(2)
+    added = cond2.added_cond_kwargs(batch.time_ids.repeat(2, 1)) if sdxl else None
+    errors = per_sample_errors(
+        unet,
+        scheduler,
+        latents,
+        noise,
+        steps,
+        (cond2.encoder_hidden_states, added),
+        space=config.space,
+        with_reference=config.objective == "dpo",
+        include_mid=config.include_mid,
+        normalize=config.normalize,
+        variance_noise=z,
+    )
+    chosen, rejected = errors.policy.chunk(2)
+    ref = (None, None) if errors.reference is None else errors.reference.chunk(2)
+    return preference_loss(config.objective, chosen, rejected, *ref, beta=config.beta, sft_weight=config.sft_weight)
+
+
+@torch.no_grad()
+def probe_eps(pipe: Any, prompt: str, *, seed: int = 0, timestep: int = 500, side: int = 8) -> torch.Tensor:
+    """The UNet's eps on a fixed (1, C, side, side) input: recorded in metrics.json so anyone can check that a loaded
+    adapter reproduces the trainer's own outputs (a lost alpha changes it)."""
+    unet = unwrap_unet(pipe.unet)
+    param = next(unet.parameters())
+    x = torch.randn((1, unet.config.in_channels, side, side), generator=torch.Generator().manual_seed(seed))
+    cond = encode_prompts(pipe, [prompt])
+    res = side * pipe.vae_scale_factor
+    ids = sdxl_time_ids((res, res), (0, 0), (res, res), 1) if is_sdxl(pipe) else None
+    t = torch.tensor([timestep], device=param.device)
+    ehs = cond.encoder_hidden_states.to(param.dtype)
+    added = cond.to(dtype=param.dtype).added_cond_kwargs(ids)
+    return unet(x.to(param.device, param.dtype), t, ehs, added_cond_kwargs=added).sample.float().cpu()
+
+
+# ------------------------------------------------------------------------------------------- progress and checkpoints
+
+
+class ProgressLog:
+    """Append-only JSON lines, flushed per line so another process can tail it. Non-finite floats become null."""
+
+    def __init__(self, path: str | Path | None) -> None:
+        self.path = Path(path) if path else None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, event: str, **fields: Any) -> None:
+        if self.path is None:
+            return
+        record = _finite({"event": event, "time": time.time(), **fields})
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _atomic_dir(final: Path, write: Any) -> None:
+    """Write a folder under a temporary sibling name, then rename it into place."""
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _checkpoints(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("step-*") if (p / "state.pt").is_file()) if folder.is_dir() else []
+
+
+def save_checkpoint(
+    folder: Path, step: int, unet: torch.nn.Module, optimizer: Any, lr_sched: Any, config: TrainConfig
+):
+    state = {
+        "step": step,
+        "lora": {n: p.detach().cpu() for n, p in unwrap_unet(unet).named_parameters() if p.requires_grad},
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": lr_sched.state_dict(),
+        "config": dataclasses.asdict(config),
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    _atomic_dir(folder / f"step-{step:08d}", lambda tmp: torch.save(state, tmp / "state.pt"))
+    for old in _checkpoints(folder)[:-2]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _resume_path(config: TrainConfig, checkpoint_dir: Path) -> Path | None:
+    if not config.resume:
+        return None
+    if config.resume == "latest":
+        found = _checkpoints(checkpoint_dir)
+        if not found:
+            logger.info("resume=latest: no checkpoint in %s, starting fresh.", checkpoint_dir)
+        return found[-1] if found else None
+    path = Path(config.resume)
+    if not (path / "state.pt").is_file():
+        raise FileNotFoundError(
+            f"resume={path} holds no state.pt; pass a '<checkpoint_dir>/step-N' folder or 'latest'."
+        )
+    return path
+
+
+def _load_checkpoint(path: Path, unet: torch.nn.Module, optimizer: Any, lr_sched: Any, config: TrainConfig) -> int:
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    changed = {k: (v, getattr(config, k)) for k, v in state["config"].items() if getattr(config, k, v) != v}
+    for key in ("seed", "batch_size", "gradient_accumulation", "objective", "space", "lr", "beta"):
+        if key in changed:
+            logger.warning(
+                "Resuming with %s changed %r -> %r: the run will differ from an uninterrupted one.", key, *changed[key]
+            )
+    params = dict(unwrap_unet(unet).named_parameters())
+    for name, value in state["lora"].items():
+        params[name].data.copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    lr_sched.load_state_dict(state["lr_scheduler"])
+    return int(state["step"])
+
+
+def _vae_key(model: str, vae: torch.nn.Module) -> str:
+    """Identity of the VAE for the latent cache: the model name plus a digest of the VAE weights."""
+    digest = hashlib.sha256(model.encode())
+    for name, tensor in sorted(vae.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------- the loop
+
+
+def _optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    if config.adam_8bit:
+        import bitsandbytes as bnb  # checked in TrainConfig.__post_init__
+
+        return bnb.optim.AdamW8bit(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _prepare_models(pipe: Any, config: TrainConfig, accelerator: Accelerator) -> tuple[torch.nn.Module, list]:
+    """Freeze everything, add (or continue) the LoRA, cast frozen weights to the autocast dtype (VAE stays fp32)."""
+    for name in ("text_encoder", "text_encoder_2", "vae", "unet"):
+        if getattr(pipe, name, None) is not None:
+            getattr(pipe, name).requires_grad_(False)
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
+    for name in ("text_encoder", "text_encoder_2", "unet"):
+        if getattr(pipe, name, None) is not None and weight_dtype != torch.float32:
+            getattr(pipe, name).to(accelerator.device, dtype=weight_dtype)
+    unet = pipe.unet
+    add_lora(unet, config.lora_settings())
+    if config.init_adapter:
+        load_adapter_weights(unet, config.init_adapter)
+        logger.info("Continuing from adapter %s.", config.init_adapter)
+    params = lora_parameters(unet)
+    for p in params:  # trainable LoRA weights stay fp32 under mixed precision
+        p.data = p.data.float()
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    return unet, params
+
+
+def train(
+    config: TrainConfig,
+    *,
+    model: str,
+    data: Any,
+    out: str | Path,
+    accelerator: Accelerator | None = None,
+    show_progress: bool = True,
+) -> TrainResult:
+    """Train a LoRA on the preference pairs in `data` (Parquet file(s)/folder) and write it to `out` (must not exist
+    or be empty). Raises TrainingError on a non-finite loss (no adapter written)."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} already exists; adapter versions are immutable, pass a new --out folder.")
+    # cpu=True on a machine without a GPU lets `accelerate launch --multi_gpu` / torchrun start a gloo process group
+    # (MULTI_CPU); accelerate's `--cpu` launcher alone starts only one process.
+    no_gpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
+    accelerator = accelerator or Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation, mixed_precision=config.mixed_precision, cpu=no_gpu
+    )
+    main = accelerator.is_main_process
+    progress = ProgressLog(config.progress_file if main else None)
+    started, step = time.monotonic(), 0
+    try:
+        set_seed(config.seed)  # the same LoRA init on every process
+        pipe = load_pipeline(model, dtype=torch.float32, device=accelerator.device)
+        sdxl = is_sdxl(pipe)
+        resolution = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+        pairs, report = load_pairs(data, keep_ties=config.keep_ties, absolute_winners=config.absolute_winners)
+        if config.keep_ties and any(p.is_tie for p in pairs):
+            logger.warning("keep_ties: tie pairs are trained as ordered pairs (jpg_0 as chosen).")
+        with accelerator.main_process_first():  # the main process fills the disk cache, the others read it
+            cache = LatentCache(config.latent_cache_dir or None)
+            encoded = encode_pairs(
+                pairs, pipe.vae, resolution=resolution, model_key=_vae_key(model, pipe.vae), cache=cache
+            )
+        dataset = PreferenceDataset(encoded)
+        unet, params = _prepare_models(pipe, config, accelerator)
+        optimizer = _optimizer(params, config)
+        lr_sched = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: min(1.0, (s + 1) / (config.lr_warmup_steps + 1))
+        )
+        # DDP (several processes) wraps the UNet; perception unwraps it for the encoder (frozen reference weights).
+        unet, optimizer = accelerator.prepare(unet, optimizer)
+        scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        ckpt_dir = Path(config.checkpoint_dir or f"{out}.checkpoints")
+        resumed = _resume_path(config, ckpt_dir)
+        if resumed is not None:
+            step = _load_checkpoint(resumed, unet, optimizer, lr_sched, config)
+            logger.info("Resumed from %s at step %d.", resumed, step)
+        n_proc, accum = accelerator.num_processes, config.gradient_accumulation
+        progress.write(
+            "start",
+            step=step,
+            max_steps=config.max_steps,
+            pairs=len(dataset),
+            data=report.to_dict(),
+            num_processes=n_proc,
+            effective_batch=config.batch_size * accum * n_proc,
+            resumed_from=str(resumed) if resumed else None,
+            config=dataclasses.asdict(config),
+        )
+        bar = tqdm(total=config.max_steps, initial=step, disable=not (show_progress and main), desc="train")
+        history: list[dict[str, float]] = []
+        stop_reason = "max_steps"
+        while step < config.max_steps:
+            sums = torch.zeros(len(METRIC_KEYS) + 1, dtype=torch.float64)
+            for micro in range(accum):
+                g = step * accum + micro
+                idx = batch_indices(len(dataset), config.batch_size, g, config.seed, n_proc, accelerator.process_index)
+                batch = collate_pairs([dataset[i] for i in idx])
+                generator = torch.Generator().manual_seed(_mix(config.seed, g, accelerator.process_index))
+                with accelerator.accumulate(unet):
+                    cond = encode_prompts(pipe, list(batch.prompts))
+                    with accelerator.autocast():
+                        result = pair_loss(unet, scheduler, batch, cond, config, generator, sdxl=sdxl)
+                    # One collective per micro-step: the metrics averaged over processes, NaN if any process has NaN.
+                    values = torch.tensor([result.metrics[k] for k in METRIC_KEYS] + [0.0], dtype=torch.float64)
+                    if micro == accum - 1 and config.max_seconds and time.monotonic() - started > config.max_seconds:
+                        values[-1] = 1.0
+                    values = accelerator.reduce(values.to(accelerator.device), reduction="mean").cpu()
+                    if not math.isfinite(values[0].item()):
+                        raise TrainingError(
+                            f"Loss became {values[0].item()} at step {step + 1} (micro-step {micro}); stopping, no adapter "
+                            "written. Check the base model for NaN weights, lower --lr or --beta, or use fp32/bf16."
+                        )
+                    sums += values
+                    accelerator.backward(result.loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                        optimizer.step()
+                        lr_sched.step()
+                        optimizer.zero_grad(set_to_none=True)
+            step += 1
+            metrics = {k: (sums[i] / accum).item() for i, k in enumerate(METRIC_KEYS)}
+            history.append(metrics)
+            lr = lr_sched.get_last_lr()[0]
+            progress.write(
+                "step", step=step, loss=metrics["loss"], metrics=metrics, lr=lr, seconds=time.monotonic() - started
+            )
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['implicit_acc']:.2f}")
+            if sums[-1] > 0:
+                stop_reason = "max_seconds"
+                break
+            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.max_steps:
+                if main:
+                    save_checkpoint(ckpt_dir, step, unet, optimizer, lr_sched, config)
+                accelerator.wait_for_everyone()
+        bar.close()
+        # Every process must hold the same LoRA weights (DDP averages gradients); recorded as evidence in metrics.
+        checksum = torch.stack([p.detach().double().abs().sum() for p in params]).sum().reshape(1)
+        sums_all = accelerator.gather(checksum.to(accelerator.device)).cpu()
+        run = {
+            "steps": step,
+            "stop_reason": stop_reason,
+            "num_processes": n_proc,
+            "effective_batch": config.batch_size * accum * n_proc,
+            "replicas_in_sync": bool(torch.allclose(sums_all, sums_all[0], rtol=1e-6, atol=0)),
+            "model": str(model),
+            "init_adapter": config.init_adapter or None,
+            "resumed_from": str(resumed) if resumed else None,
+            "data": report.to_dict(),
+            "config": dataclasses.asdict(config),
+        }
+        summary: dict[str, Any] = {}
+        if main:
+            summary = _finish(pipe, config, out, run, history, started)
+            progress.write(
+                "end",
+                step=step,
+                adapter=str(out),
+                stop_reason=stop_reason,
+                metrics=summary["final"],
+                seconds=time.monotonic() - started,
+            )
+        accelerator.wait_for_everyone()
+        return TrainResult(out, step, stop_reason, summary)
+    except BaseException as err:
+        progress.write("error", step=step, message=f"{type(err).__name__}: {err}", seconds=time.monotonic() - started)
+        raise
+
+
+def _finish(pipe: Any, config: TrainConfig, out: Path, run: dict, history: list[dict], started: float) -> dict:
+    """Write the adapter + metrics.json atomically (main process); returns the metrics."""
+    unet = unwrap_unet(pipe.unet)
+    unet.eval()
+    prompt = "a probe prompt"
+    eps = probe_eps(pipe, prompt)
+    with reference_mode(unet):
+        base = probe_eps(pipe, prompt)
+    tail = history[-10:]
+    metrics = {
+        **run,
+        "seconds": time.monotonic() - started,
+        "final": history[-1] if history else {},
+        "mean_last_10": {k: float(np.mean([h[k] for h in tail])) for k in METRIC_KEYS} if tail else {},
+        "probe": {
+            "prompt": prompt,
+            "seed": 0,
+            "timestep": 500,
+            "side": 8,
+            "eps": eps.flatten().tolist(),
+            "delta_from_base_mean_abs": (eps - base).abs().mean().item(),
+        },
+    }
+    metadata = {k: metrics[k] for k in ("model", "init_adapter", "data", "config", "steps")}
+
+    def write(tmp: Path) -> None:
+        save_adapter(pipe, unet, tmp, config.lora_settings(), metadata=_finite(metadata))
+        (tmp / "metrics.json").write_text(json.dumps(_finite(metrics), indent=2))
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.is_dir():
+        out.rmdir()  # empty (checked at start)
+    _atomic_dir(out, write)
+    logger.info("Wrote adapter %s after %d step(s) (%s).", out, run["steps"], run["stop_reason"])
+    return metrics

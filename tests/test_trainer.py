@@ -1,0 +1,213 @@
+"""ncp.trainer / ncp.train on a real tiny SDXL pipeline saved to disk and real Parquet files: the CLI in a real
+subprocess (adapter loads with stock diffusers and reproduces the trainer's outputs, alpha kept), resume, continuing
+from an adapter, non-finite loss, the wall-clock limit, config validation, and a 2-process accelerate run (slow)."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from ncp.pipelines import build_tiny_sdxl, load_pipeline
+from ncp.train import build_parser, config_from_args
+from ncp.train import main as cli_main
+from ncp.trainer import TrainConfig, TrainingError, batch_indices, probe_eps, train
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = dict(lora_rank=4, lora_alpha=8.0, lr=1e-3, batch_size=2, beta=5000.0)  # alpha != rank: a lost alpha shows
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+
+
+def _png(rng: np.random.Generator, size: tuple[int, int] = (48, 64)) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny SDXL pipeline folder and a Parquet file: 16 good pairs, 1 tie, 2 bad rows."""
+    root = tmp_path_factory.mktemp("trainer")
+    build_tiny_sdxl(seed=0).save_pretrained(root / "sdxl")
+    rng = np.random.default_rng(0)
+    rows = [(f"a red circle number {i}", _png(rng), _png(rng), float(i % 2), float(1 - i % 2)) for i in range(16)]
+    rows += [("a tie", _png(rng), _png(rng), 0.5, 0.5), ("bad image", b"junk", _png(rng), 1.0, 0.0)]
+    rows += [(None, _png(rng), _png(rng), 1.0, 0.0)]
+    cols = list(zip(*rows, strict=True))
+    table = pa.table({"caption": pa.array(cols[0], pa.string()), "jpg_0": pa.array(cols[1], pa.binary()),
+                      "jpg_1": pa.array(cols[2], pa.binary()), "label_0": cols[3], "label_1": cols[4],
+                      "vote_id": list(range(len(rows)))})  # fmt: skip
+    pq.write_table(table, root / "pairs.parquet")
+    return {"root": root, "model": root / "sdxl", "data": root / "pairs.parquet"}
+
+
+def _events(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "pytorch_lora_weights.safetensors"))
+
+
+def _cli(world: dict[str, Path], out: Path, *extra: str, launcher: tuple[str, ...] = (sys.executable, "-m")) -> list:
+    opts = {"--lora-rank": "4", "--lora-alpha": "8", "--lr": "1e-3", "--batch-size": "2", "--max-steps": "4"}
+    args = [*launcher, "ncp.train", "--model", str(world["model"]), "--data", str(world["data"]), "--out", str(out)]
+    return args + [x for kv in opts.items() for x in kv] + ["--threads", "1", "--no-progress-bar", *extra]
+
+
+def test_cli_writes_an_adapter_that_stock_diffusers_loads_and_reproduces(world: dict[str, Path]) -> None:
+    out, progress = world["root"] / "cli-adapter", world["root"] / "cli-progress.jsonl"
+    proc = subprocess.run(_cli(world, out, "--progress-file", str(progress)), env=ENV, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter_config.json", "metadata.json", "metrics.json", "pytorch_lora_weights.safetensors",
+    ]  # fmt: skip
+    assert not list(world["root"].glob(".cli-adapter.tmp-*"))  # the temporary folder was renamed, not left behind
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 4 and metrics["stop_reason"] == "max_steps" and metrics["num_processes"] == 1
+    assert metrics["data"]["kept"] == 16 and metrics["data"]["ties_dropped"] == 1
+    assert metrics["data"]["bad_rows"] == {"missing_caption": 1, "undecodable_image": 1}
+    assert set(metrics["final"]) == {"loss", "implicit_acc", "reward_margin", "chosen_err", "rejected_err"}
+
+    events = _events(progress)
+    assert [e["event"] for e in events] == ["start", "step", "step", "step", "step", "end"]
+    steps = [e for e in events if e["event"] == "step"]
+    assert [e["step"] for e in steps] == [1, 2, 3, 4] and all(e["lr"] == 1e-3 for e in steps)
+    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # dpo at init: policy == reference
+    assert steps[-1]["metrics"] == metrics["final"] and steps[-1]["seconds"] > 0
+
+    fresh = load_pipeline(world["model"])
+    fresh.load_lora_weights(str(out))  # the stock diffusers loader
+    assert fresh.unet.peft_config["default_0"].lora_alpha == 8 and fresh.unet.peft_config["default_0"].r == 4
+    probe = metrics["probe"]
+    eps = probe_eps(fresh, probe["prompt"], seed=probe["seed"], timestep=probe["timestep"], side=probe["side"])
+    torch.testing.assert_close(eps.flatten(), torch.tensor(probe["eps"]), atol=1e-5, rtol=1e-5)
+    assert probe["delta_from_base_mean_abs"] > 1e-3  # the adapter matters, so a wrong scale would be caught
+
+
+def test_resume_repeats_an_uninterrupted_run_and_init_adapter_continues(world: dict[str, Path]) -> None:
+    root = world["root"] / "resume"
+    kw = dict(model=str(world["model"]), data=str(world["data"]), show_progress=False)
+    straight = train(TrainConfig(**FAST, max_steps=4), out=root / "straight", **kw)
+    # A run that checkpoints at step 2 (and goes on to 3); then a new run resumes from its latest checkpoint.
+    ckpt = root / "ckpt"
+    train(TrainConfig(**FAST, max_steps=3, checkpoint_every=2, checkpoint_dir=str(ckpt)), out=root / "first", **kw)
+    assert [p.name for p in ckpt.iterdir()] == ["step-00000002"]
+    resumed = train(
+        TrainConfig(**FAST, max_steps=4, checkpoint_dir=str(ckpt), resume="latest"), out=root / "resumed", **kw
+    )
+    assert resumed.metrics["resumed_from"] == str(ckpt / "step-00000002") and resumed.steps == 4
+    a, b = _weights(root / "straight"), _weights(root / "resumed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.metrics["final"] == straight.metrics["final"]
+
+    # Continue from the finished adapter: the first step no longer starts at policy == reference (loss != ln 2),
+    # and one more step moves the weights only a little from where the adapter was.
+    progress = root / "continue.jsonl"
+    cont = TrainConfig(**{**FAST, "batch_size": 1}, max_steps=1, gradient_accumulation=2, gradient_checkpointing=True,
+                       init_adapter=str(root / "straight"), progress_file=str(progress))  # fmt: skip
+    train(cont, out=root / "continued", **kw)
+    first = next(e for e in _events(progress) if e["event"] == "step")
+    assert abs(first["loss"] - math.log(2)) > 1e-7
+    c = _weights(root / "continued")
+    b_keys = [k for k in a if "lora_B" in k or "lora.up" in k]
+    assert b_keys and all(a[k].abs().sum() > 0 for k in b_keys)
+    moved = sum((c[k] - a[k]).abs().sum() for k in a) / sum(a[k].abs().sum() for k in a)
+    assert 0 < moved < 0.2
+
+
+def test_non_finite_loss_fails_clearly_and_writes_nothing(world: dict[str, Path], caplog) -> None:
+    pipe = load_pipeline(world["model"])
+    with torch.no_grad():
+        pipe.unet.conv_in.weight[0, 0, 0, 0] = float("nan")  # a corrupt base model
+    pipe.save_pretrained(world["root"] / "nan-model")
+    out, progress = world["root"] / "nan-adapter", world["root"] / "nan.jsonl"
+    argv = _cli(world, out, "--progress-file", str(progress), launcher=())[1:]
+    argv[argv.index("--model") + 1] = str(world["root"] / "nan-model")
+    assert cli_main(argv) == 2  # non-zero exit
+    assert "Loss became nan at step 1" in caplog.text and "no adapter" in caplog.text
+    assert not out.exists() and not list(world["root"].glob(".nan-adapter.tmp-*"))
+    assert [e["event"] for e in _events(progress)] == ["start", "error"]
+    with pytest.raises(TrainingError):
+        train(TrainConfig(**FAST, max_steps=1), model=str(world["root"] / "nan-model"), data=str(world["data"]),
+              out=world["root"] / "nan-2", show_progress=False)  # fmt: skip
+
+
+def test_wall_clock_limit_stops_early_and_still_saves(world: dict[str, Path]) -> None:
+    out = world["root"] / "timed"
+    result = train(TrainConfig(**FAST, max_steps=50, max_seconds=1e-6, space="latent", objective="cpo"),
+                   model=str(world["model"]), data=str(world["data"]), out=out, show_progress=False)  # fmt: skip
+    assert result.steps == 1 and result.stop_reason == "max_seconds"
+    assert json.loads((out / "metrics.json").read_text())["stop_reason"] == "max_seconds"
+    with pytest.raises(FileExistsError, match="immutable"):
+        train(TrainConfig(**FAST), model=str(world["model"]), data=str(world["data"]), out=out, show_progress=False)
+
+
+def test_batches_are_deterministic_disjoint_and_cover_each_epoch() -> None:
+    def epoch(e: int, seed: int = 3) -> list[int]:  # 12 pairs = 3 global micro-steps of 2 processes x 2 pairs
+        return [i for g in range(3 * e, 3 * e + 3) for k in range(2) for i in batch_indices(12, 2, g, seed, 2, k)]
+
+    assert sorted(epoch(0)) == sorted(epoch(1)) == list(range(12))  # every pair once per epoch, shards disjoint
+    assert epoch(0) != epoch(1)  # reshuffled each epoch
+    assert epoch(0) == epoch(0) and epoch(0, seed=4) != epoch(0)  # a pure function of the seed
+
+
+def test_config_validation_and_generated_help() -> None:
+    with pytest.raises(ValueError, match=r"objective='ppo' is not allowed; choose one of \('dpo', 'cpo', 'sft'\)"):
+        TrainConfig(objective="ppo")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="mixed_precision='fp8'"):
+        TrainConfig(mixed_precision="fp8")  # type: ignore[arg-type]
+    for bad in (dict(beta=0.0), dict(lr=float("nan")), dict(batch_size=0), dict(resolution=30), dict(max_steps=0)):
+        with pytest.raises(ValueError, match="out of range"):
+            TrainConfig(**bad)
+    with pytest.raises(ValueError, match="rank"):
+        TrainConfig(lora_rank=0)
+    if importlib.util.find_spec("bitsandbytes") is None:
+        with pytest.raises(ValueError, match="pip install bitsandbytes"):
+            TrainConfig(adam_8bit=True)
+    parser = build_parser()
+    text = parser.format_help()
+    for name, f in TrainConfig.__dataclass_fields__.items():
+        assert "--" + name.replace("_", "-") in text and f.metadata["help"][:30] in " ".join(text.split())
+    args = parser.parse_args(["--model", "m", "--data", "a", "b", "--out", "o", "--objective", "cpo",
+                              "--lora-targets", "to_q", "to_v", "--gradient-checkpointing", "--beta", "2.5"])  # fmt: skip
+    config = config_from_args(args)
+    assert (config.objective, config.lora_targets, config.gradient_checkpointing, config.beta) == (
+        "cpo", ("to_q", "to_v"), True, 2.5,
+    )  # fmt: skip
+    assert args.data == ["a", "b"] and config_from_args(parser.parse_args(["--model", "m", "--data", "a", "--out",
+                                                                           "o"])) == TrainConfig()  # fmt: skip
+
+
+@pytest.mark.slow
+def test_two_process_accelerate_launch(world: dict[str, Path]) -> None:
+    """`accelerate launch` with 2 CPU processes (gloo, DDP): completes, same adapter shape and metrics file.
+
+    accelerate's `--cpu` launcher starts ONE process whatever --num_processes says; `--multi_gpu` goes through
+    torchrun, and the trainer asks for a CPU process group when there is no GPU."""
+    single = world["root"] / "single"
+    train(TrainConfig(**FAST, max_steps=4), model=str(world["model"]), data=str(world["data"]), out=single,
+          show_progress=False)  # fmt: skip
+    out = world["root"] / "ddp"
+    launcher = ("accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "-m")  # fmt: skip
+    proc = subprocess.run(_cli(world, out, launcher=launcher), env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _weights(single), _weights(out)
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+    m1, m2 = (json.loads((f / "metrics.json").read_text()) for f in (single, out))
+    assert m1.keys() == m2.keys() and m2["num_processes"] == 2 and m2["effective_batch"] == 4
+    assert m2["replicas_in_sync"] is True and m2["steps"] == 4
