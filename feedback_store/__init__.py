@@ -27,6 +27,8 @@ Prompts, images, pairs
       kind "on_policy" (both images of one adapter version), "cross_version" (two versions), "control" (attention
       check, control_bad_side = "left" | "right" names the broken image). The token is secrets.token_urlsafe(32);
       only its sha256 is stored. prompt(id), image(id) -> Generation, pair(id) -> Pair, prompts(source, category).
+    issue_pairs([PairSpec(prompt_id, left_image_id, right_image_id, kind, session, control_bad_side)], ttl_s=3600)
+        -> list[IssuedPair]                                # many in one transaction (prefetch); all-or-nothing
 
 Votes
     record_vote(token, session, outcome, rater, reasons=(), time_to_vote_ms=None, now=None) -> VoteReceipt
@@ -74,6 +76,7 @@ from feedback_store.records import (
     InputRejected,
     IssuedPair,
     Pair,
+    PairSpec,
     PreferencePair,
     Prompt,
     Rater,
@@ -98,6 +101,7 @@ __all__ = [
     "InputRejected",
     "IssuedPair",
     "Pair",
+    "PairSpec",
     "PreferencePair",
     "Prompt",
     "Rater",

@@ -17,6 +17,7 @@ from feedback_store.records import (
     check_choice,
     check_ident,
     clean_text,
+    first,
     utcnow,
 )
 
@@ -41,14 +42,11 @@ class CatalogMixin:
                 "INSERT INTO prompts (text, source, category, created) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 [text, source, category, utcnow()],
             )
-            return int(cur.execute("SELECT prompt_id FROM prompts WHERE text = ?", [text]).fetchone()[0])
+            return int(first(cur.execute("SELECT prompt_id FROM prompts WHERE text = ?", [text]))[0])
 
     def prompt(self, prompt_id: int) -> Prompt | None:
-        row = (
-            self._cur()
-            .execute("SELECT prompt_id, text, source, category, created FROM prompts WHERE prompt_id = ?", [prompt_id])
-            .fetchone()
-        )
+        sql = "SELECT prompt_id, text, source, category, created FROM prompts WHERE prompt_id = ?"
+        row = first(self._cur().execute(sql, [prompt_id]))
         return Prompt(*row) if row else None
 
     def add_image(
@@ -81,10 +79,10 @@ class CatalogMixin:
         fields |= dict(guidance=float(guidance), width=int(width), height=int(height), created=utcnow())
         Generation(image_id=0, **fields)  # validates
         with self._write() as cur:
-            row = cur.execute(
-                f"INSERT INTO images ({', '.join(fields)}) VALUES ({', '.join('?' * len(fields))}) RETURNING image_id",
-                list(fields.values()),
-            ).fetchone()
+            sql = (
+                f"INSERT INTO images ({', '.join(fields)}) VALUES ({', '.join('?' * len(fields))}) RETURNING image_id"
+            )
+            row = first(cur.execute(sql, list(fields.values())))
         return int(row[0])
 
     def _relative(self, path: str | Path) -> str:
@@ -101,7 +99,7 @@ class CatalogMixin:
         cached = self._images.get(image_id)
         if cached is not None:
             return cached
-        row = self._cur().execute(f"SELECT {IMAGE_COLS} FROM images WHERE image_id = ?", [image_id]).fetchone()
+        row = first(self._cur().execute(f"SELECT {IMAGE_COLS} FROM images WHERE image_id = ?", [image_id]))
         if row is None:
             return None
         if len(self._images) >= 10_000:  # image rows are immutable, so any cached one stays right; just bound it

@@ -56,7 +56,10 @@ log = logging.getLogger(__name__)
 
 EXPORT_FORMAT = "ncp-arena-preferences"
 EXPORT_VERSION = 1
-ROW_GROUP = 1024  # rows per Parquet row group: bounds memory when image bytes are attached
+# Parquet row groups: at most this many rows, and (with images) about this many bytes, so memory stays bounded
+# whether the images are 1 KB shapes or 1.5 MB SDXL PNGs. Images are read 64 rows at a time.
+ROW_GROUP_ROWS = 65536
+ROW_GROUP_BYTES = 64 << 20
 
 _IMAGE_FIELDS = ("adapter_version", "base_model", "seed", "scheduler", "steps", "guidance", "width", "height")
 _SQL = f"""
@@ -141,6 +144,18 @@ def _with_images(store: FeedbackStore, table: pa.Table, images: bool) -> pa.Tabl
     return table.add_column(1, "jpg_0", cols["jpg_0"]).add_column(2, "jpg_1", cols["jpg_1"])
 
 
+def _write_groups(writer: pq.ParquetWriter, store: FeedbackStore, part: pa.Table, images: bool) -> None:
+    step = 64 if images else ROW_GROUP_ROWS
+    buf: list[pa.Table] = []
+    for start in range(0, part.num_rows, step):
+        buf.append(_with_images(store, part.slice(start, step), images))
+        if sum(t.nbytes for t in buf) >= ROW_GROUP_BYTES or sum(t.num_rows for t in buf) >= ROW_GROUP_ROWS:
+            writer.write_table(pa.concat_tables(buf))
+            buf = []
+    if buf:
+        writer.write_table(pa.concat_tables(buf))
+
+
 def export_snapshot(
     store: FeedbackStore,
     out_dir: str | Path,
@@ -166,11 +181,11 @@ def export_snapshot(
         held = cur.execute(
             "SELECT min(vote_id) FROM votes WHERE vote_id > ? AND created > ?",
             [since_id, now - timedelta(seconds=quarantine_s)],
-        ).fetchone()[0]
-        top = cur.execute("SELECT coalesce(max(vote_id), 0) FROM votes").fetchone()[0]
+        ).fetchall()[0][0]
+        top = cur.execute("SELECT coalesce(max(vote_id), 0) FROM votes").fetchall()[0][0]
         upto = max(since_id, (held - 1) if held is not None else top)
         sql = _SQL + ("" if include_excluded else _USABLE) + " ORDER BY v.vote_id"
-        table = cur.execute(sql, [since_id, upto]).to_arrow_table()
+        table = cur.sql(sql, params=[since_id, upto]).to_arrow_table()
         deleted = [
             r[0] for r in cur.execute("SELECT pseudonym FROM raters WHERE status = 'deleted' ORDER BY 1").fetchall()
         ]
@@ -192,8 +207,7 @@ def export_snapshot(
             path = tmp / f"{split}.parquet"
             schema = _with_images(store, part.slice(0, 0), images).schema
             with pq.ParquetWriter(path, schema, compression="zstd") as writer:
-                for start in range(0, part.num_rows, ROW_GROUP):
-                    writer.write_table(_with_images(store, part.slice(start, ROW_GROUP), images))
+                _write_groups(writer, store, part, images)
             files[path.name] = {"rows": part.num_rows, "bytes": path.stat().st_size, "sha256": _sha256(path)}
         vote_ids = table.column("vote_id")
         manifest = {

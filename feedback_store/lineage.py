@@ -21,24 +21,24 @@ from feedback_store.records import (
     check_choice,
     check_ident,
     clean_text,
+    first,
     utcnow,
 )
 
 log = logging.getLogger(__name__)
 
 _RUN_COLS = "run_id, adapter_version, parent_version, snapshot_id, config, status, reason, metrics, started, finished"
+_VERSION_COLS = "version, parent, snapshot_id, metrics, status, created"
 _SNAP_COLS = "snapshot_id, parent, since_vote_id, vote_id_max, rows_train, rows_eval, path, created"
 
 
 def _json(value: dict | None, what: str) -> str:
+    """Metadata as JSON text. Values JSON lacks (paths, datetimes, numpy scalars) are stored as their str()."""
     if value is None:
         return "{}"
     if not isinstance(value, dict):
-        raise TypeError(f"{what} must be a dict of JSON values, got {type(value).__name__}")
-    try:
-        return json.dumps(value, sort_keys=True)
-    except TypeError as e:
-        raise TypeError(f"{what} must be JSON-serialisable (numbers, strings, lists, dicts): {e}") from None
+        raise TypeError(f"{what} must be a dict (e.g. dataclasses.asdict(config)), got {type(value).__name__}")
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 def _run(row: tuple) -> TrainingRun:
@@ -72,11 +72,10 @@ class LineageMixin:
         check_choice(status, ADAPTER_STATUSES, "status")
         blob = _json(metrics, "metrics")
         with self._write() as cur:
-            if cur.execute("SELECT 1 FROM adapter_versions WHERE version = ?", [version]).fetchone():
+            if first(cur.execute("SELECT 1 FROM adapter_versions WHERE version = ?", [version])):
                 raise InputRejected("duplicate_version", f"adapter version {version!r} exists; versions are immutable")
-            if (
-                parent not in (None, BASE_VERSION)
-                and not cur.execute("SELECT 1 FROM adapter_versions WHERE version = ?", [parent]).fetchone()
+            if parent not in (None, BASE_VERSION) and not first(
+                cur.execute("SELECT 1 FROM adapter_versions WHERE version = ?", [parent])
             ):
                 raise InputRejected("unknown_version", f"parent {parent!r} is not registered (use 'base' or None)")
             cur.execute(
@@ -99,23 +98,12 @@ class LineageMixin:
         return self.adapter_version(version)  # type: ignore[return-value]
 
     def adapter_version(self, version: str) -> AdapterVersion | None:
-        row = (
-            self._cur()
-            .execute(
-                "SELECT version, parent, snapshot_id, metrics, status, created FROM adapter_versions WHERE version = ?",
-                [version],
-            )
-            .fetchone()
-        )
+        row = first(self._cur().execute(f"SELECT {_VERSION_COLS} FROM adapter_versions WHERE version = ?", [version]))
         return None if row is None else AdapterVersion(row[0], row[1], row[2], json.loads(row[3]), row[4], row[5])
 
     def adapter_versions(self) -> list[AdapterVersion]:
         rows = (
-            self._cur()
-            .execute(
-                "SELECT version, parent, snapshot_id, metrics, status, created FROM adapter_versions ORDER BY created, version"
-            )
-            .fetchall()
+            self._cur().execute(f"SELECT {_VERSION_COLS} FROM adapter_versions ORDER BY created, version").fetchall()
         )
         return [AdapterVersion(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5]) for r in rows]
 
@@ -131,11 +119,13 @@ class LineageMixin:
         """Record that a training run started (status "running"); returns run_id."""
         blob = _json(config, "config")
         with self._write() as cur:
-            row = cur.execute(
-                "INSERT INTO training_runs (adapter_version, parent_version, snapshot_id, config, status, metrics, "
-                "started) VALUES (?, ?, ?, ?, 'running', '{}', ?) RETURNING run_id",
-                [adapter_version, parent_version, snapshot_id, blob, as_utc_naive(now)],
-            ).fetchone()
+            row = first(
+                cur.execute(
+                    "INSERT INTO training_runs (adapter_version, parent_version, snapshot_id, config, status, metrics, "
+                    "started) VALUES (?, ?, ?, ?, 'running', '{}', ?) RETURNING run_id",
+                    [adapter_version, parent_version, snapshot_id, blob, as_utc_naive(now)],
+                )
+            )
         return int(row[0])
 
     def finish_training_run(
@@ -153,7 +143,7 @@ class LineageMixin:
         reason = None if reason is None else clean_text(reason, "reason", 4000)
         blob = _json(metrics, "metrics")
         with self._write() as cur:
-            row = cur.execute("SELECT status FROM training_runs WHERE run_id = ?", [run_id]).fetchone()
+            row = first(cur.execute("SELECT status FROM training_runs WHERE run_id = ?", [run_id]))
             if row is None:
                 raise InputRejected("unknown_run", f"training run {run_id} does not exist")
             if row[0] != "running":
@@ -169,7 +159,7 @@ class LineageMixin:
         """At app start: runs still "running" died with the previous process. Mark them failed; returns how many."""
         reason = clean_text(reason, "reason", 4000)
         with self._write() as cur:
-            n = cur.execute("SELECT count(*) FROM training_runs WHERE status = 'running'").fetchone()[0]
+            n = first(cur.execute("SELECT count(*) FROM training_runs WHERE status = 'running'"))[0]
             cur.execute(
                 "UPDATE training_runs SET status = 'failed', reason = ?, finished = ? WHERE status = 'running'",
                 [reason, utcnow()],
@@ -179,7 +169,7 @@ class LineageMixin:
         return int(n)
 
     def training_run(self, run_id: int) -> TrainingRun | None:
-        row = self._cur().execute(f"SELECT {_RUN_COLS} FROM training_runs WHERE run_id = ?", [run_id]).fetchone()
+        row = first(self._cur().execute(f"SELECT {_RUN_COLS} FROM training_runs WHERE run_id = ?", [run_id]))
         return None if row is None else _run(row)
 
     def training_runs(self, limit: int = 100) -> list[TrainingRun]:
@@ -206,7 +196,5 @@ class LineageMixin:
         return [SnapshotRecord(*r) for r in rows]
 
     def snapshot(self, snapshot_id: str) -> SnapshotRecord | None:
-        row = (
-            self._cur().execute(f"SELECT {_SNAP_COLS} FROM snapshots WHERE snapshot_id = ?", [snapshot_id]).fetchone()
-        )
+        row = first(self._cur().execute(f"SELECT {_SNAP_COLS} FROM snapshots WHERE snapshot_id = ?", [snapshot_id]))
         return SnapshotRecord(*row) if row else None

@@ -19,6 +19,7 @@ from feedback_store.records import (
     as_utc_naive,
     check_choice,
     clean_text,
+    first,
 )
 
 IMAGE_COLS = (
@@ -53,7 +54,7 @@ class QueryMixin:
         return [since_vote_id or 0, as_utc_naive(now) - timedelta(seconds=quarantine_s)]
 
     def vote(self, vote_id: int) -> Vote | None:
-        row = self._cur().execute(f"{_VOTE_SELECT} WHERE v.vote_id = ?", [vote_id]).fetchone()
+        row = first(self._cur().execute(f"{_VOTE_SELECT} WHERE v.vote_id = ?", [vote_id]))
         return _vote(row) if row else None
 
     def votes(self, since_vote_id: int | None = None) -> list[Vote]:

@@ -14,7 +14,7 @@ import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 Outcome = Literal["left", "right", "tie", "both_bad"]
 PairKind = Literal["on_policy", "cross_version", "control"]
@@ -76,6 +76,14 @@ VOTE_REJECTION_CODES = (
 
 class StoreClosed(RuntimeError):
     """The store was closed; open a new FeedbackStore."""
+
+
+def first(result: Any) -> tuple | None:
+    """The first row of a DuckDB query result, or None. Reads the result to its end: in DuckDB 2.0 a result left
+    unfinished (e.g. after fetchone()) keeps its transaction open on that cursor, which blocks CHECKPOINT (the WAL
+    then grows without bound) and pins old row versions."""
+    rows = result.fetchall()
+    return rows[0] if rows else None
 
 
 def utcnow() -> datetime:
@@ -194,6 +202,18 @@ class Pair:
     session: str
     issued_at: datetime
     expires_at: datetime
+    control_bad_side: Side | None = None
+
+
+@dataclass(frozen=True)
+class PairSpec:
+    """A pair to issue (FeedbackStore.issue_pairs); checked against the images when issued."""
+
+    prompt_id: int
+    left_image_id: int
+    right_image_id: int
+    kind: PairKind
+    session: str
     control_bad_side: Side | None = None
 
 

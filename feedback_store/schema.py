@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import duckdb
 
-from feedback_store.records import utcnow
+from feedback_store.records import first, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def current_version(con: duckdb.DuckDBPyConnection) -> int:
         "CREATE TABLE IF NOT EXISTS schema_migrations "
         "(version INTEGER PRIMARY KEY, name VARCHAR NOT NULL, applied_at TIMESTAMP NOT NULL)"
     )
-    row = con.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchone()
+    row = first(con.execute("SELECT coalesce(max(version), 0) FROM schema_migrations"))
     return int(row[0])
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
@@ -25,6 +26,7 @@ from feedback_store.records import (
     InputRejected,
     IssuedPair,
     Pair,
+    PairSpec,
     Rater,
     StoreClosed,
     VoteReceipt,
@@ -32,6 +34,7 @@ from feedback_store.records import (
     check_choice,
     check_ident,
     clean_text,
+    first,
     utcnow,
 )
 from feedback_store.voting import (
@@ -49,7 +52,15 @@ log = logging.getLogger(__name__)
 # One FeedbackStore per database file per process: the write lock and the caches live in the object, so a second
 # object on the same file would bypass them. (A second process cannot open the file at all: DuckDB's file lock.)
 _OPEN_FILES: set[str] = set()
+_RATER_COLS = "pseudonym, created, trust, status, status_reason"
 _OPEN_FILES_LOCK = threading.Lock()
+
+
+def _rollback(cur: duckdb.DuckDBPyConnection) -> None:
+    try:
+        cur.rollback()
+    except duckdb.TransactionException:
+        pass  # nothing to roll back: a failed COMMIT has already rolled back
 
 
 class FeedbackStore(CatalogMixin, LineageMixin, QueryMixin):
@@ -58,7 +69,9 @@ class FeedbackStore(CatalogMixin, LineageMixin, QueryMixin):
     `data_dir` is the root that image paths are stored relative to (default: the database file's folder).
     """
 
-    def __init__(self, path: str | Path, data_dir: str | Path | None = None, threads: int = 1) -> None:
+    def __init__(
+        self, path: str | Path, data_dir: str | Path | None = None, threads: int = 1, commit_linger_s: float = 0.002
+    ) -> None:
         self.path = str(path)
         if data_dir is not None:
             self.data_dir: Path | None = Path(data_dir).resolve()
@@ -84,9 +97,13 @@ class FeedbackStore(CatalogMixin, LineageMixin, QueryMixin):
         self._cursors: dict[int, tuple[threading.Thread, duckdb.DuckDBPyConnection]] = {}
         self._cursors_lock = threading.Lock()
         self._write_lock = threading.Lock()
-        self._batch_cond = threading.Condition()  # guards _pending and _leader
+        self._batch_lock = threading.Lock()  # guards the group-commit state below
+        self._batch_cond = threading.Condition(self._batch_lock)  # followers wait here for the running batch
+        self._linger_cond = threading.Condition(self._batch_lock)  # a lingering leader waits here for joiners
         self._pending: list[PairRequest | VoteRequest] = []
-        self._leader = False
+        self._leader = self._lingering = False
+        self._last_batch = 1
+        self._linger_s = float(commit_linger_s)
         self._rater_status: dict[str, str] = {}  # cache; every status change goes through this object's write lock
         self._cache = WriteCache()
         self._images: dict[int, Generation] = {}
@@ -124,33 +141,46 @@ class FeedbackStore(CatalogMixin, LineageMixin, QueryMixin):
             cur.begin()
             try:
                 yield cur
+                cur.commit()
             except BaseException:
-                cur.rollback()
+                self._rater_status.clear()  # it may hold a status change that was not committed; refills lazily
+                _rollback(cur)
                 raise
-            cur.commit()
 
-    def _submit(self, req: PairRequest | VoteRequest) -> IssuedPair | VoteReceipt:
-        """Group commit: queue the request; if no batch is being written, lead one with everything queued so far,
-        else wait until the running batch ends (it may have taken this request) and check again."""
+    def _submit(self, reqs: Sequence[PairRequest | VoteRequest]) -> list[IssuedPair | VoteReceipt]:
+        """Group commit: queue the requests; if no batch is being written, lead one with everything queued so far,
+        else wait until the running batch ends (it may have taken these requests) and check again. Requests queued
+        together are always written together."""
         batch: list[PairRequest | VoteRequest] = []
-        with self._batch_cond:
-            self._pending.append(req)
-            while not req.done and self._leader:
+        with self._batch_lock:
+            self._pending.extend(reqs)
+            if self._lingering:
+                self._linger_cond.notify()
+            while not reqs[0].done and self._leader:
                 self._batch_cond.wait()
-            if not req.done:  # no leader and not yet written: lead
+            if not reqs[0].done:  # no leader and not yet written: lead
                 self._leader = True
+                # Linger (like PostgreSQL's commit_delay): when the last batch showed a crowd of concurrent writers,
+                # give them up to linger_s to join this commit, so one fsync carries them all.
+                deadline = time.monotonic() + self._linger_s
+                self._lingering = True
+                while len(self._pending) < self._last_batch and (left := deadline - time.monotonic()) > 0:
+                    self._linger_cond.wait(left)
+                self._lingering = False
                 batch, self._pending = self._pending, []
         if batch:
             try:
                 with self._write_lock:
                     self._run_batch(batch)
             finally:
-                with self._batch_cond:
+                with self._batch_lock:
                     self._leader = False
+                    self._last_batch = len(batch)
                     self._batch_cond.notify_all()
-        if req.error is not None:
-            raise req.error
-        return req.result  # type: ignore[return-value]
+        for r in reqs:
+            if r.error is not None:
+                raise r.error
+        return [r.result for r in reqs]  # type: ignore[misc]
 
     def _run_batch(self, batch: list[PairRequest | VoteRequest]) -> None:
         pair_reqs = [r for r in batch if isinstance(r, PairRequest)]
@@ -168,7 +198,7 @@ class FeedbackStore(CatalogMixin, LineageMixin, QueryMixin):
                     cur.commit()
             except BaseException:
                 if pair_reqs and vote_reqs:
-                    cur.rollback()
+                    _rollback(cur)
                 raise
             self._cache.add_open(opened, now)
             self._cache.add_receipts(accepted)
@@ -220,18 +250,12 @@ class FeedbackStore(CatalogMixin, LineageMixin, QueryMixin):
                 "INSERT INTO raters (pseudonym, created) VALUES (?, ?) ON CONFLICT DO NOTHING",
                 [pseudonym, as_utc_naive(now)],
             )
-        rater = self.rater(pseudonym)
-        self._rater_status[pseudonym] = rater.status  # type: ignore[union-attr]
-        return rater  # type: ignore[return-value]
+            rater = Rater(*first(cur.execute(f"SELECT {_RATER_COLS} FROM raters WHERE pseudonym = ?", [pseudonym])))
+            self._rater_status[pseudonym] = rater.status  # under the write lock: no status change can interleave
+        return rater
 
     def rater(self, pseudonym: str) -> Rater | None:
-        row = (
-            self._cur()
-            .execute(
-                "SELECT pseudonym, created, trust, status, status_reason FROM raters WHERE pseudonym = ?", [pseudonym]
-            )
-            .fetchone()
-        )
+        row = first(self._cur().execute(f"SELECT {_RATER_COLS} FROM raters WHERE pseudonym = ?", [pseudonym]))
         return Rater(*row) if row else None
 
     def set_rater_status(self, pseudonym: str, status: str, reason: str | None = None) -> Rater:
@@ -240,7 +264,7 @@ class FeedbackStore(CatalogMixin, LineageMixin, QueryMixin):
         check_choice(status, ("active", "shadow_excluded"), "status")
         reason = None if reason is None else clean_text(reason, "reason", 200)
         with self._write() as cur:
-            row = cur.execute("SELECT status FROM raters WHERE pseudonym = ?", [pseudonym]).fetchone()
+            row = first(cur.execute("SELECT status FROM raters WHERE pseudonym = ?", [pseudonym]))
             if row is None:
                 raise InputRejected("unknown_rater", f"rater {pseudonym!r} is not registered")
             if row[0] == "deleted":
@@ -269,7 +293,7 @@ class FeedbackStore(CatalogMixin, LineageMixin, QueryMixin):
         check_ident(pseudonym, "rater pseudonym", code="invalid_rater")
         now = utcnow()
         with self._write() as cur:
-            deleted = cur.execute("SELECT count(*) FROM votes WHERE rater = ?", [pseudonym]).fetchone()[0]
+            deleted = first(cur.execute("SELECT count(*) FROM votes WHERE rater = ?", [pseudonym]))[0]
             cur.execute("DELETE FROM votes WHERE rater = ?", [pseudonym])
             self._cache.clear()
             cur.execute(
@@ -297,12 +321,23 @@ class FeedbackStore(CatalogMixin, LineageMixin, QueryMixin):
     ) -> IssuedPair:
         """Issue two images of one prompt to one session for one vote. kind: on_policy (same adapter version),
         cross_version (two versions) or control (attention check; control_bad_side names the broken image)."""
-        left, right = self.image(left_image_id), self.image(right_image_id)
-        req = prepare_pair(prompt_id, left, right, kind, session, ttl_s, control_bad_side, now)
-        return self._submit(req)  # type: ignore[return-value]
+        spec = PairSpec(prompt_id, left_image_id, right_image_id, kind, session, control_bad_side)
+        return self.issue_pairs([spec], ttl_s, now=now)[0]
+
+    def issue_pairs(
+        self, specs: Sequence[PairSpec], ttl_s: float = 3600.0, now: datetime | None = None
+    ) -> list[IssuedPair]:
+        """Issue several pairs in one transaction (a prefetch queue, one image pair shown to several sessions).
+        All are checked first: one invalid spec raises and issues nothing."""
+        reqs = [
+            prepare_pair(s.prompt_id, self.image(s.left_image_id), self.image(s.right_image_id), s.kind, s.session,
+                         ttl_s, s.control_bad_side, now)
+            for s in specs
+        ]  # fmt: skip
+        return self._submit(reqs) if reqs else []  # type: ignore[return-value]
 
     def pair(self, pair_id: int) -> Pair | None:
-        row = self._cur().execute(f"SELECT {PAIR_COLS} FROM pairs WHERE pair_id = ?", [pair_id]).fetchone()
+        row = first(self._cur().execute(f"SELECT {PAIR_COLS} FROM pairs WHERE pair_id = ?", [pair_id]))
         return Pair(*row) if row else None
 
     def record_vote(
@@ -321,4 +356,4 @@ class FeedbackStore(CatalogMixin, LineageMixin, QueryMixin):
         if not isinstance(pseudonym, str):
             pseudonym = repr(pseudonym)
         req = prepare_vote(token, session, outcome, pseudonym, reasons, time_to_vote_ms, now)  # type: ignore[arg-type]
-        return self._submit(req)  # type: ignore[return-value]
+        return self._submit([req])[0]  # type: ignore[return-value]

@@ -5,6 +5,9 @@ Two stages, both used by `ncp.trainer`:
    `caption, jpg_0, jpg_1, label_0, label_1` (images as encoded bytes; other columns are ignored) and maps every row
    to the project's one vocabulary, `prompt, chosen, rejected`. Ties (0.5/0.5) are dropped by default, as the
    reference Diffusion-DPO code does (METHOD.md, "Settings"). Bad rows are skipped and counted in ONE warning.
+   The optional "absolute winners" filter (paper sec. 5), exactly: an image is identified by (prompt, sha256 of its
+   bytes); over all valid rows, ties included, count its wins, losses and draws; it is an absolute winner when it has
+   no loss, no draw and at least two wins; a pair is kept when its chosen image is an absolute winner (so never a tie).
 2. `encode_pairs(pairs, vae, resolution=...)` resizes and center-crops each image once, VAE-encodes it once (an image
    that appears in several pairs is encoded once), caches the latents in memory and optionally on disk, and records
    the SDXL micro-conditioning of each pair, shared by its two images (METHOD.md, "Known pitfalls").
@@ -158,7 +161,7 @@ def _valid_rows(files: Sequence[Path], bad: Counter) -> Iterable[_Row]:
                 yield _Row(caption, images, sizes, labels)  # type: ignore[arg-type]
 
 
-def absolute_winner_ids(rows: Sequence[_Row]) -> set[tuple[str, str]]:
+def _absolute_winner_ids(rows: Sequence[_Row]) -> set[tuple[str, str]]:
     """The paper's "absolute winners" filter (sec. 5), as implemented here.
 
     An image is identified by (prompt, sha256 of its bytes). Over ALL valid rows (ties included), count for each image
@@ -185,13 +188,13 @@ def load_pairs(
 
     Bad rows (missing/empty caption, labels other than 1/0, 0/1, 0.5/0.5, an image that is missing or does not decode)
     are skipped and counted, with one warning for the whole load. `keep_ties` keeps 0.5/0.5 rows (as ordered pairs,
-    `jpg_0` first, flagged `is_tie`); `absolute_winners` applies `absolute_winner_ids` (which never keeps a tie).
+    `jpg_0` first, flagged `is_tie`); `absolute_winners` applies the paper's filter (rule in the module docstring).
     """
     files = parquet_files(paths)
     bad: Counter = Counter()
     rows = list(_valid_rows(files, bad))
     n_total = len(rows) + sum(bad.values())
-    winners = absolute_winner_ids(rows) if absolute_winners else None
+    winners = _absolute_winner_ids(rows) if absolute_winners else None
     pairs: list[PreferencePair] = []
     ties = filtered = 0
     for row in rows:
@@ -242,8 +245,9 @@ class EncodedPair:
 
 
 def crop_geometry(size: tuple[int, int], resolution: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Resize so the shorter side is `resolution`, then center-crop a square: returns (resized (h, w), crop (top, left))
-    in resized-image pixels, the convention of diffusers' SDXL training scripts."""
+    """Resize so the shorter side is `resolution`, then center-crop a square.
+
+    Returns (resized (h, w), crop (top, left)) in resized-image pixels, the convention of diffusers' SDXL scripts."""
     h, w = size
     scale = resolution / min(h, w)
     rh, rw = max(resolution, round(h * scale)), max(resolution, round(w * scale))
@@ -251,7 +255,7 @@ def crop_geometry(size: tuple[int, int], resolution: int) -> tuple[tuple[int, in
 
 
 def _pixels(data: bytes, source_size: tuple[int, int], resolution: int) -> torch.Tensor:
-    """Decode, force to `source_size` (only differs for a partner of another size), resize, crop -> (3, R, R) in [-1, 1]."""
+    """Decode, force to `source_size` (differs only for a partner of another size), resize, crop: (3, R, R) pixels."""
     (rh, rw), (top, left) = crop_geometry(source_size, resolution)
     with Image.open(io.BytesIO(data)) as im:
         im = im.convert("RGB")
@@ -336,8 +340,10 @@ def encode_pairs(
     for i in range(0, len(items), batch_size):
         chunk = items[i : i + batch_size]
         pixels = torch.stack([_pixels(data, size, resolution) for _, (data, size) in chunk])
-        dist = vae.encode(pixels.to(param.device, param.dtype)).latent_dist
-        latents = ((dist.mean - shift) * scale).float().cpu()
+        encoded = vae.encode(pixels.to(param.device, param.dtype))
+        # AutoencoderKL returns a posterior (use its mean); AutoencoderTiny (TAESD, the shapes model) plain latents.
+        raw = encoded.latent_dist.mean if hasattr(encoded, "latent_dist") else encoded.latents
+        latents = ((raw - shift) * scale).float().cpu()
         for (key, _), z in zip(chunk, latents, strict=True):
             cache.put(key, z.clone())
     logger.info(

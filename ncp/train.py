@@ -1,11 +1,15 @@
 """Command line for `ncp.trainer`: train a LoRA with NCP-DPO (or any of the six methods) on preference Parquet.
 
     python -m ncp.train --model models/shapes --data data/snapshot.parquet --out adapters/v7 --max-steps 200
-    accelerate launch --num_processes 2 -m ncp.train --model ... --data ... --out ...     # several processes/GPUs
+    accelerate launch --multi_gpu --num_processes 2 -m ncp.train --model ... --data ... --out ...
+
+The second line runs 2 processes (DDP): on 2 GPUs, or on a machine without a GPU as 2 CPU processes (gloo); the
+trainer asks accelerate for a CPU process group when no GPU exists. Note: with accelerate 1.15, `accelerate launch
+--cpu --num_processes 2` starts ONE process (its simple launcher ignores --num_processes without MPI).
 
 Every `TrainConfig` field is an option (`python -m ncp.train --help`). The only place in `ncp` that reads the
 environment: `NCP_LOG_LEVEL` (default INFO). Exit status: 0 done, 2 a TrainingError (e.g. non-finite loss; the
-message says what to change; no adapter written), 1 any other failure.
+message says what to change; no adapter written), an invalid option or a missing/existing path, 1 any other failure.
 """
 
 from __future__ import annotations
@@ -77,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         result = train(config, model=args.model, data=args.data, out=args.out, show_progress=not args.no_progress_bar)
-    except TrainingError as err:
+    except (TrainingError, FileExistsError, FileNotFoundError) as err:
         logger.error("Training failed: %s", err)
         return 2
     if result.metrics:

@@ -136,6 +136,9 @@ class TrainingError(RuntimeError):
 
 @dataclass(frozen=True)
 class TrainResult:
+    """What `train` returns: the adapter folder, steps done, why it stopped, and metrics.json's content (main
+    process; empty on the others)."""
+
     out: Path
     steps: int
     stop_reason: str
@@ -262,13 +265,16 @@ def _checkpoints(folder: Path) -> list[Path]:
 
 
 def save_checkpoint(
-    folder: Path, step: int, unet: torch.nn.Module, optimizer: Any, lr_sched: Any, config: TrainConfig
-):
+    folder: Path, step: int, unet: torch.nn.Module, optimizer: Any, lr_sched: Any, config: TrainConfig, scaler: Any
+) -> None:
+    """Write `folder/step-N/state.pt` atomically (LoRA weights, optimizer, lr schedule, fp16 scaler, config); keep the
+    latest two."""
     state = {
         "step": step,
         "lora": {n: p.detach().cpu() for n, p in unwrap_unet(unet).named_parameters() if p.requires_grad},
         "optimizer": optimizer.state_dict(),
         "lr_scheduler": lr_sched.state_dict(),
+        "scaler": None if scaler is None else scaler.state_dict(),
         "config": dataclasses.asdict(config),
     }
     folder.mkdir(parents=True, exist_ok=True)
@@ -293,7 +299,9 @@ def _resume_path(config: TrainConfig, checkpoint_dir: Path) -> Path | None:
     return path
 
 
-def _load_checkpoint(path: Path, unet: torch.nn.Module, optimizer: Any, lr_sched: Any, config: TrainConfig) -> int:
+def _load_checkpoint(
+    path: Path, unet: torch.nn.Module, optimizer: Any, lr_sched: Any, config: TrainConfig, scaler: Any
+) -> int:
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
     changed = {k: (v, getattr(config, k)) for k, v in state["config"].items() if getattr(config, k, v) != v}
     for key in ("seed", "batch_size", "gradient_accumulation", "objective", "space", "lr", "beta"):
@@ -306,6 +314,8 @@ def _load_checkpoint(path: Path, unet: torch.nn.Module, optimizer: Any, lr_sched
         params[name].data.copy_(value)
     optimizer.load_state_dict(state["optimizer"])
     lr_sched.load_state_dict(state["lr_scheduler"])
+    if scaler is not None and state.get("scaler") is not None:
+        scaler.load_state_dict(state["scaler"])
     return int(state["step"])
 
 
@@ -400,7 +410,7 @@ def train(
         ckpt_dir = Path(config.checkpoint_dir or f"{out}.checkpoints")
         resumed = _resume_path(config, ckpt_dir)
         if resumed is not None:
-            step = _load_checkpoint(resumed, unet, optimizer, lr_sched, config)
+            step = _load_checkpoint(resumed, unet, optimizer, lr_sched, config, accelerator.scaler)
             logger.info("Resumed from %s at step %d.", resumed, step)
         n_proc, accum = accelerator.num_processes, config.gradient_accumulation
         progress.write(
@@ -435,8 +445,9 @@ def train(
                     values = accelerator.reduce(values.to(accelerator.device), reduction="mean").cpu()
                     if not math.isfinite(values[0].item()):
                         raise TrainingError(
-                            f"Loss became {values[0].item()} at step {step + 1} (micro-step {micro}); stopping, no adapter "
-                            "written. Check the base model for NaN weights, lower --lr or --beta, or use fp32/bf16."
+                            f"Loss became {values[0].item()} at step {step + 1} (micro-step {micro}); stopping, "
+                            "no adapter written. Check the base model for NaN weights, lower --lr or --beta, "
+                            "or use fp32/bf16."
                         )
                     sums += values
                     accelerator.backward(result.loss)
@@ -459,7 +470,7 @@ def train(
                 break
             if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.max_steps:
                 if main:
-                    save_checkpoint(ckpt_dir, step, unet, optimizer, lr_sched, config)
+                    save_checkpoint(ckpt_dir, step, unet, optimizer, lr_sched, config, accelerator.scaler)
                 accelerator.wait_for_everyone()
         bar.close()
         # Every process must hold the same LoRA weights (DDP averages gradients); recorded as evidence in metrics.

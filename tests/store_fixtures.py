@@ -27,7 +27,9 @@ class World:
     v1_img: int  # adapter_version "v1"
 
 
-def add_png(store: FeedbackStore, prompt_id: int, name: str, color: tuple[int, int, int], version: str, seed: int) -> int:
+def add_png(
+    store: FeedbackStore, prompt_id: int, name: str, color: tuple[int, int, int], version: str, seed: int
+) -> int:
     """Write a real PNG under the store's data dir and register it (sha256 computed by the store)."""
     assert store.data_dir is not None
     path = store.data_dir / "images" / name

@@ -49,7 +49,9 @@ def test_migrating_a_version_1_database_keeps_its_data_and_matches_fresh(tmp_pat
     # data written by the version-1 release: a rater, a prompt, two images and an issued, not yet voted pair
     now = datetime(2030, 1, 1)
     con.execute("INSERT INTO raters (pseudonym, created) VALUES ('r_old', ?)", [now])
-    con.execute("INSERT INTO prompts (text, source, category, created) VALUES ('a blue square', 'pool', NULL, ?)", [now])
+    con.execute(
+        "INSERT INTO prompts (text, source, category, created) VALUES ('a blue square', 'pool', NULL, ?)", [now]
+    )
     for version, seed in (("base", 1), ("v1", 2)):
         con.execute(
             "INSERT INTO images (prompt_id, path, sha256, base_model, adapter_version, seed, scheduler, steps, "

@@ -35,12 +35,22 @@ def test_receipt_maps_left_right_to_chosen_rejected_and_reveals_versions(world: 
     assert (r.chosen_image_id, r.rejected_image_id) == (world.v1_img, world.base_img)
     assert (r.left_version, r.right_version, r.outcome, r.pair_id) == ("base", "v1", "right", p.pair_id)
     v = world.store.vote(r.vote_id)
-    assert (v.rater, v.session, v.reasons, v.time_to_vote_ms, v.kind) == ("r_alice", "s1", ("artifacts",), 900, "cross_version")
+    assert (v.rater, v.session, v.reasons, v.time_to_vote_ms, v.kind) == (
+        "r_alice",
+        "s1",
+        ("artifacts",),
+        900,
+        "cross_version",
+    )
     tie = issue(world)
     r2 = world.store.record_vote(tie.token, "s1", "tie", "r_alice", now=T0)
     assert (r2.chosen_image_id, r2.rejected_image_id) == (None, None)
     [pp] = world.store.preference_pairs(now=T0)  # the tie carries no preference
-    assert (pp.chosen.image_id, pp.rejected.image_id, pp.chosen.adapter_version) == (world.v1_img, world.base_img, "v1")
+    assert (pp.chosen.image_id, pp.rejected.image_id, pp.chosen.adapter_version) == (
+        world.v1_img,
+        world.base_img,
+        "v1",
+    )
     assert pp.prompt == "a large red circle on the left, gray background"
 
 
@@ -221,4 +231,40 @@ def test_memory_store_and_prompt_rules(tmp_path) -> None:
             with pytest.raises(InputRejected):
                 store.add_prompt(bad)
         with pytest.raises(ValueError, match="not under the data dir"):
-            store.add_image(a, "/etc/passwd", base_model="m", seed=0, scheduler="d", steps=1, guidance=1, width=8, height=8)
+            store.add_image(
+                a, "/etc/passwd", base_model="m", seed=0, scheduler="d", steps=1, guidance=1, width=8, height=8
+            )
+
+
+def test_after_a_restart_open_pairs_and_replays_resolve_from_the_database(tmp_path) -> None:
+    path = tmp_path / "restart.duckdb"
+    with FeedbackStore(path) as store:
+        w = make_world(store)
+        store.ensure_rater("r_alice")
+        voted = issue(w)
+        first = store.record_vote(voted.token, "s1", "left", "r_alice", now=T0)
+        pending = issue(w)
+    with FeedbackStore(path) as store:  # fresh process state: nothing cached
+        assert store.record_vote(voted.token, "s1", "left", "r_alice", now=T0) == first
+        for kwargs, code in (
+            (dict(token=voted.token, session="s1", outcome="tie"), "conflicting_vote"),
+            (dict(token=voted.token, session="s9", outcome="left"), "wrong_session"),
+        ):
+            with pytest.raises(VoteRejected) as err:
+                store.record_vote(rater="r_alice", now=T0, **kwargs)
+            assert err.value.reason_code == code
+        receipt = store.record_vote(pending.token, "s1", "right", "r_alice", now=T0)
+        assert receipt.vote_id == first.vote_id + 1 and receipt.chosen_image_id == w.v1_img
+
+
+def test_issue_pairs_is_all_or_nothing(world: World) -> None:
+    from feedback_store import PairSpec
+
+    good = PairSpec(world.prompt_id, world.base_img, world.v1_img, "cross_version", "s1")
+    bad = PairSpec(world.prompt_id, world.base_img, world.base_img2, "cross_version", "s1")
+    before = table_state(world.store)
+    with pytest.raises(ValueError):
+        world.store.issue_pairs([good, bad])
+    assert table_state(world.store) == before
+    issued = world.store.issue_pairs([good] * 3)
+    assert len({p.pair_id for p in issued}) == 3 and len({p.token for p in issued}) == 3

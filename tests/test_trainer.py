@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from ncp.pipelines import build_tiny_sdxl, load_pipeline
+from ncp.pipelines import build_tiny_sd15, build_tiny_sdxl, load_pipeline
 from ncp.train import build_parser, config_from_args
 from ncp.train import main as cli_main
 from ncp.trainer import TrainConfig, TrainingError, batch_indices, probe_eps, train
@@ -129,6 +129,21 @@ def test_resume_repeats_an_uninterrupted_run_and_init_adapter_continues(world: d
     assert 0 < moved < 0.2
 
 
+def test_sd15_pipeline_trains_with_mid_block_and_normalized_ncp(world: dict[str, Path]) -> None:
+    """The embedded shapes model is SD1.5-architecture: no pooled embeds, no time ids. Same loop, same stock loader."""
+    build_tiny_sd15(seed=1).save_pretrained(world["root"] / "sd15")
+    out = world["root"] / "sd15-adapter"
+    config = TrainConfig(**FAST, max_steps=2, include_mid=True, normalize=True, beta=50.0, absolute_winners=False)
+    result = train(config, model=str(world["root"] / "sd15"), data=str(world["data"]), out=out, show_progress=False)
+    assert result.steps == 2 and math.isfinite(result.metrics["final"]["loss"])
+    fresh = load_pipeline(world["root"] / "sd15")
+    fresh.load_lora_weights(str(out))
+    probe = result.metrics["probe"]
+    torch.testing.assert_close(
+        probe_eps(fresh, probe["prompt"]).flatten(), torch.tensor(probe["eps"]), atol=1e-5, rtol=1e-5
+    )
+
+
 def test_non_finite_loss_fails_clearly_and_writes_nothing(world: dict[str, Path], caplog) -> None:
     pipe = load_pipeline(world["model"])
     with torch.no_grad():
@@ -182,8 +197,8 @@ def test_config_validation_and_generated_help() -> None:
     text = parser.format_help()
     for name, f in TrainConfig.__dataclass_fields__.items():
         assert "--" + name.replace("_", "-") in text and f.metadata["help"][:30] in " ".join(text.split())
-    args = parser.parse_args(["--model", "m", "--data", "a", "b", "--out", "o", "--objective", "cpo",
-                              "--lora-targets", "to_q", "to_v", "--gradient-checkpointing", "--beta", "2.5"])  # fmt: skip
+    argv = ["--model", "m", "--data", "a", "b", "--out", "o", "--objective", "cpo", "--lora-targets", "to_q", "to_v"]
+    args = parser.parse_args([*argv, "--gradient-checkpointing", "--beta", "2.5"])
     config = config_from_args(args)
     assert (config.objective, config.lora_targets, config.gradient_checkpointing, config.beta) == (
         "cpo", ("to_q", "to_v"), True, 2.5,

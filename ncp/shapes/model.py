@@ -1,7 +1,7 @@
 """Architecture of the shapes-world text-to-image model, assembled as a standard `StableDiffusionPipeline`.
 
-A word-level CLIP tokenizer over the grammar's vocabulary, a 2-layer CLIP text encoder, a small AutoencoderKL
-(64x64 RGB <-> 16x16x4 latents) and a small UNet2DConditionModel with cross-attention only at 8x8 and 4x4 (attention
+A word-level CLIP tokenizer over the grammar's vocabulary, a 2-layer CLIP text encoder, a TAESD-style AutoencoderTiny
+(32x32 RGB <-> 16x16x4 latents) and a small UNet2DConditionModel with cross-attention only at 8x8 and 4x4 (attention
 backward at higher resolution is slow on CPU). Because it is a stock SD1.5-style pipeline, LoRA loading, hot-swap and
 the NCP encoder follow exactly the SD code path.
 """
@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderTiny, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ncp.shapes.grammar import VOCABULARY
 
-IMAGE_SIZE = 64
+IMAGE_SIZE = 32
 MAX_TOKENS = 24  # the longest grammar prompt is 13 words + 2 special tokens
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # Sampling defaults the model ships with (documented in the model card, measured by bench/shapes_speed.py).
@@ -30,7 +30,7 @@ def _bpe(word: str, merges: list[tuple[str, str]]) -> list[str]:
     rank = {m: i for i, m in enumerate(merges)}
     pieces = list(word[:-1]) + [word[-1] + "</w>"]
     while len(pieces) > 1:
-        pairs = [(rank.get((a, b), len(rank)), i) for i, (a, b) in enumerate(zip(pieces, pieces[1:]))]
+        pairs = [(rank.get((a, b), len(rank)), i) for i, (a, b) in enumerate(zip(pieces, pieces[1:], strict=False))]
         best, i = min(pairs)
         if best == len(rank):
             break
@@ -80,23 +80,26 @@ def build_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
     return CLIPTextModel(config)
 
 
-def build_vae() -> AutoencoderKL:
-    return AutoencoderKL(
+def build_vae() -> AutoencoderTiny:
+    """A TAESD-style autoencoder (diffusers `AutoencoderTiny`): 32x32 RGB <-> 16x16x4 latents.
+
+    Chosen over AutoencoderKL because its plain conv+ReLU blocks have no GroupNorm: at 16 channels GroupNorm acts as
+    instance norm and erases the absolute colours this world is about, and it learns them in minutes on a CPU.
+    """
+    return AutoencoderTiny(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 32),
-        layers_per_block=1,
+        encoder_block_out_channels=(32, 32),
+        decoder_block_out_channels=(32, 32),
+        num_encoder_blocks=(1, 1),
+        num_decoder_blocks=(1, 1),
         latent_channels=4,
-        norm_num_groups=16,
-        sample_size=IMAGE_SIZE,
     )
 
 
 def build_unet() -> UNet2DConditionModel:
     return UNet2DConditionModel(
-        sample_size=IMAGE_SIZE // 4,
+        sample_size=IMAGE_SIZE // 2,
         in_channels=4,
         out_channels=4,
         block_out_channels=(32, 64, 128),
@@ -114,7 +117,7 @@ def train_scheduler() -> DDPMScheduler:
 
 
 def assemble_pipeline(
-    unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer
+    unet: UNet2DConditionModel, vae: AutoencoderTiny, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer
 ) -> StableDiffusionPipeline:
     scheduler = DDIMScheduler(**NOISE_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     return StableDiffusionPipeline(

@@ -35,7 +35,7 @@ from ncp.shapes.render import render
 
 
 def render_batch(rng: random.Random, n: int, two_object_prob: float) -> tuple[list[str], torch.Tensor]:
-    """n random held-in scenes -> prompts and images in [-1, 1], shape (n, 3, 64, 64)."""
+    """n random held-in scenes -> prompts and images in [-1, 1], shape (n, 3, 32, 32)."""
     scenes = [random_scene(rng, two_object_prob, held_out=False) for _ in range(n)]
     imgs = np.stack([render(s, IMAGE_SIZE, rng, jitter=1.5) for s in scenes])
     x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1.0
@@ -66,20 +66,13 @@ def train_vae(args: argparse.Namespace, work: Path, log) -> None:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.vae_steps, args.vae_lr, warmup=100)
         _, x = render_batch(rng, args.vae_batch, args.two_object_prob)
-        # The VAE is fully convolutional: random 32x32 crops train it 4x cheaper per image than full frames.
-        c = args.vae_crop
-        if c < IMAGE_SIZE:
-            ox, oy = rng.randrange(IMAGE_SIZE - c + 1), rng.randrange(IMAGE_SIZE - c + 1)
-            x = x[:, :, oy : oy + c, ox : ox + c]
-        post = vae.encode(x).latent_dist
-        rec = vae.decode(post.sample()).sample
-        kl = post.kl().mean() / x[0].numel()
+        rec = vae.decode(vae.encode(x).latents).sample
         # Shapes cover a few percent of the frame: weight foreground pixels (far from the corner's background colour)
         # so colour fidelity is not drowned by the background.
         bg = x[:, :, :1, :1]
         weight = 1.0 + args.fg_weight * ((x - bg).abs().amax(dim=1, keepdim=True) > 0.1).float()
         err = (rec - x).abs()
-        loss = (weight * (err**2 + 0.5 * err)).mean() / weight.mean() + args.kl_weight * kl
+        loss = (weight * (err**2 + 0.5 * err)).mean() / weight.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -88,23 +81,23 @@ def train_vae(args: argparse.Namespace, work: Path, log) -> None:
         bar.update(1)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
-            log({"stage": "vae", "step": step, "loss": loss.item(), "kl": kl.item()})
+            log({"stage": "vae", "step": step, "loss": loss.item()})
         if step % args.ckpt_every == 0 or step == args.vae_steps:
             torch.save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt)
     bar.close()
     # Latent scale: SD divides latents by their std so the diffusion model sees unit variance.
     with torch.no_grad():
         _, x = render_batch(random.Random(12345), 256, args.two_object_prob)
-        std = vae.encode(x).latent_dist.mean.std().item()
+        std = vae.encode(x).latents.std().item()
     vae.register_to_config(scaling_factor=1.0 / std)
     vae.save_pretrained(work / "vae")
     log({"stage": "vae", "done": True, "scaling_factor": 1.0 / std})
 
 
 def train_unet(args: argparse.Namespace, work: Path, out: Path, log) -> None:
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderTiny
 
-    vae = AutoencoderKL.from_pretrained(work / "vae").eval().requires_grad_(False)
+    vae = AutoencoderTiny.from_pretrained(work / "vae").eval().requires_grad_(False)
     tokenizer = write_tokenizer(work / "tokenizer")
     torch.manual_seed(args.seed)
     text_encoder, unet = build_text_encoder(tokenizer), build_unet()
@@ -130,7 +123,7 @@ def train_unet(args: argparse.Namespace, work: Path, out: Path, log) -> None:
         # Classifier-free guidance needs an unconditional model: drop 10% of prompts.
         prompts = ["" if rng.random() < 0.1 else p for p in prompts]
         with torch.no_grad():
-            z0 = vae.encode(x).latent_dist.sample() * vae.config.scaling_factor  # (B, 4, 16, 16)
+            z0 = vae.encode(x).latents * vae.config.scaling_factor  # (B, 4, 16, 16)
         ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
         cond = text_encoder(ids.input_ids)[0]  # (B, 24, 64)
         t = torch.randint(0, sched.config.num_train_timesteps, (len(prompts),))
@@ -146,8 +139,15 @@ def train_unet(args: argparse.Namespace, work: Path, out: Path, log) -> None:
         bar.update(1)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
-            log({"stage": "unet", "step": step, "loss": loss.item(), "lr": opt.param_groups[0]["lr"],
-                 "s_per_step": (time.time() - t0) / 50})
+            log(
+                {
+                    "stage": "unet",
+                    "step": step,
+                    "loss": loss.item(),
+                    "lr": opt.param_groups[0]["lr"],
+                    "s_per_step": (time.time() - t0) / 50,
+                }
+            )
             t0 = time.time()
         if step % args.ckpt_every == 0 or step == args.unet_steps:
             state = {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(), "opt": opt.state_dict()}
@@ -165,15 +165,13 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("models/shapes-tiny"), help="final pipeline folder")
     p.add_argument("--work", type=Path, default=Path("runs/shapes-pretrain"), help="checkpoints and log")
-    p.add_argument("--vae-steps", type=int, default=2500, help="VAE training steps")
+    p.add_argument("--vae-steps", type=int, default=600, help="VAE training steps")
     p.add_argument("--unet-steps", type=int, default=6000, help="UNet + text encoder training steps")
     p.add_argument("--batch", type=int, default=16, help="images per UNet step")
-    p.add_argument("--vae-batch", type=int, default=16, help="images per VAE step")
-    p.add_argument("--vae-crop", type=int, default=32, help="random crop size for VAE training (64: full frames)")
+    p.add_argument("--vae-batch", type=int, default=32, help="images per VAE step")
     p.add_argument("--fg-weight", type=float, default=10.0, help="extra loss weight of foreground pixels (VAE)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of UNet and text encoder")
     p.add_argument("--vae-lr", type=float, default=1e-3, help="peak learning rate of the VAE")
-    p.add_argument("--kl-weight", type=float, default=1e-4, help="weight of the VAE's KL term (per element)")
     p.add_argument("--two-object-prob", type=float, default=0.3, help="share of two-object scenes")
     p.add_argument("--ckpt-every", type=int, default=250, help="checkpoint interval in steps")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")

@@ -1,0 +1,598 @@
+"""ncp-arena: vote between two images of one prompt; the votes train the next version of the model, live.
+
+    python app.py                      # fresh data dir, embedded shapes model, http://127.0.0.1:7860
+    python app.py --print-config       # the configuration table (docs/CONFIG.md is generated from it)
+
+Gradio UI only (DESIGN.md): `build_demo(runtime)` lays out the tabs (Arena, Progress, Data, Admin) and wires thin
+top-level handlers that call the runtime's services (jobs/) and return dicts keyed by component; `main()` maps the
+environment (ENV_VARS) onto `ArenaConfig`, starts the runtime and stops it on exit. No SQL and no tensors here.
+
+HTTP API (for scripts; gradio_client or any HTTP client; all inputs are strings)
+
+    from gradio_client import Client
+    c = Client("http://127.0.0.1:7860")
+    pair = c.predict("my-bot-1", "", api_name="/next_pair")
+    # {"token": "...", "pair_id": 12, "prompt": "a red circle ...", "left_image": "/tmp/.../left.png",
+    #  "right_image": "/tmp/.../right.png"}     (gradio_client downloads both images to local temp files)
+    res = c.predict("my-bot-1", pair["token"], "left", "artifacts", api_name="/vote")
+    # {"vote_id": 57, "outcome": "left", "left_version": "v0003", "right_version": "base"}
+
+  /next_pair(session_id, prompt="") -> dict
+      session_id: your own stable id, [A-Za-z0-9_-]{1,128}; the pair is issued to it and only it can vote on it.
+      prompt: "" for a prompt from the curated pool (instant, from the prefetch queue), or your own prompt
+      (validated: length, control characters, blocklist, and the shapes grammar on the embedded model; generated
+      on demand). Returns token, pair_id, prompt, left_image, right_image. Versions stay hidden until the vote.
+  /vote(session_id, token, outcome, reasons="") -> dict
+      outcome: "left" | "right" | "tie" | "both_bad"; reasons: a list or a comma-separated string of short tags
+      (the UI offers "prompt following", "looks", "artifacts"). Returns vote_id, outcome, left_version,
+      right_version (the reveal). The same vote sent again returns the same vote_id (safe to retry).
+      Time to vote is measured by the server from the pair's issue. Your rater id is a salted pseudonym of
+      session_id.
+  /admin(token, action, value="") -> dict
+      action: "status" | "run_round" | "pause" | "resume" | "promote" (value: a kept version or "base") |
+      "set_blocklist" (value: the new file, one word or phrase per line). Needs the NCP_ADMIN_TOKEN secret.
+  Refusals never raise: they return {"error": code, "message": text}, and nothing is stored. Codes: the store's
+  vote codes (unknown_token, wrong_session, expired, conflicting_vote, invalid_outcome, invalid_reasons, ...),
+  prompt codes (empty, too_long, control_chars, blocked, model_grammar), invalid_session, admin_denied,
+  unknown_action, invalid_value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import inspect
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+for _key, _value in {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_TELEMETRY": "1"}.items():
+    os.environ.setdefault(_key, _value)  # before gradio is imported: no outbound calls at start (STACK_NOTES)
+
+import gradio as gr  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from feedback_store import InputRejected, VoteRejected  # noqa: E402
+from feedback_store.export import __doc__ as EXPORT_DOC  # noqa: E402
+from jobs import views  # noqa: E402
+from jobs.loop import LoopConfig  # noqa: E402
+from jobs.prompts import PromptRejected  # noqa: E402
+from jobs.registry import RegistryError  # noqa: E402
+from jobs.runtime import SHAPES_MODEL, AdminDenied, ArenaConfig, Runtime  # noqa: E402
+from ncp.serving import SamplingConfig  # noqa: E402
+
+logger = logging.getLogger("app")
+
+OUTCOMES = {"left": "Left is better", "right": "Right is better", "tie": "Tie", "both_bad": "Both are bad"}
+KEYS = {"left": ("1", "a"), "right": ("2", "l"), "tie": ("3", "t"), "both_bad": ("4", "b")}
+REASONS = ["prompt following", "looks", "artifacts"]
+FRIENDLY = {
+    "expired": "This pair expired before your vote.",
+    "conflicting_vote": "You already voted differently on this pair.",
+    "unknown_token": "This pair is no longer known to the server.",
+}
+
+
+# -- configuration ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EnvVar:
+    name: str
+    default: str
+    help: str
+
+
+def default_data_dir() -> Path:
+    """HF persistent storage (/data) when it is mounted and writable, else ./data."""
+    return Path("/data/ncp-arena") if os.path.isdir("/data") and os.access("/data", os.W_OK) else Path("data")
+
+
+_LOOP, _SAMPLING = LoopConfig(), SamplingConfig()
+ENV_VARS: tuple[EnvVar, ...] = (
+    EnvVar("NCP_DATA_DIR", "/data/ncp-arena if /data is writable, else ./data", "DuckDB store, images, adapters"),
+    EnvVar("NCP_MODEL", "models/shapes-tiny (embedded)", "diffusers pipeline folder or hub id (SDXL or SD1.5)"),
+    EnvVar("GRADIO_SERVER_PORT", "7860", "HTTP port"),
+    EnvVar("GRADIO_SERVER_NAME", "127.0.0.1 (the Dockerfile sets 0.0.0.0)", "interface to listen on"),
+    EnvVar("NCP_ADMIN_TOKEN", "unset (no token admin)", "secret that unlocks the Admin tab and /admin"),
+    EnvVar("NCP_ADMIN_USERS", "empty", "comma-separated HF usernames allowed to administer (with OAuth)"),
+    EnvVar("NCP_RATER_SALT", "a public default: set a secret", "salt of the rater pseudonyms (HMAC)"),
+    EnvVar("NCP_TRAIN_EVERY_S", str(_LOOP.train_every_s), "seconds between scheduled training rounds"),
+    EnvVar("NCP_MIN_NEW_VOTES", str(_LOOP.min_new_votes), "new trainable votes needed before a round starts"),
+    EnvVar("NCP_STEPS", str(_SAMPLING.steps), "diffusion steps per arena image"),
+    EnvVar("NCP_GUIDANCE", str(_SAMPLING.guidance), "classifier-free guidance scale of arena images"),
+    EnvVar("NCP_SCHEDULE", "1", "1: train on a timer; 0: only when an admin runs a round"),
+    EnvVar("NCP_PREFETCH", str(ArenaConfig().prefetch), "ready pairs kept in the prefetch queue"),
+    EnvVar("OAUTH_CLIENT_ID", "unset", "set by Spaces with `hf_oauth: true`: shows the HF login button"),
+)
+
+
+def config_markdown() -> str:
+    rows = [f"| `{v.name}` | {v.default} | {v.help} |" for v in ENV_VARS]
+    return "\n".join(["| variable | default | meaning |", "|---|---|---|", *rows]) + "\n"
+
+
+def _env(env: Mapping[str, str], name: str, cast: Callable[[str], object], default: object) -> object:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return cast(raw)
+    except ValueError:
+        raise ValueError(
+            f"{name}={raw!r} is not a valid {cast.__name__}; unset it or give e.g. {default!r}."
+        ) from None
+
+
+def config_from_env(env: Mapping[str, str]) -> ArenaConfig:
+    """Map ENV_VARS onto ArenaConfig (the one place that reads the environment)."""
+    model = env.get("NCP_MODEL", "").strip() or str(SHAPES_MODEL)
+    schedule = str(_env(env, "NCP_SCHEDULE", str, "1"))
+    if schedule not in ("0", "1"):
+        raise ValueError(f"NCP_SCHEDULE must be 0 or 1, got {schedule!r}.")
+    loop = LoopConfig(
+        model=model,
+        train_every_s=float(_env(env, "NCP_TRAIN_EVERY_S", float, _LOOP.train_every_s)),
+        min_new_votes=int(_env(env, "NCP_MIN_NEW_VOTES", int, _LOOP.min_new_votes)),
+    )
+    sampling = SamplingConfig(
+        steps=int(_env(env, "NCP_STEPS", int, _SAMPLING.steps)),
+        guidance=float(_env(env, "NCP_GUIDANCE", float, _SAMPLING.guidance)),
+    )
+    salt = env.get("NCP_RATER_SALT") or ArenaConfig().rater_salt
+    if len(salt.encode()) < 16:
+        raise ValueError("NCP_RATER_SALT must be at least 16 bytes; generate one with `openssl rand -hex 16`.")
+    users = tuple(u.strip() for u in env.get("NCP_ADMIN_USERS", "").split(",") if u.strip())
+    base = ArenaConfig()
+    return ArenaConfig(
+        data_dir=Path(env.get("NCP_DATA_DIR", "").strip() or default_data_dir()),
+        model=model,
+        sampling=sampling,
+        loop=loop,
+        schedule=schedule == "1",
+        prefetch=int(_env(env, "NCP_PREFETCH", int, base.prefetch)),
+        admin_token=env.get("NCP_ADMIN_TOKEN") or None,
+        admin_users=users,
+        rater_salt=salt,
+    )
+
+
+# -- handler plumbing ------------------------------------------------------------------------------------------------
+class Ctx(SimpleNamespace):
+    """What handlers need: `runtime`, `clock` (views.PairClock) and the UI's components by name."""
+
+
+def bind(fn: Callable, *fixed: object) -> Callable:
+    """`fn` with its first parameters fixed, keeping the rest of its signature and annotations (Gradio reads them to
+    inject gr.Request / gr.OAuthProfile and to describe API endpoints; functools.partial hides both)."""
+    sig = inspect.signature(fn)
+    params = list(sig.parameters.values())
+    hidden = {p.name for p in params[: len(fixed)]}
+
+    @functools.wraps(fn)
+    def bound(*args: object, **kwargs: object) -> object:
+        return fn(*fixed, *args, **kwargs)
+
+    bound.__signature__ = sig.replace(parameters=params[len(fixed) :])  # type: ignore[attr-defined]
+    bound.__annotations__ = {k: v for k, v in fn.__annotations__.items() if k not in hidden}
+    return bound
+
+
+def rater_key(ctx: Ctx, session: str, profile: gr.OAuthProfile | None) -> str:
+    """Pseudonymous rater id: the HF username when logged in, else the session (UI session hash / API session_id)."""
+    username = getattr(profile, "username", None) if profile is not None else None
+    return ctx.runtime.rater_id(f"hf:{username}" if username else f"session:{session}")
+
+
+def _buttons(ctx: Ctx, enabled: bool) -> dict:
+    return {b: gr.Button(interactive=enabled) for b in ctx.vote_buttons.values()}
+
+
+def _version_label(version: str) -> str:
+    source = re.sub(r"[+.\-]broken$", "", version)  # control pairs: the attention check's corrupted image
+    return f"a deliberately broken control image (from {source})" if source != version else version
+
+
+# -- Arena handlers --------------------------------------------------------------------------------------------------
+def on_pair(ctx: Ctx, prompt: str, request: gr.Request) -> dict:
+    """Show a new pair: the typed prompt when given, else one from the pool (prefetched, instant)."""
+    try:
+        pair = ctx.runtime.arena.next_pair(request.session_hash, (prompt or "").strip() or None)
+    except PromptRejected as err:
+        return {ctx.status: f"⚠️ {err}"}
+    state = {"token": pair.token, "pair_id": pair.pair_id, "shown_at": time.monotonic()}
+    out = {ctx.state: state, ctx.left: pair.left_path, ctx.right: pair.right_path, ctx.prompt_shown: pair.prompt}
+    return out | {ctx.reasons: [], ctx.status: ""} | _buttons(ctx, True)
+
+
+def on_pool_pair(ctx: Ctx, request: gr.Request) -> dict:
+    return on_pair(ctx, "", request)
+
+
+def on_vote(
+    ctx: Ctx, outcome: str, state: dict, reasons: list[str], request: gr.Request, profile: gr.OAuthProfile | None
+) -> dict:
+    """Record the vote (server-side time since the pair was issued), then reveal who made each image."""
+    if not state or not state.get("token"):
+        return {ctx.reveal: "Nothing to vote on yet: wait for the pair to load."}
+    try:
+        res = ctx.runtime.arena.vote(
+            request.session_hash,
+            state["token"],
+            outcome,
+            rater_key(ctx, request.session_hash, profile),
+            reasons=tuple(reasons or ()),
+            time_to_vote_ms=views.elapsed_ms(state["shown_at"]),
+        )
+    except VoteRejected as err:
+        text = f"⚠️ Your vote was not counted. {FRIENDLY.get(err.reason_code, err.message)} Here is a new pair."
+        return {ctx.state: {}, ctx.reveal: text} | _buttons(ctx, False)
+    reveal = (
+        f"**You chose: {OUTCOMES[res.outcome]}.** Left was made by **{_version_label(res.left_version)}**, "
+        f"right by **{_version_label(res.right_version)}**. Vote #{res.vote_id} recorded; here is the next pair."
+    )
+    return {ctx.state: {}, ctx.reveal: reveal} | _buttons(ctx, False)
+
+
+# -- Progress handlers -----------------------------------------------------------------------------------------------
+def _fmt(x: float | None, spec: str = ".0f") -> str:
+    return "" if x is None else format(x, spec)
+
+
+def leaderboard_frame(rows: list[dict]) -> pd.DataFrame:
+    table = [
+        {
+            "Rank": "" if r["rank"] is None else str(r["rank"]),
+            "Version": r["version"] + (" (serving)" if r["serving"] else ""),
+            "Rating": _fmt(r["rating"]),
+            "95% CI": "" if r["ci_low"] is None else f"{r['ci_low']:.0f} to {r['ci_high']:.0f}",
+            "Votes": r["votes"],
+            "Win rate vs base": _fmt(r["win_rate_vs_base"], ".0%"),
+            "Status": f"preliminary ({r['votes']}/{views.MIN_LEADERBOARD_VOTES} votes)" if r["preliminary"] else "",
+        }
+        for r in rows
+    ]
+    return pd.DataFrame(table, columns=["Rank", "Version", "Rating", "95% CI", "Votes", "Win rate vs base", "Status"])
+
+
+def status_markdown(s: dict) -> str:
+    if s["paused"]:
+        schedule = "paused"
+    else:
+        schedule = f"every {s['every_s']:.0f} s, next check in {_fmt(s['next_run_in_s'])} s"
+    lines = [
+        f"**Serving:** {s['serving']} · **Schedule:** {schedule} · "
+        f"**New trainable votes:** {s['new_votes']} (a round needs {s['min_new_votes']})",
+    ]
+    if s["state"] == "idle":
+        lines.append("**Training round:** none running.")
+    else:
+        step = f", step {s['step']}/{s['max_steps']}" if s["step"] is not None else ""
+        loss = f", loss {s['loss']:.4f}" if isinstance(s["loss"], float) else ""
+        lines.append(f"**Training round:** {s['state']}{step}{loss} ({_fmt(s['running_s'])} s so far)")
+    last = s["last"]
+    if last:
+        made = f" → {last['version']}" if last.get("version") else ""
+        lines.append(f"**Last round:** {last['status']}{made} in {last['seconds']:.0f} s: {last['reason']}")
+    return "\n\n".join(lines)
+
+
+def on_progress(ctx: Ctx) -> dict:
+    history = pd.DataFrame(views.rating_points(ctx.runtime), columns=["until", "votes", "version", "rating"])
+    versions = views.gallery_versions(ctx.runtime)
+    return {
+        ctx.board: leaderboard_frame(views.leaderboard_rows(ctx.runtime)),
+        ctx.plot: history,
+        ctx.round_md: status_markdown(views.round_status(ctx.runtime)),
+        ctx.probe_slider: gr.Slider(maximum=max(1, len(versions) - 1), interactive=len(versions) > 1),
+    }
+
+
+def on_probes(ctx: Ctx, index: float) -> dict:
+    versions = views.gallery_versions(ctx.runtime)
+    version = versions[max(0, min(int(index), len(versions) - 1))]
+    label = f"Showing **{version}** ({versions.index(version) + 1} of {len(versions)}; seed {views.PROBE_SEED})"
+    return {ctx.gallery: views.probe_gallery(ctx.runtime, version), ctx.probe_label: label}
+
+
+# -- Data and Admin handlers -----------------------------------------------------------------------------------------
+def on_counts(ctx: Ctx) -> dict:
+    counts = ctx.runtime.store.counts()
+    return {ctx.counts: pd.DataFrame({"table": list(counts), "rows": list(counts.values())})}
+
+
+def on_export(ctx: Ctx) -> dict:
+    return {ctx.export_file: str(views.latest_export(ctx.runtime))} | on_counts(ctx)
+
+
+class UnknownAction(LookupError):
+    """An /admin action name that does not exist."""
+
+
+def admin_action(runtime: Runtime, action: str, value: str, token: str | None, username: str | None) -> str:
+    """Run one admin action; every branch checks credentials server-side (Runtime.check_admin)."""
+    runtime.check_admin(token, username)
+    if action == "status":
+        return json.dumps({k: v for k, v in views.round_status(runtime).items() if k != "last"}, default=str)
+    if action == "run_round":
+        return runtime.admin_run_round(token, username)
+    if action in ("pause", "resume"):
+        return runtime.admin_pause(action == "pause", token, username)
+    if action == "promote":
+        return runtime.admin_promote(value.strip(), token, username)
+    if action == "set_blocklist":
+        return runtime.admin_set_blocklist(value, token, username)
+    if action == "read_blocklist":
+        return views.read_blocklist(runtime, token, username)
+    raise UnknownAction(f"Unknown action {action!r}; use status, run_round, pause, resume, promote or set_blocklist.")
+
+
+def on_admin(ctx: Ctx, action: str, token: str, value: str, profile: gr.OAuthProfile | None) -> dict:
+    username = getattr(profile, "username", None) if profile is not None else None
+    try:
+        text = admin_action(ctx.runtime, action, value or "", token or None, username)
+    except AdminDenied as err:
+        return {ctx.admin_out: f"⛔ {err}"}
+    except (ValueError, RegistryError, KeyError) as err:
+        return {ctx.admin_out: f"⚠️ {err}"}
+    out = {ctx.versions: gr.Dropdown(choices=views.gallery_versions(ctx.runtime))}
+    if action == "read_blocklist":
+        return out | {ctx.blocklist: text, ctx.admin_out: "Blocklist loaded."}
+    return out | {ctx.admin_out: f"✅ {text}"}
+
+
+# -- API (gr.api endpoints: plain JSON in and out) ------------------------------------------------------------------
+def _refusal(code: str, message: str) -> dict:
+    return {"error": code, "message": message}
+
+
+def api_next_pair(ctx: Ctx, session_id: str, prompt: str = "") -> dict:
+    """A pair for `session_id` (pool prompt when `prompt` is empty). See the module docstring."""
+    try:
+        session = views.check_session(session_id)
+    except InputRejected as err:
+        return _refusal(err.reason_code, err.message)
+    try:
+        pair = ctx.runtime.arena.next_pair(session, (prompt or "").strip() or None)
+    except PromptRejected as err:
+        return _refusal(err.code, str(err))
+    ctx.clock.issued(pair.token)
+    return {
+        "token": pair.token,
+        "pair_id": pair.pair_id,
+        "prompt": pair.prompt,
+        "left_image": gr.FileData(path=pair.left_path),
+        "right_image": gr.FileData(path=pair.right_path),
+    }
+
+
+def api_vote(ctx: Ctx, session_id: str, token: str, outcome: str, reasons: list[str] | str = "") -> dict:
+    """Vote on a pair issued to `session_id`; returns the reveal or a refusal. See the module docstring."""
+    if isinstance(reasons, str):
+        reasons = [r.strip() for r in reasons.split(",") if r.strip()]
+    try:
+        session = views.check_session(session_id)
+        rater = ctx.runtime.rater_id(f"session:{session}")
+        res = ctx.runtime.arena.vote(
+            session, token, outcome, rater, reasons=reasons, time_to_vote_ms=ctx.clock.elapsed_ms(token)
+        )
+    except InputRejected as err:  # VoteRejected included
+        return _refusal(err.reason_code, err.message)
+    return {"vote_id": res.vote_id, "outcome": res.outcome, "left_version": res.left_version} | {
+        "right_version": res.right_version
+    }
+
+
+def api_admin(ctx: Ctx, token: str, action: str, value: str = "") -> dict:
+    """Admin actions for scripts (needs NCP_ADMIN_TOKEN). See the module docstring."""
+    try:
+        return {"ok": True, "message": admin_action(ctx.runtime, action, value or "", token or None, None)}
+    except AdminDenied as err:
+        return _refusal("admin_denied", str(err))
+    except UnknownAction as err:
+        return _refusal("unknown_action", str(err))
+    except (ValueError, RegistryError) as err:
+        return _refusal("invalid_value", str(err))
+
+
+# -- layout ----------------------------------------------------------------------------------------------------------
+CSS = """
+.pixel img, .pixel canvas { image-rendering: pixelated; image-rendering: crisp-edges; }
+.pixel img { width: 100%; height: 100%; object-fit: contain; }
+#arena-reveal { min-height: 2.5em; }
+"""
+# Keyboard shortcuts: click the vote button for the key unless the user is typing; disabled buttons ignore clicks.
+KEYS_JS = """() => {
+  if (window.__ncpArena) return; window.__ncpArena = true;
+  const style = document.createElement('style'); style.textContent = __CSS__; document.head.appendChild(style);
+  const keys = __KEYS__;
+  document.addEventListener('keydown', (e) => {
+    const el = e.target, tag = ((el && el.tagName) || '').toLowerCase();
+    const typing = tag === 'textarea' || tag === 'select' || (el && el.isContentEditable) ||
+      (tag === 'input' && !['checkbox', 'radio', 'button', 'range'].includes((el.type || '').toLowerCase()));
+    if (typing || e.ctrlKey || e.metaKey || e.altKey || e.repeat) return;
+    const id = keys[e.key.toLowerCase()];
+    const btn = id && document.getElementById(id);
+    if (!btn || btn.disabled || btn.offsetParent === null) return;
+    e.preventDefault(); btn.click();
+  });
+}""".replace("__CSS__", json.dumps(CSS)).replace(
+    "__KEYS__", json.dumps({k: f"vote-{o}" for o, ks in KEYS.items() for k in ks})
+)
+
+
+def _schema_markdown() -> str:
+    paragraphs = [p for p in EXPORT_DOC.split("\n\n") if p.startswith(("Rows:", "By default", "Split:"))]
+    return "### What is in the export\n\n" + "\n\n".join(" ".join(p.split()) for p in paragraphs)
+
+
+def build_demo(runtime: Runtime, oauth: bool = False) -> gr.Blocks:
+    """The arena UI over a started Runtime. `oauth`: show the HF login button (Spaces with `hf_oauth: true`)."""
+    ctx = Ctx(runtime=runtime, clock=views.PairClock())
+    with gr.Blocks(title="ncp-arena") as demo:
+        with gr.Row():
+            gr.Markdown("# ncp-arena\nVote for the better image. Every vote trains the next version of the model.")
+            if oauth:
+                gr.LoginButton()
+        with gr.Tabs():
+            with gr.Tab("Arena", id="arena") as arena_tab:
+                ctx.state = gr.State({})
+                with gr.Row():
+                    ctx.prompt_in = gr.Textbox(
+                        label="Your own prompt (optional)",
+                        placeholder="Leave empty for prompts from the pool; press Enter to generate",
+                        max_length=400,
+                        scale=4,
+                    )
+                    gen_btn = gr.Button("Generate", scale=1)
+                    skip_btn = gr.Button("Skip / new pair", scale=1)
+                ctx.status = gr.Markdown(elem_id="arena-status")
+                ctx.prompt_shown = gr.Textbox(label="Prompt", interactive=False, elem_id="arena-prompt")
+                with gr.Row():
+                    kw = {"type": "filepath", "interactive": False, "height": 384, "elem_classes": ["pixel"]}
+                    ctx.left = gr.Image(label="Left", elem_id="arena-left", **kw)
+                    ctx.right = gr.Image(label="Right", elem_id="arena-right", **kw)
+                with gr.Row():
+                    ctx.vote_buttons = {
+                        o: gr.Button(
+                            f"{label}  [{KEYS[o][0]}/{KEYS[o][1].upper()}]",
+                            elem_id=f"vote-{o}",
+                            variant="primary" if o in ("left", "right") else "secondary",
+                            interactive=False,
+                        )
+                        for o, label in OUTCOMES.items()
+                    }
+                ctx.reasons = gr.CheckboxGroup(REASONS, label="Why? (optional)")
+                ctx.reveal = gr.Markdown(elem_id="arena-reveal")
+            with gr.Tab("Progress", id="progress") as progress_tab:
+                gr.Markdown("## Watch it learn\nVersions compete in blind cross-version pairs; base = 1000.")
+                ctx.board = gr.Dataframe(label="Leaderboard (Bradley-Terry, 95% bootstrap CI)", interactive=False)
+                ctx.plot = gr.LinePlot(
+                    x="until", y="rating", color="version", title="Rating over time", y_title="rating (base = 1000)"
+                )
+                ctx.round_md = gr.Markdown(elem_id="round-status")
+                gr.Markdown("### Probe gallery: the same prompts and seed, from every version")
+                ctx.probe_slider = gr.Slider(0, 1, value=0, step=1, label="Version (oldest to newest)")
+                ctx.probe_label = gr.Markdown()
+                ctx.gallery = gr.Gallery(columns=4, height="auto", elem_classes=["pixel"], object_fit="contain")
+                timer = gr.Timer(5.0, active=False)
+            with gr.Tab("Data", id="data") as data_tab:
+                ctx.counts = gr.Dataframe(label="Rows in the store", interactive=False)
+                export_btn = gr.Button("Download the latest export (Parquet, Pick-a-Pic v2 columns)")
+                ctx.export_file = gr.File(label="Export (zip)", interactive=False)
+                gr.Markdown(_schema_markdown())
+            with gr.Tab("Admin", id="admin"):
+                gr.Markdown("Every action is checked on the server: give the admin token or sign in as an admin.")
+                token = gr.Textbox(label="Admin token", type="password")
+                with gr.Row():
+                    admin_btns = {a: gr.Button(t) for a, t in [("run_round", "Run a round now"), ("pause", "Pause"),
+                                                              ("resume", "Resume"), ("status", "Status")]}  # fmt: skip
+                with gr.Row():
+                    ctx.versions = gr.Dropdown(views.gallery_versions(runtime), label="Serve version", scale=3)
+                    promote_btn = gr.Button("Promote / roll back", scale=1)
+                ctx.blocklist = gr.Textbox(label="Prompt blocklist (one word or phrase per line)", lines=6)
+                with gr.Row():
+                    load_bl, save_bl = gr.Button("Load blocklist"), gr.Button("Save blocklist")
+                ctx.admin_out = gr.Markdown(elem_id="admin-out")
+
+        arena_out = {ctx.state, ctx.left, ctx.right, ctx.prompt_shown, ctx.reasons, ctx.status, ctx.reveal}
+        arena_out |= set(ctx.vote_buttons.values())
+        pairs = {"concurrency_id": "pairs", "concurrency_limit": 4, "api_visibility": "private"}
+        # Typed prompts run the pipeline: one at a time, like GenerationService's lock (pool pairs are prefetched).
+        generate = {"concurrency_id": "generate", "concurrency_limit": 1, "api_visibility": "private"}
+        demo.load(bind(on_pool_pair, ctx), None, arena_out, **pairs)
+        demo.load(None, js=KEYS_JS)
+        for trigger in (gen_btn.click, ctx.prompt_in.submit):
+            trigger(bind(on_pair, ctx), ctx.prompt_in, arena_out, **generate)
+        skip_btn.click(bind(on_pool_pair, ctx), None, arena_out, **pairs)
+        for outcome, btn in ctx.vote_buttons.items():
+            btn.click(
+                bind(on_vote, ctx, outcome),
+                [ctx.state, ctx.reasons],
+                arena_out,
+                concurrency_id="votes",
+                concurrency_limit=16,
+                api_visibility="private",
+                trigger_mode="once",
+            ).then(bind(on_pool_pair, ctx), None, arena_out, **pairs)
+
+        progress_out = {ctx.board, ctx.plot, ctx.round_md, ctx.probe_slider}
+        probe_out = {ctx.gallery, ctx.probe_label}
+        quiet = {"api_visibility": "private", "show_progress": "hidden"}
+        progress_tab.select(bind(on_progress, ctx), None, progress_out, **quiet).then(
+            bind(on_probes, ctx), ctx.probe_slider, probe_out, **generate
+        )
+        progress_tab.select(lambda: gr.Timer(active=True), None, timer, **quiet)
+        for tab in (arena_tab, data_tab):
+            tab.select(lambda: gr.Timer(active=False), None, timer, **quiet)
+        timer.tick(bind(on_progress, ctx), None, progress_out, **quiet)
+        ctx.probe_slider.release(bind(on_probes, ctx), ctx.probe_slider, probe_out, **generate)
+
+        data_tab.select(bind(on_counts, ctx), None, ctx.counts, api_visibility="private")
+        export_btn.click(bind(on_export, ctx), None, {ctx.export_file, ctx.counts}, api_visibility="private")
+
+        admin_out = {ctx.admin_out, ctx.versions, ctx.blocklist}
+        for action, btn in admin_btns.items():
+            btn.click(bind(on_admin, ctx, action), [token, ctx.versions], admin_out, api_visibility="private")
+        promote_btn.click(bind(on_admin, ctx, "promote"), [token, ctx.versions], admin_out, api_visibility="private")
+        save_bl.click(
+            bind(on_admin, ctx, "set_blocklist"), [token, ctx.blocklist], admin_out, api_visibility="private"
+        )
+        load_bl.click(
+            bind(on_admin, ctx, "read_blocklist"), [token, ctx.blocklist], admin_out, api_visibility="private"
+        )
+
+        gr.api(bind(api_next_pair, ctx), api_name="next_pair", concurrency_id="pairs", concurrency_limit=4)
+        gr.api(bind(api_vote, ctx), api_name="vote", concurrency_id="votes", concurrency_limit=16)
+        gr.api(bind(api_admin, ctx), api_name="admin", concurrency_limit=1)
+    demo.queue(default_concurrency_limit=4)
+    return demo
+
+
+def launch_kwargs(runtime: Runtime) -> dict:
+    """What demo.launch needs besides host and port: only the image, probe and export folders are served."""
+    data = Path(runtime.config.data_dir)
+    folders = [views.image_dir(runtime), data / "probes", views.export_dir(runtime)]
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+    return {"allowed_paths": [str(f.resolve()) for f in folders], "css": CSS}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--print-config", action="store_true", help="print the env-var table (Markdown) and exit")
+    args = parser.parse_args(argv)
+    if args.print_config:
+        sys.stdout.write(config_markdown())
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = config_from_env(os.environ)
+    if Path(config.model).is_dir():
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local model needs no hub; never stall on one
+    runtime = Runtime(config)
+    runtime.start()
+
+    def stop_on_sigterm(signum: int, frame: object) -> None:  # `docker stop` / Space restart: shut down cleanly
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    try:
+        demo = build_demo(runtime, oauth=bool(os.environ.get("OAUTH_CLIENT_ID")))
+        demo.launch(
+            server_name=os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1",
+            server_port=int(_env(os.environ, "GRADIO_SERVER_PORT", int, 7860)),
+            **launch_kwargs(runtime),
+        )
+    finally:
+        runtime.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,163 @@
+"""Time one pair of shapes-world images: one pipeline call of batch 2 at the step count and scheduler the model ships.
+
+    python bench/shapes_speed.py                                         # models/shapes-tiny, 2 threads, 20 calls
+    python bench/shapes_speed.py --model runs/shapes-pretrain/latest     # a checkpoint while pretraining runs
+
+Method. The pipeline is loaded from `--model` offline (no fallback: a missing folder is an error). Each call is
+`pipe(prompt, num_images_per_prompt=2, num_inference_steps=DEFAULT_STEPS, guidance_scale=DEFAULT_GUIDANCE)` with the
+folder's own scheduler and PIL output, i.e. exactly what the arena does to show one pair (classifier-free guidance
+makes it 4 UNet rows per step). `--warmup` untimed calls, then `--calls` timed ones with distinct prompts and seeds;
+p50/p95/mean of the wall time. Goal (issue 3): p50 <= 1.0 s per pair on the 2-core CPU. Writes
+docs/benchmarks/shapes_speed.json and the `shapes_speed` section of docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from ncp.pipelines import load_pipeline  # noqa: E402
+from ncp.shapes.grammar import probe_prompts  # noqa: E402
+from ncp.shapes.model import DEFAULT_GUIDANCE, DEFAULT_STEPS, IMAGE_SIZE  # noqa: E402
+
+GOAL_S = 1.0
+
+
+def write_section(path: Path, name: str, body: list[str]) -> None:
+    """Replace (or append) the `<!-- BEGIN name -->` ... `<!-- END name -->` section of a markdown file, leaving the
+    other writers' sections untouched."""
+    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
+    section = "\n".join([begin, *body, end])
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + section + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def checkpoint_step(model: Path) -> int | None:
+    """The pretraining step of a `runs/shapes-pretrain/latest` export (step.txt), else None."""
+    f = model / "step.txt"
+    return int(f.read_text().strip()) if f.is_file() else None
+
+
+def measure(model: Path, threads: int, calls: int, warmup: int) -> dict:
+    torch.set_num_threads(threads)
+    pipe = load_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = probe_prompts(calls + warmup, seed=123, two_object_prob=0.3)
+    times = []
+    for i, prompt in enumerate(prompts):
+        gens = [torch.Generator().manual_seed(2 * i), torch.Generator().manual_seed(2 * i + 1)]
+        t0 = time.perf_counter()
+        out = pipe(
+            prompt,
+            num_images_per_prompt=2,
+            num_inference_steps=DEFAULT_STEPS,
+            guidance_scale=DEFAULT_GUIDANCE,
+            height=IMAGE_SIZE,
+            width=IMAGE_SIZE,
+            generator=gens,
+        )
+        dt = time.perf_counter() - t0
+        if len(out.images) != 2 or out.images[0].size != (IMAGE_SIZE, IMAGE_SIZE):
+            raise RuntimeError(f"expected 2 images of {IMAGE_SIZE}px, got {len(out.images)} of {out.images[0].size}")
+        if i >= warmup:
+            times.append(dt)
+    t = np.asarray(times)
+    return {
+        "model": str(model),
+        "checkpoint_step": checkpoint_step(model),
+        "pipeline": type(pipe).__name__,
+        "scheduler": type(pipe.scheduler).__name__,
+        "steps": DEFAULT_STEPS,
+        "guidance": DEFAULT_GUIDANCE,
+        "image_size": IMAGE_SIZE,
+        "batch": 2,
+        "threads": threads,
+        "calls": calls,
+        "warmup": warmup,
+        "p50_s": float(np.percentile(t, 50)),
+        "p95_s": float(np.percentile(t, 95)),
+        "mean_s": float(t.mean()),
+        "min_s": float(t.min()),
+        "ms_per_step_p50": float(np.percentile(t, 50) / DEFAULT_STEPS * 1000),
+        "goal_s": GOAL_S,
+        "goal_met": bool(np.percentile(t, 50) <= GOAL_S),
+        "params_m": {
+            "unet": sum(p.numel() for p in pipe.unet.parameters()) / 1e6,
+            "vae": sum(p.numel() for p in pipe.vae.parameters()) / 1e6,
+            "text_encoder": sum(p.numel() for p in pipe.text_encoder.parameters()) / 1e6,
+        },
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(),
+            "torch": torch.__version__,
+            "loadavg_at_end": list(os.getloadavg()),
+        },
+    }
+
+
+def docs_section(r: dict) -> list[str]:
+    step = f" (pretraining step {r['checkpoint_step']})" if r["checkpoint_step"] is not None else ""
+    return [
+        "## Shapes model: time per pair (`bench/shapes_speed.py`)",
+        "",
+        f"One `{r['pipeline']}` call of batch 2 (one arena pair) on `{r['model']}`{step}: {r['scheduler']}, "
+        f"{r['steps']} steps, guidance {r['guidance']} (classifier-free guidance: 4 UNet rows per step), "
+        f"{r['image_size']}x{r['image_size']} PIL output, torch {r['threads']} threads, CPU "
+        f"({r['machine']['cpu_count']} cores). {r['calls']} timed calls after {r['warmup']} warm-up calls. "
+        "Rerun: `python bench/shapes_speed.py [--model FOLDER]`; raw numbers in `docs/benchmarks/shapes_speed.json`.",
+        "",
+        "| p50 s/pair | p95 s/pair | mean s | ms/step (p50) | goal | met |",
+        "|---|---|---|---|---|---|",
+        f"| {r['p50_s']:.3f} | {r['p95_s']:.3f} | {r['mean_s']:.3f} | {r['ms_per_step_p50']:.1f} | "
+        f"<= {r['goal_s']:.1f} s | {'yes' if r['goal_met'] else 'NO'} |",
+        "",
+        f"Load average when it finished: {r['machine']['loadavg_at_end'][0]:.1f} (other processes, e.g. pretraining, "
+        "share the 2 cores; an idle machine is faster).",
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, default=ROOT / "models" / "shapes-tiny", help="pipeline folder")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--calls", type=int, default=20, help="timed pipeline calls")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls first")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "shapes_speed.json")
+    p.add_argument("--md", type=Path, default=ROOT / "docs" / "BENCHMARKS.md", help="markdown file for the section")
+    args = p.parse_args(argv)
+    if not (args.model / "model_index.json").is_file():
+        p.error(
+            f"no diffusers pipeline at {args.model} (model_index.json missing). Train it with "
+            "`python -m ncp.shapes.pretrain`, or pass --model runs/shapes-pretrain/latest for a checkpoint."
+        )
+    if args.calls < 2 or args.threads < 1 or args.warmup < 0:
+        p.error("--calls must be >= 2, --threads >= 1 and --warmup >= 0")
+    result = measure(args.model, args.threads, args.calls, args.warmup)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_section(args.md, "shapes_speed", docs_section(result))
+    print(json.dumps({k: result[k] for k in ("p50_s", "p95_s", "scheduler", "steps", "goal_met")}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""Read-side helpers for the UI: plain data (dicts, lists, paths) built from the runtime's services.
+
+app.py's handlers call these so that they hold no SQL, no tensors and no statistics: the leaderboard and rating
+history (feedback_store.stats), the round in progress (jobs.loop), the fixed-seed probe gallery (cached per version
+on disk), the latest export as a zip, admin-only reads, and the server-side clock that times API votes.
+
+Nothing here imports gradio (DESIGN.md import rules); run the app (`python app.py`) to see these in use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+import threading
+import time
+from collections import OrderedDict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from feedback_store.records import MAX_TIME_TO_VOTE_MS, check_ident
+from feedback_store.stats import leaderboard, rating_history
+from jobs.registry import BASE
+
+if TYPE_CHECKING:
+    from jobs.runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+PROBE_COUNT = 8  # prompts in the probe gallery
+PROBE_SEED = 1234  # one fixed seed for every probe image, so versions differ only by their weights
+MIN_LEADERBOARD_VOTES = 30  # votes before a version is ranked (DESIGN.md: "minimum votes before a rank")
+_probe_lock = threading.Lock()
+_export_lock = threading.Lock()
+
+
+def check_session(session_id: object) -> str:
+    """An API caller's session id: the store's identifier rule ([A-Za-z0-9_-]{1,128}); raises InputRejected."""
+    return check_ident(session_id, "session_id", code="invalid_session")
+
+
+class PairClock:
+    """When each pair token was issued (monotonic), so the server measures time-to-vote for API callers.
+
+    Bounded (oldest entries dropped first); tokens are kept only as sha256 keys. A token unknown here (issued before
+    a restart, or evicted) gives None, which the store accepts."""
+
+    def __init__(self, max_entries: int = 50_000) -> None:
+        self.max_entries = max_entries
+        self._issued: OrderedDict[str, float] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def issued(self, token: str) -> None:
+        with self._lock:
+            self._issued[token_key(token)] = time.monotonic()
+            while len(self._issued) > self.max_entries:
+                self._issued.popitem(last=False)
+
+    def elapsed_ms(self, token: object) -> int | None:
+        if not isinstance(token, str):
+            return None
+        with self._lock:
+            start = self._issued.get(token_key(token))
+        return None if start is None else elapsed_ms(start)
+
+
+def token_key(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()
+
+
+def elapsed_ms(start_monotonic: float) -> int:
+    """Milliseconds since `start_monotonic`, clamped to what the store accepts."""
+    return max(0, min(MAX_TIME_TO_VOTE_MS, int(1000 * (time.monotonic() - start_monotonic))))
+
+
+# -- progress ("watch it learn") ------------------------------------------------------------------------------------
+def leaderboard_rows(runtime: Runtime) -> list[dict]:
+    """Bradley-Terry leaderboard rows (rank, version, rating, ci_low, ci_high, votes, win_rate_vs_base,
+    preliminary, serving), best first; every kept version appears, with no votes yet if it has none."""
+    board = leaderboard(runtime.store.cross_version_comparisons(), min_votes=MIN_LEADERBOARD_VOTES)
+    serving = runtime.generation.serving_version
+    rows = [{**r, "serving": r["version"] == serving} for r in board.rows()]
+    seen = {r["version"] for r in rows}
+    for v in [BASE, *runtime.registry.versions()]:
+        if v not in seen:
+            rows.append(
+                {"rank": None, "version": v, "rating": None, "ci_low": None, "ci_high": None, "votes": 0}
+                | {"wins": 0.0, "win_rate_vs_base": None, "votes_vs_base": 0, "preliminary": True}
+                | {"serving": v == serving}
+            )
+    return rows
+
+
+def rating_points(runtime: Runtime, points: int = 30) -> list[dict]:
+    """Each version's rating (Elo scale, base = 1000) refitted on the votes up to ~`points` moments in time:
+    [{"until": datetime, "votes": n, "version": v, "rating": r}]."""
+    comparisons = runtime.store.cross_version_comparisons()
+    if not comparisons:
+        return []
+    return rating_history(comparisons, every=max(1, math.ceil(len(comparisons) / points)))
+
+
+def round_status(runtime: Runtime) -> dict:
+    """The round in progress and the last one, plus the schedule: plain values for a status panel."""
+    status = runtime.loop.status
+    progress = status.progress or {}
+    nxt = runtime.scheduler.next_run()
+    return {
+        "serving": runtime.generation.serving_version,
+        "state": status.state,
+        "step": progress.get("step") if status.state == "training" else None,
+        "max_steps": runtime.config.loop.max_steps,
+        "loss": progress.get("loss") if status.state == "training" else None,
+        "running_s": None if status.started is None or status.state == "idle" else time.time() - status.started,
+        "last": status.last,
+        "paused": runtime.scheduler.paused,
+        "next_run_in_s": None if nxt is None else max(0.0, (nxt - datetime.now(UTC)).total_seconds()),
+        "every_s": runtime.config.loop.train_every_s,
+        "new_votes": runtime.loop.new_trainable_votes(),
+        "min_new_votes": runtime.config.loop.min_new_votes,
+    }
+
+
+# -- probe gallery --------------------------------------------------------------------------------------------------
+def gallery_versions(runtime: Runtime) -> list[str]:
+    """Versions the probe gallery can show, oldest first: base and every kept, intact version."""
+    return [BASE, *[v for v in runtime.registry.versions() if runtime.registry.verify(v)]]
+
+
+def probe_prompts(runtime: Runtime, n: int = PROBE_COUNT) -> list[str]:
+    """Fixed prompts: the evaluator's shapes probes for the embedded model, else the first of each pool category."""
+    if runtime.config.is_shapes:
+        from ncp.evaluate import PROBE_SEED as SHAPES_PROBE_SEED
+        from ncp.shapes.grammar import probe_prompts as shapes_probes
+
+        return shapes_probes(n, seed=SHAPES_PROBE_SEED, two_object_prob=0.3)
+    by_cat = runtime.arena.pool.by_category
+    firsts = [by_cat[c][0] for c in sorted(by_cat)]
+    seconds = [p for c in sorted(by_cat) for p in by_cat[c][1:2]]
+    return (firsts + seconds)[:n]
+
+
+def probe_gallery(runtime: Runtime, version: str) -> list[tuple[str, str]]:
+    """[(image path, prompt)] of the probe prompts made by `version` with one fixed seed; generated once per version
+    (cached under <data_dir>/probes/<version>/, keyed by the weights' sha256) and then read from disk."""
+    if version != BASE and version not in runtime.registry.versions():
+        raise ValueError(f"Unknown version {version!r}; kept versions: {', '.join(gallery_versions(runtime))}.")
+    prompts = probe_prompts(runtime)
+    weights = "" if version == BASE else runtime.registry.info(version).weights_sha256
+    folder = Path(runtime.config.data_dir) / "probes" / version
+    key = {"prompts": prompts, "seed": PROBE_SEED, "weights": weights, "model": runtime.generation.base_model}
+    key["sampling"] = [runtime.generation.sampling.steps, runtime.generation.sampling.guidance]
+    index = folder / "index.json"
+    with _probe_lock:
+        if not (index.exists() and json.loads(index.read_text()) == key):
+            if version != BASE:
+                runtime.generation.register_version(version, runtime.registry.info(version).folder)
+            tmp = folder.with_name(f".{version}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            for i, prompt in enumerate(prompts):
+                img = runtime.generation.generate(prompt, [PROBE_SEED], version=version)[0]
+                (tmp / f"{i:02d}.png").write_bytes(img.png)
+            (tmp / "index.json").write_text(json.dumps(key))
+            shutil.rmtree(folder, ignore_errors=True)
+            tmp.replace(folder)
+            logger.info("probe gallery generated for %s", version)
+    return [(str(folder / f"{i:02d}.png"), p) for i, p in enumerate(prompts)]
+
+
+# -- data -----------------------------------------------------------------------------------------------------------
+def latest_export(runtime: Runtime, min_interval_s: float = 60.0) -> Path:
+    """A zip of the newest Parquet snapshot, exporting a new one only when votes arrived since the newest and it is
+    older than `min_interval_s` (a public button must not let anyone fill the disk). Returns the zip's path."""
+    with _export_lock:
+        snaps = runtime.store.snapshots()
+        latest = snaps[-1] if snaps else None
+        age = None if latest is None else (datetime.now(UTC).replace(tzinfo=None) - latest.created).total_seconds()
+        fresh = latest is not None and (
+            age < min_interval_s or not runtime.store.votes(since_vote_id=latest.vote_id_max)
+        )
+        folder = Path(latest.path) if fresh and latest is not None else runtime.export_now()
+        out_dir = export_dir(runtime)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        target = out_dir / f"ncp-arena-{folder.name}.zip"
+        if not target.exists():
+            base = str(out_dir / f".{folder.name}.tmp")
+            tmp = shutil.make_archive(base, "zip", root_dir=folder.parent, base_dir=folder.name)
+            Path(tmp).replace(target)
+        return target
+
+
+def export_dir(runtime: Runtime) -> Path:
+    return Path(runtime.config.data_dir) / "exports"
+
+
+def image_dir(runtime: Runtime) -> Path:
+    return runtime.arena.image_dir
+
+
+# -- admin-only reads -----------------------------------------------------------------------------------------------
+def read_blocklist(runtime: Runtime, token: str | None = None, username: str | None = None) -> str:
+    """The blocklist file's text, for admins only (raises AdminDenied)."""
+    runtime.check_admin(token, username)
+    path = runtime.blocklist.path
+    return path.read_text(encoding="utf-8") if path.exists() else ""

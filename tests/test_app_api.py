@@ -1,0 +1,205 @@
+"""The app's HTTP API end to end through gradio_client: a real server (demo.launch), a real tiny SD1.5 pipeline and a
+real DuckDB file. Concurrency (8 clients x 50 votes, each recorded exactly once), refusals that change nothing,
+admin credentials checked on the server, and the configuration table kept in sync with the docs.
+
+    python -m pytest -q tests/test_app_api.py
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from app_fixtures import ADMIN_TOKEN, MIX, free_port, make_adapter_version, tiny_runtime
+from gradio_client import Client
+
+import app
+from jobs.registry import BASE
+from ncp.serving import PairMix
+
+ROOT = Path(__file__).resolve().parents[1]
+OUTCOMES = ("left", "right", "tie", "both_bad")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("app_api")
+    runtime = tiny_runtime(tmp, steps=1, size=32, prefetch=8)
+    demo = app.build_demo(runtime)
+    port = free_port()
+    demo.launch(
+        server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **app.launch_kwargs(runtime)
+    )
+    try:
+        yield runtime, f"http://127.0.0.1:{port}", tmp
+    finally:
+        demo.close()
+        runtime.stop()
+
+
+def _client(url: str) -> Client:
+    return Client(url, verbose=False)
+
+
+def _pair(client: Client, session: str, prompt: str = "") -> dict:
+    return client.predict(session, prompt, api_name="/next_pair")
+
+
+def _vote(client: Client, session: str, token: str, outcome: str, reasons: object = "") -> dict:
+    return client.predict(session, token, outcome, reasons, api_name="/vote")
+
+
+def test_8_clients_x_50_votes_each_recorded_exactly_once(served) -> None:
+    runtime, url, _ = served
+    before = {v.vote_id for v in runtime.store.votes()}
+    lock = threading.Lock()
+    acked: list[tuple[int, str, str, int]] = []  # (vote_id, session, outcome, pair_id)
+    files: list[str] = []
+
+    def rater(i: int) -> None:
+        client, rng, session = _client(url), random.Random(i), f"bot-{i}"
+        for n in range(50):
+            pair = _pair(client, session)
+            assert "error" not in pair, pair
+            outcome = rng.choice(OUTCOMES)
+            res = _vote(client, session, pair["token"], outcome, ["artifacts"] if n % 2 else "looks, prompt following")
+            assert "error" not in res, res
+            assert res["outcome"] == outcome
+            with lock:
+                acked.append((res["vote_id"], session, outcome, pair["pair_id"]))
+                if n == 0:
+                    files.extend([pair["left_image"], pair["right_image"]])
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(rater, range(8)))  # re-raises any client's failure
+
+    ids = [a[0] for a in acked]
+    assert len(ids) == 400 and len(set(ids)) == 400
+    stored = {v.vote_id: v for v in runtime.store.votes() if v.vote_id not in before}
+    assert set(stored) == set(ids)  # every acknowledged vote is stored, and nothing else
+    for vote_id, session, outcome, pair_id in acked:
+        v = stored[vote_id]
+        assert (v.session, v.outcome, v.pair_id) == (session, outcome, pair_id)
+        assert v.rater == runtime.rater_id(f"session:{session}") and v.time_to_vote_ms is not None
+    assert {len(stored[i].reasons) for i in ids} == {1, 2}
+    for f in files:  # gradio_client downloaded real PNGs
+        assert Path(f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_refusals_return_an_error_and_change_nothing(served) -> None:
+    runtime, url, _ = served
+    c = _client(url)
+    first = _pair(c, "ref-a")
+    ok = _vote(c, "ref-a", first["token"], "left")
+    other = _pair(c, "ref-b")
+    _vote(c, "ref-b", other["token"], "tie")  # ref-b is a known rater now: its refusals below must add nothing
+    fresh = _pair(c, "ref-a")
+    counts = runtime.store.counts()
+    refused = {
+        "unknown_token": _vote(c, "ref-a", "Z" * 43, "left"),
+        "invalid_outcome": _vote(c, "ref-a", fresh["token"], "sideways"),
+        "conflicting_vote": _vote(c, "ref-a", first["token"], "right"),
+        "wrong_session": _vote(c, "ref-b", fresh["token"], "left"),
+        "reasons_too_large": _vote(c, "ref-a", fresh["token"], "left", ["x"] * 100),
+        "invalid_session": _vote(c, "no spaces allowed", fresh["token"], "left"),
+    }
+    typed = {
+        "control_chars": _pair(c, "ref-a", "a red\x00 circle"),
+        "too_long": _pair(c, "ref-a", "a" * 400),
+        "invalid_session": _pair(c, "x" * 200),
+    }
+    for code, res in [*refused.items(), *typed.items()]:
+        assert res["error"] == code, (code, res)
+        assert isinstance(res["message"], str) and len(res["message"]) > 10
+    assert runtime.store.counts() == counts  # no row anywhere: no vote, pair, prompt, image or rater
+    again = _vote(c, "ref-a", first["token"], "left")  # an identical retry is not a new vote
+    assert again == ok and runtime.store.counts() == counts
+    # the refused pair is still open: its rightful session votes on it
+    assert _vote(c, "ref-a", fresh["token"], "both_bad")["outcome"] == "both_bad"
+
+
+def test_admin_api_checks_credentials_on_the_server(served) -> None:
+    runtime, url, tmp = served
+    c = _client(url)
+    version = make_adapter_version(runtime, tmp)
+    blocklist = runtime.blocklist.path.read_text() if runtime.blocklist.path.exists() else ""
+    for token in ("", "wrong-token", ADMIN_TOKEN[:-1]):
+        for action, value in [("run_round", ""), ("pause", ""), ("resume", ""), ("promote", version)]:
+            assert c.predict(token, action, value, api_name="/admin")["error"] == "admin_denied"
+        res = c.predict(token, "set_blocklist", "castle", api_name="/admin")
+        assert res["error"] == "admin_denied"
+    assert runtime.scheduler.paused and runtime.registry.current() == BASE
+    assert (runtime.blocklist.path.read_text() if runtime.blocklist.path.exists() else "") == blocklist
+    assert runtime.generation.serving_version == BASE
+
+    admin = lambda action, value="": c.predict(ADMIN_TOKEN, action, value, api_name="/admin")  # noqa: E731
+    assert admin("resume")["ok"] and not runtime.scheduler.paused
+    assert admin("pause")["ok"] and runtime.scheduler.paused
+    assert admin("fly")["error"] == "unknown_action"
+    assert admin("promote", "v9999")["error"] == "invalid_value"
+    assert admin("set_blocklist", "castle\n# comment\n")["ok"]
+    assert _pair(c, "adm", "a castle on a hill")["error"] == "blocked"
+    assert admin("promote", version)["ok"] and runtime.registry.current() == version
+    seen = set()
+    for _ in range(6):  # the queue was flushed on the swap: new pairs come from the new version
+        pair = _pair(c, "adm")
+        res = _vote(c, "adm", pair["token"], "tie")
+        seen |= {res["left_version"].split("+")[0], res["right_version"].split("+")[0]}
+    assert version in seen and seen <= {version, BASE}
+    assert admin("promote", BASE)["ok"] and runtime.generation.serving_version == BASE
+
+
+def test_control_pairs_reach_the_rater(served) -> None:
+    """Attention-check pairs (one deliberately broken image) are issued and voted on like any other pair."""
+    runtime, url, _ = served
+    c, prefetcher = _client(url), runtime.arena.prefetcher
+    prefetcher.mix = PairMix(on_policy=0.0, cross_version=0.0, control=1.0)
+    try:
+        prefetcher.flush()
+        results = [_pair(c, "ctl") for _ in range(3)]
+    finally:
+        prefetcher.mix = MIX
+    assert not [r for r in results if "error" in r], results
+    reveals = [_vote(c, "ctl", r["token"], "left") for r in results]
+    assert any("broken" in r["left_version"] + r["right_version"] for r in reveals), reveals
+
+
+def test_config_table_is_generated_and_in_sync() -> None:
+    assert (ROOT / "docs" / "CONFIG.md").read_text() == app.config_markdown(), "run: python app.py --print-config"
+    names = {v.name for v in app.ENV_VARS}
+    readme = (ROOT / "README.md").read_text()
+    assert not [n for n in names if f"`{n}`" not in readme], "README must list every variable of docs/CONFIG.md"
+
+
+def test_config_from_env_maps_every_variable(tmp_path: Path) -> None:
+    env = {
+        "NCP_DATA_DIR": str(tmp_path / "d"),
+        "NCP_MODEL": str(tmp_path / "m"),
+        "NCP_ADMIN_TOKEN": "tok",
+        "NCP_ADMIN_USERS": "alice, bob,",
+        "NCP_RATER_SALT": "0123456789abcdef0123",
+        "NCP_TRAIN_EVERY_S": "60",
+        "NCP_MIN_NEW_VOTES": "5",
+        "NCP_STEPS": "7",
+        "NCP_GUIDANCE": "1.5",
+        "NCP_SCHEDULE": "0",
+        "NCP_PREFETCH": "3",
+    }
+    cfg = app.config_from_env(env)
+    assert cfg.data_dir == tmp_path / "d" and cfg.model == str(tmp_path / "m") and cfg.loop.model == cfg.model
+    assert (cfg.admin_token, cfg.admin_users, cfg.rater_salt) == ("tok", ("alice", "bob"), "0123456789abcdef0123")
+    assert (cfg.loop.train_every_s, cfg.loop.min_new_votes) == (60.0, 5)
+    assert (cfg.sampling.steps, cfg.sampling.guidance, cfg.schedule, cfg.prefetch) == (7, 1.5, False, 3)
+    default = app.config_from_env({})
+    assert default.schedule and default.admin_token is None and default.is_shapes
+    for bad, match in [
+        ({"NCP_STEPS": "many"}, "NCP_STEPS"),
+        ({"NCP_SCHEDULE": "yes"}, "NCP_SCHEDULE"),
+        ({"NCP_RATER_SALT": "short"}, "NCP_RATER_SALT"),
+        ({"NCP_STEPS": "0"}, "steps"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            app.config_from_env(bad)
