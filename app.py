@@ -487,7 +487,7 @@ def build_demo(runtime: Runtime, oauth: bool = False) -> gr.Blocks:
                 export_btn = gr.Button("Download the latest export (Parquet, Pick-a-Pic v2 columns)")
                 ctx.export_file = gr.File(label="Export (zip)", interactive=False)
                 gr.Markdown(_schema_markdown())
-            with gr.Tab("Admin", id="admin"):
+            with gr.Tab("Admin", id="admin") as admin_tab:
                 gr.Markdown("Every action is checked on the server: give the admin token or sign in as an admin.")
                 token = gr.Textbox(label="Admin token", type="password")
                 with gr.Row():
@@ -538,6 +538,7 @@ def build_demo(runtime: Runtime, oauth: bool = False) -> gr.Blocks:
         export_btn.click(bind(on_export, ctx), None, {ctx.export_file, ctx.counts}, api_visibility="private")
 
         admin_out = {ctx.admin_out, ctx.versions, ctx.blocklist}
+        admin_tab.select(lambda: gr.Dropdown(choices=views.gallery_versions(runtime)), None, ctx.versions, **quiet)
         for action, btn in admin_btns.items():
             btn.click(bind(on_admin, ctx, action), [token, ctx.versions], admin_out, api_visibility="private")
         promote_btn.click(bind(on_admin, ctx, "promote"), [token, ctx.versions], admin_out, api_visibility="private")

@@ -99,7 +99,7 @@ def cap_rater_share(src: Path, dst: Path, max_share: float, min_pairs: int) -> i
     """Write the strict-preference rows of `src` to `dst` with no rater above `max_share` of the rows (the newest
     rows of an over-represented rater are dropped); returns the row count."""
     table = pq.read_table(src)
-    table = table.filter(pc.and_(pc.field("has_label"), pc.not_equal(pc.field("label_0"), 0.5)))
+    table = table.filter((pc.field("has_label")) & (pc.field("label_0") != 0.5))
     raters = table.column("rater").to_pylist()
     cap = max(1, math.floor(max_share * max(len(raters), min_pairs)))
     seen: dict[str, int] = {}

@@ -78,7 +78,9 @@ class TrainConfig:
     gradient_accumulation: int = _opt(1, "micro-steps per optimizer step")
     max_steps: int = _opt(100, "optimizer steps to run")
     max_seconds: float = _opt(0.0, "wall-clock limit in seconds; stops early and still saves (0 = none)")
-    mixed_precision: Literal["no", "fp16", "bf16"] = _opt("no", "autocast precision; frozen weights are cast to it")
+    mixed_precision: Literal["no", "fp16", "bf16"] = _opt(
+        "no", "autocast precision; frozen text encoders (and the UNet for latent space) are cast to it"
+    )
     gradient_checkpointing: bool = _opt(False, "recompute UNet activations in backward (less memory, slower)")
     lora_rank: int = _opt(64, "LoRA rank r (paper: 64); fixed for a deployment")
     lora_alpha: float = _opt(64.0, "LoRA alpha (paper: 64); fixed for a deployment")
@@ -340,12 +342,16 @@ def _optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> torch.o
 
 
 def _prepare_models(pipe: Any, config: TrainConfig, accelerator: Accelerator) -> tuple[torch.nn.Module, list]:
-    """Freeze everything, add (or continue) the LoRA, cast frozen weights to the autocast dtype (VAE stays fp32)."""
+    """Freeze everything, add (or continue) the LoRA, cast frozen weights to the autocast dtype.
+
+    The VAE stays fp32 (SDXL's overflows in fp16). For space="ncp" the UNet stays fp32 too: the NCP encoder runs in
+    fp32 (perception's `encoder_fp32`), since PL differences of about c_t^2 of the features drown in bf16 rounding;
+    autocast still runs its passes in half precision."""
     for name in ("text_encoder", "text_encoder_2", "vae", "unet"):
         if getattr(pipe, name, None) is not None:
             getattr(pipe, name).requires_grad_(False)
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
-    for name in ("text_encoder", "text_encoder_2", "unet"):
+    for name in ("text_encoder", "text_encoder_2") + (("unet",) if config.space == "latent" else ()):
         if getattr(pipe, name, None) is not None and weight_dtype != torch.float32:
             getattr(pipe, name).to(accelerator.device, dtype=weight_dtype)
     unet = pipe.unet

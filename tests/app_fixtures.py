@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from jobs.registry import BASE
+from jobs.registry import BASE, AdapterRegistry
 from jobs.runtime import ArenaConfig, Runtime
 from ncp.adapters import LoraSettings, add_lora, save_adapter
 from ncp.pipelines import build_tiny_sd15
@@ -28,9 +28,18 @@ def free_port() -> int:
 
 
 def tiny_runtime(
-    tmp: Path, *, steps: int = 1, size: int | None = 32, prefetch: int = 4, mix: PairMix | None = None
+    tmp: Path,
+    *,
+    steps: int = 1,
+    size: int | None = 32,
+    prefetch: int = 4,
+    mix: PairMix | None = None,
+    serve_adapter: bool = False,
 ) -> Runtime:
-    """A started Runtime (schedule off) on a tiny SD1.5 pipeline saved to and loaded from `tmp/model`."""
+    """A started Runtime (schedule off) on a tiny SD1.5 pipeline saved to and loaded from `tmp/model`.
+
+    serve_adapter: publish a LoRA version and point the registry at it before the start (the restart path), so the
+    runtime serves it from its first pair."""
     model = tmp / "model"
     if not model.exists():
         build_tiny_sd15().save_pretrained(model)
@@ -44,24 +53,26 @@ def tiny_runtime(
         admin_token=ADMIN_TOKEN,
         rater_salt="test-salt-0123456789abcdef",
     )
+    registry = AdapterRegistry(cfg.data_dir / "adapters", keep=cfg.loop.keep_versions)
+    version = make_adapter_version(registry, tmp, cfg.loop.lora_rank, cfg.loop.lora_alpha) if serve_adapter else None
+    if version is not None:
+        registry.set_current(version, reason="test fixture")
     runtime = Runtime(cfg)
     runtime.start()
+    if version is not None:
+        runtime.store.register_adapter_version(version, BASE, None, {"test": True}, status="published")
     return runtime
 
 
-def make_adapter_version(runtime: Runtime, tmp: Path, seed: int = 1) -> str:
+def make_adapter_version(registry: AdapterRegistry, tmp: Path, rank: int = 8, alpha: int = 8, seed: int = 1) -> str:
     """Publish a LoRA (random non-zero weights, so its images differ from base) as the registry's next version."""
     torch.manual_seed(seed)
     pipe = build_tiny_sd15()
-    rank = runtime.config.loop.lora_rank
-    add_lora(pipe.unet, LoraSettings(rank=rank, alpha=runtime.config.loop.lora_alpha))
+    settings = LoraSettings(rank=rank, alpha=alpha)
+    add_lora(pipe.unet, settings)
     with torch.no_grad():
         for name, p in pipe.unet.named_parameters():
             if "lora_B" in name:
                 p.normal_(0.0, 0.5)
-    folder = save_adapter(
-        pipe, pipe.unet, tmp / f"adapter-{seed}", LoraSettings(rank=rank, alpha=runtime.config.loop.lora_alpha)
-    )
-    info = runtime.registry.publish(folder, parent=BASE, snapshot_id=None, metrics={"test": True})
-    runtime.store.register_adapter_version(info.version, BASE, None, {"test": True}, status="published")
-    return info.version
+    folder = save_adapter(pipe, pipe.unet, tmp / f"adapter-{seed}", settings)
+    return registry.publish(folder, parent=BASE, snapshot_id=None, metrics={"test": True}).version

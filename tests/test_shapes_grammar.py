@@ -56,9 +56,9 @@ def test_round_trip_every_two_object_scene() -> None:
 
 
 def test_random_scenes_round_trip_and_are_reproducible() -> None:
-    a = [random_scene(random.Random(3), 0.5, None) for _ in range(3)]
-    b = [random_scene(random.Random(3), 0.5, None) for _ in range(3)]
-    assert a == b
+    ra, rb = random.Random(3), random.Random(3)
+    a = [random_scene(ra, 0.5, None) for _ in range(20)]
+    assert a == [random_scene(rb, 0.5, None) for _ in range(20)] and len(set(a)) > 15
     rng = random.Random(0)
     scenes = [random_scene(rng, 0.5, None) for _ in range(2000)]
     assert {len(s.objects) for s in scenes} == {1, 2}

@@ -31,12 +31,13 @@ from ncp.shapes.judge import ATTRIBUTES, JudgeScore, score
 from ncp.shapes.render import render
 
 SINGLES = all_single_scenes()
-TWO = [random_scene(random.Random(11), 1.0, None) for _ in range(300)]
+_RNG = random.Random(11)
+TWO = [random_scene(_RNG, 1.0, None) for _ in range(300)]
 
 
 @functools.cache
-def clean_render(scene: Scene) -> np.ndarray:
-    img = render(scene)
+def clean_render(scene: Scene, size: int = 64) -> np.ndarray:
+    img = render(scene, size=size)
     img.flags.writeable = False  # shared between tests
     return img
 
@@ -99,6 +100,24 @@ def test_attribute_accuracy_on_single_object_renders(name: str) -> None:
 def test_attribute_accuracy_on_two_object_renders(name: str) -> None:
     acc = accuracy(TWO, PERTURBATIONS[name])
     assert min(acc.values()) >= 0.98, acc
+
+
+@pytest.mark.parametrize("name", ["clean", "noise_sigma8", "blur_half", "shift_1px"])
+def test_attribute_accuracy_at_32px(name: str) -> None:
+    # 32x32 is the shapes model's output size: small objects are only ~7 px wide there.
+    perturb = {
+        "clean": lambda img: img,
+        "noise_sigma8": lambda img: noise(img, 8.0),
+        "blur_half": lambda img: blur(img, 1),  # sigma ~0.7 px at 32 px = 1.4 canvas px
+        "shift_1px": lambda img: shift(img, 1, -1),
+    }[name]
+    wrong: Counter[str] = Counter()
+    scenes = SINGLES[::2] + TWO[:100]
+    for scene in scenes:
+        wrong.update(
+            a for a, ok in score(perturb(clean_render(scene, 32)), scene).attributes_correct.items() if not ok
+        )
+    assert all(wrong[a] / len(scenes) <= 0.02 for a in ATTRIBUTES), wrong
 
 
 def test_attribute_accuracy_on_jittered_renders() -> None:

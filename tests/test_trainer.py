@@ -133,7 +133,7 @@ def test_sd15_pipeline_trains_with_mid_block_and_normalized_ncp(world: dict[str,
     """The embedded shapes model is SD1.5-architecture: no pooled embeds, no time ids. Same loop, same stock loader."""
     build_tiny_sd15(seed=1).save_pretrained(world["root"] / "sd15")
     out = world["root"] / "sd15-adapter"
-    config = TrainConfig(**FAST, max_steps=2, include_mid=True, normalize=True, beta=50.0, absolute_winners=False)
+    config = TrainConfig(**{**FAST, "beta": 50.0}, max_steps=2, include_mid=True, normalize=True)
     result = train(config, model=str(world["root"] / "sd15"), data=str(world["data"]), out=out, show_progress=False)
     assert result.steps == 2 and math.isfinite(result.metrics["final"]["loss"])
     fresh = load_pipeline(world["root"] / "sd15")

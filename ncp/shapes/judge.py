@@ -54,6 +54,7 @@ _BG = np.array(list(BACKGROUNDS.values()), dtype=np.float32)
 _BG_NAMES = list(BACKGROUNDS)
 _CENTER_NAMES = list(CENTERS)
 _CENTER_XY = np.array(list(CENTERS.values()), dtype=np.float32)
+_REGION_DILATE = 2  # px of rim around the detection mask that count towards alpha
 _PAD = np.clip(np.arange(-1, CANVAS + 1), 0, CANVAS - 1)
 _LOG_RADII = np.log(np.array([RADIUS[s] for s in SIZES]))
 
@@ -89,6 +90,7 @@ class _Component:
     """One connected foreground component read off the canvas (private to the judge)."""
 
     fill: np.ndarray  # (3,) fill colour: median of the most saturated quarter of its pixels
+    color_dist: np.ndarray  # (palette,) distance of the fill from each palette colour's mixing line with the bg
     area: float  # sum of alpha, canvas px^2 (blur-invariant)
     pixels: int  # detection-mask pixels
     shape: str  # nearest shape in cumulant-feature space
@@ -191,6 +193,29 @@ def _label(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return labels, len(ids)
 
 
+def _color_dist(fill: np.ndarray, bg: np.ndarray) -> np.ndarray:
+    """Distance of a fill colour from each palette colour c, read as a mixture a * c + (1 - a) * bg: the distance off
+    that mixing line plus a quarter of the dilution (1 - a) * |c - bg|. A small object that blur (or a soft decoder)
+    mixed with the background keeps its hue direction, so it is not mistaken for a neighbouring palette colour (a
+    diluted yellow on black would be nearer to orange in plain RGB distance)."""
+    v = _PALETTE - bg  # (P, 3)
+    norm = np.sqrt((v * v).sum(axis=1))
+    a = np.clip((v @ (fill - bg)) / np.maximum(norm * norm, 1e-6), 0.0, 1.0)  # (P,)
+    off_line = np.sqrt((((fill - bg)[None, :] - a[:, None] * v) ** 2).sum(axis=1))
+    return off_line + 0.25 * (1.0 - a) * norm
+
+
+def _dilate(mask: np.ndarray, steps: int) -> np.ndarray:
+    """Binary dilation by a 3x3 square, `steps` times."""
+    out = mask.copy()
+    for _ in range(steps):
+        out[1:] |= out[:-1].copy()
+        out[:-1] |= out[1:].copy()
+        out[:, 1:] |= out[:, :-1].copy()
+        out[:, :-1] |= out[:, 1:].copy()
+    return out
+
+
 def _kappa4(w: np.ndarray, d: np.ndarray) -> float:
     """Fourth cumulant of coordinate d under weights w (summing to 1, d centred)."""
     d2 = d * d
@@ -226,11 +251,7 @@ def _component(img: np.ndarray, bg: np.ndarray, dist: np.ndarray, comp: np.ndarr
     y0, y1 = max(0, ys.min() - m), min(CANVAS, ys.max() + m + 1)
     x0, x1 = max(0, xs.min() - m), min(CANVAS, xs.max() + m + 1)
     sub = comp[y0:y1, x0:x1]
-    region = sub.copy()  # the component dilated by one pixel (3x3)
-    region[1:] |= sub[:-1]
-    region[:-1] |= sub[1:]
-    region[:, 1:] |= region[:, :-1].copy()
-    region[:, :-1] |= region[:, 1:].copy()
+    region = _dilate(sub, _REGION_DILATE)  # include the soft (blurred) rim, where alpha is small but not zero
     alpha = np.clip((img[y0:y1, x0:x1] - bg) @ axis / norm2, 0.0, 1.0) * region
     area = float(alpha.sum())
     if area <= 0:
@@ -254,15 +275,14 @@ def _component(img: np.ndarray, bg: np.ndarray, dist: np.ndarray, comp: np.ndarr
     center = (mx, my - 0.25 * r_best) if best == "triangle" else (mx, my)
     partial = int(((alpha > 0.1) & (alpha < 0.9)).sum())
     softness = partial / (PERIMETER_K[best] * r_best)
-    return _Component(fill, area, int(comp.sum()), best, feats, center, softness, alpha, (gx, gy), (mx, my))
+    return _Component(fill, _color_dist(fill, bg), area, int(comp.sum()), best, feats, center, softness, alpha, (gx, gy), (mx, my))
 
 
 def _object_scores(c: _Component, o: ShapeObject) -> dict[str, tuple[float, bool]]:
     """Graded score and hard decision per attribute of one prompt object read from one component."""
     out: dict[str, tuple[float, bool]] = {}
-    d_col = np.sqrt(((_PALETTE - c.fill) ** 2).sum(axis=1))
-    ok = _PALETTE_NAMES[int(d_col.argmin())] == o.color
-    s = _closeness(float(d_col[_PALETTE_NAMES.index(o.color)]), tol=15.0, scale=40.0)
+    ok = _PALETTE_NAMES[int(c.color_dist.argmin())] == o.color
+    s = _closeness(float(c.color_dist[_PALETTE_NAMES.index(o.color)]), tol=15.0, scale=40.0)
     out["color"] = (s if ok else min(s, 0.5), ok)
     # Shape: nearness of the blur-invariant features to the expected prototype (~0.5 on the decision boundary),
     # times the outline quality: soft IoU with the expected anti-aliased template (1 at IoU >= 0.85, 0.5 at <= 0.5).

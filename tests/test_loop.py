@@ -1,0 +1,120 @@
+"""The alignment loop on a real (tiny SD1.5) pipeline: rounds that promote and hot-swap with full lineage, and every
+fault of the trainer leaving the served version and the votes untouched.
+
+Each round runs the real `python -m ncp.train` and `python -m ncp.evaluate` subprocesses; faults are injected by
+`tests/helpers/fault_trainer.py` around the real trainer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import pytest
+
+from jobs.loop import LoopConfig
+from jobs.runtime import ArenaConfig, Runtime
+from ncp.pipelines import build_tiny_sd15
+from ncp.serving import PairMix, SamplingConfig
+
+pytestmark = pytest.mark.slow
+
+FAST = dict(
+    max_steps=3, batch_size=2, lora_rank=4, lora_alpha=4, min_pairs=8, min_new_votes=1, time_limit_s=180,
+    eval_time_limit_s=180, gate_min_acc_delta=-1.0, gate_min_judge_delta=-1.0, max_rater_share=1.0,
+)
+
+
+@pytest.fixture(scope="module")
+def runtime(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("loop")
+    build_tiny_sd15(seed=0).save_pretrained(root / "model")
+    config = ArenaConfig(
+        data_dir=root / "data",
+        model=str(root / "model"),
+        sampling=SamplingConfig(steps=3),
+        mix=PairMix(on_policy=1.0, cross_version=0.0, control=0.0),
+        loop=LoopConfig(model=str(root / "model"), **FAST),
+        schedule=False,
+        prefetch=2,
+    )
+    rt = Runtime(config)
+    rt.start()
+    raters = [rt.rater_id(f"rater-{i}") for i in range(4)]
+    for i in range(40):
+        pair = rt.arena.next_pair(f"session-{i % 4}")
+        outcome = "left" if Path(pair.left_path).name < Path(pair.right_path).name else "right"
+        rt.arena.vote(f"session-{i % 4}", pair.token, outcome, raters[i % 4], time_to_vote_ms=900)
+    yield rt
+    rt.stop()
+
+
+def with_launcher(rt: Runtime, mode: str | None, **overrides) -> None:
+    launcher = (sys.executable, "-m", "ncp.train") if mode is None else (
+        sys.executable, "-m", "tests.helpers.fault_trainer", mode)
+    rt.loop.config = dataclasses.replace(rt.loop.config, launcher=launcher, **overrides)
+
+
+def test_two_rounds_promote_hot_swap_and_record_lineage(runtime: Runtime) -> None:
+    rt = runtime
+    with_launcher(rt, None)
+    first = rt.loop.run_round()
+    assert first.status == "promoted", first.reason
+    assert first.version == "v0001" and first.parent == "base"
+    assert rt.registry.current() == "v0001" == rt.generation.serving_version
+    # Raters keep voting between rounds; the new votes come from the new version.
+    pair = rt.arena.next_pair("session-x")
+    assert rt.store.image(rt.store.pair(pair.pair_id).left_image_id).adapter_version == "v0001"
+    rt.arena.vote("session-x", pair.token, "left", rt.rater_id("rater-0"))
+    second = rt.loop.run_round()
+    assert second.status == "promoted", second.reason
+    assert (second.version, second.parent) == ("v0002", "v0001")
+    assert rt.generation.serving_version == "v0002"
+    # Lineage: each version names its parent and the snapshot (vote ids) it was trained on.
+    for res in (first, second):
+        av = rt.store.adapter_version(res.version)
+        assert av.parent == res.parent and av.snapshot_id == res.snapshot_id and av.status == "published"
+        info = rt.registry.info(res.version)
+        assert info.parent == res.parent and info.snapshot_id == res.snapshot_id
+        run = rt.store.training_run(res.run_id)
+        assert run.status == "succeeded" and run.adapter_version == res.version
+    snap2 = rt.store.snapshot(second.snapshot_id)
+    assert snap2.vote_id_max > rt.store.snapshot(first.snapshot_id).vote_id_max
+
+
+@pytest.mark.parametrize(
+    ("mode", "reason", "overrides"),
+    [
+        ("raise", "injected trainer crash", {}),
+        ("nan", "nan", {}),
+        ("sigkill", "SIGKILL", {}),
+        ("hang", "time limit", {"time_limit_s": 8}),
+        ("corrupt", "load test", {}),
+    ],
+)
+def test_trainer_fault_leaves_served_version_and_votes_unchanged(
+    runtime: Runtime, mode: str, reason: str, overrides: dict
+) -> None:
+    rt = runtime
+    served, current = rt.generation.serving_version, rt.registry.current()
+    versions, votes = rt.registry.versions(), rt.store.counts()["votes"]
+    with_launcher(rt, mode, **overrides)
+    try:
+        result = rt.loop.run_round()
+    finally:
+        with_launcher(rt, None, time_limit_s=FAST["time_limit_s"])
+    assert result.status == "failed"
+    assert reason.lower() in result.reason.lower(), result.reason
+    assert rt.generation.serving_version == served and rt.registry.current() == current
+    assert rt.registry.versions() == versions
+    assert rt.store.counts()["votes"] == votes
+    run = rt.store.training_run(result.run_id)
+    assert run.status == "failed" and reason.lower() in (run.reason or "").lower()
+
+
+def test_next_round_after_faults_still_promotes(runtime: Runtime) -> None:
+    with_launcher(runtime, None)
+    result = runtime.loop.run_round()
+    assert result.status == "promoted", result.reason
+    assert runtime.generation.serving_version == result.version == runtime.registry.current()
