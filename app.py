@@ -311,32 +311,10 @@ def on_export(ctx: Ctx) -> dict:
     return {ctx.export_file: str(views.latest_export(ctx.runtime))} | on_counts(ctx)
 
 
-class UnknownAction(LookupError):
-    """An /admin action name that does not exist."""
-
-
-def admin_action(runtime: Runtime, action: str, value: str, token: str | None, username: str | None) -> str:
-    """Run one admin action; every branch checks credentials server-side (Runtime.check_admin)."""
-    runtime.check_admin(token, username)
-    if action == "status":
-        return json.dumps({k: v for k, v in views.round_status(runtime).items() if k != "last"}, default=str)
-    if action == "run_round":
-        return runtime.admin_run_round(token, username)
-    if action in ("pause", "resume"):
-        return runtime.admin_pause(action == "pause", token, username)
-    if action == "promote":
-        return runtime.admin_promote(value.strip(), token, username)
-    if action == "set_blocklist":
-        return runtime.admin_set_blocklist(value, token, username)
-    if action == "read_blocklist":
-        return views.read_blocklist(runtime, token, username)
-    raise UnknownAction(f"Unknown action {action!r}; use status, run_round, pause, resume, promote or set_blocklist.")
-
-
 def on_admin(ctx: Ctx, action: str, token: str, value: str, profile: gr.OAuthProfile | None) -> dict:
     username = getattr(profile, "username", None) if profile is not None else None
     try:
-        text = admin_action(ctx.runtime, action, value or "", token or None, username)
+        text = views.admin_action(ctx.runtime, action, value or "", token or None, username)
     except AdminDenied as err:
         return {ctx.admin_out: f"⛔ {err}"}
     except (ValueError, RegistryError, KeyError) as err:
@@ -392,10 +370,10 @@ def api_vote(ctx: Ctx, session_id: str, token: str, outcome: str, reasons: list[
 def api_admin(ctx: Ctx, token: str, action: str, value: str = "") -> dict:
     """Admin actions for scripts (needs NCP_ADMIN_TOKEN). See the module docstring."""
     try:
-        return {"ok": True, "message": admin_action(ctx.runtime, action, value or "", token or None, None)}
+        return {"ok": True, "message": views.admin_action(ctx.runtime, action, value or "", token or None, None)}
     except AdminDenied as err:
         return _refusal("admin_denied", str(err))
-    except UnknownAction as err:
+    except views.UnknownAction as err:
         return _refusal("unknown_action", str(err))
     except (ValueError, RegistryError) as err:
         return _refusal("invalid_value", str(err))
@@ -480,12 +458,14 @@ def build_demo(runtime: Runtime, oauth: bool = False) -> gr.Blocks:
                 gr.Markdown("### Probe gallery: the same prompts and seed, from every version")
                 ctx.probe_slider = gr.Slider(0, 1, value=0, step=1, label="Version (oldest to newest)")
                 ctx.probe_label = gr.Markdown()
-                ctx.gallery = gr.Gallery(columns=4, height="auto", elem_classes=["pixel"], object_fit="contain")
+                ctx.gallery = gr.Gallery(
+                    columns=4, height="auto", elem_classes=["pixel"], object_fit="contain", elem_id="probe-gallery"
+                )
                 timer = gr.Timer(5.0, active=False)
             with gr.Tab("Data", id="data") as data_tab:
                 ctx.counts = gr.Dataframe(label="Rows in the store", interactive=False)
-                export_btn = gr.Button("Download the latest export (Parquet, Pick-a-Pic v2 columns)")
-                ctx.export_file = gr.File(label="Export (zip)", interactive=False)
+                export_btn = gr.Button("Download the latest export (Parquet, Pick-a-Pic v2 columns)", elem_id="export")
+                ctx.export_file = gr.File(label="Export (zip)", interactive=False, elem_id="export-file")
                 gr.Markdown(_schema_markdown())
             with gr.Tab("Admin", id="admin") as admin_tab:
                 gr.Markdown("Every action is checked on the server: give the admin token or sign in as an admin.")
@@ -576,6 +556,12 @@ def main(argv: list[str] | None = None) -> int:
     config = config_from_env(os.environ)
     if Path(config.model).is_dir():
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local model needs no hub; never stall on one
+    if config.model == str(SHAPES_MODEL) and not SHAPES_MODEL.is_dir():
+        parser.error(
+            f"the embedded shapes model is not at {SHAPES_MODEL} yet: train it with `python -m ncp.shapes.pretrain "
+            "--out models/shapes-tiny` or set NCP_MODEL to a diffusers pipeline folder."
+        )
+    logger.info("data dir %s, model %s, schedule %s", config.data_dir, config.model, config.schedule)
     runtime = Runtime(config)
     runtime.start()
 

@@ -207,3 +207,26 @@ def read_blocklist(runtime: Runtime, token: str | None = None, username: str | N
     runtime.check_admin(token, username)
     path = runtime.blocklist.path
     return path.read_text(encoding="utf-8") if path.exists() else ""
+
+
+class UnknownAction(LookupError):
+    """An /admin action name that does not exist."""
+
+
+def admin_action(runtime: Runtime, action: str, value: str, token: str | None, username: str | None) -> str:
+    """Run one admin action by name (the Admin tab and /admin); credentials are checked server-side first, for every
+    action (Runtime.check_admin raises AdminDenied). Returns a message for the admin."""
+    runtime.check_admin(token, username)
+    if action == "status":
+        return json.dumps({k: v for k, v in round_status(runtime).items() if k != "last"}, default=str)
+    if action == "run_round":
+        return runtime.admin_run_round(token, username)
+    if action in ("pause", "resume"):
+        return runtime.admin_pause(action == "pause", token, username)
+    if action == "promote":
+        return runtime.admin_promote(value.strip(), token, username)
+    if action == "set_blocklist":
+        return runtime.admin_set_blocklist(value, token, username)
+    if action == "read_blocklist":
+        return read_blocklist(runtime, token, username)
+    raise UnknownAction(f"Unknown action {action!r}; use status, run_round, pause, resume, promote or set_blocklist.")

@@ -126,9 +126,9 @@ def test_refusals_return_an_error_and_change_nothing(served) -> None:
 def test_admin_api_checks_credentials_on_the_server(served) -> None:
     runtime, url, tmp = served
     c = _client(url)
-    version = make_adapter_version(
-        runtime.registry, tmp, runtime.config.loop.lora_rank, runtime.config.loop.lora_alpha
-    )
+    loop = runtime.config.loop
+    version = make_adapter_version(runtime.registry, tmp, loop.lora_rank, loop.lora_alpha)
+    runtime.store.register_adapter_version(version, BASE, None, {"test": True}, status="published")  # as the loop does
     blocklist = runtime.blocklist.path.read_text() if runtime.blocklist.path.exists() else ""
     for token in ("", "wrong-token", ADMIN_TOKEN[:-1]):
         for action, value in [("run_round", ""), ("pause", ""), ("resume", ""), ("promote", version)]:
@@ -153,7 +153,9 @@ def test_admin_api_checks_credentials_on_the_server(served) -> None:
         res = _vote(c, "adm", pair["token"], "tie")
         seen |= {res["left_version"].split("+")[0], res["right_version"].split("+")[0]}
     assert version in seen and seen <= {version, BASE}
-    assert admin("promote", BASE)["ok"] and runtime.generation.serving_version == BASE
+    assert admin("promote", BASE) == {"ok": True, "message": f"Now serving base (was {version})."}
+    assert runtime.generation.serving_version == BASE
+    assert runtime.store.adapter_version(version).status == "rolled_back"
 
 
 def test_control_pairs_reach_the_rater(served) -> None:

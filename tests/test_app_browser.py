@@ -9,6 +9,7 @@ Saves docs/screenshots/arena.png and docs/screenshots/progress.png.
 from __future__ import annotations
 
 import hashlib
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from app_fixtures import free_port, tiny_runtime
 from playwright.sync_api import Page, expect, sync_playwright
 
 import app
+from jobs import views
 from ncp.serving import PairMix
 
 pytestmark = pytest.mark.browser
@@ -149,8 +151,19 @@ def test_progress_tab_and_admin_refusal(served, page: Page) -> None:
     page.get_by_role("tab", name="Progress").click()
     expect(page.get_by_role("gridcell", name=f"{version} (serving)")).to_be_visible()
     expect(page.locator("#round-status")).to_contain_text(f"Serving: {version}")
-    page.wait_for_function("document.querySelectorAll('.pixel img').length >= 8")  # the probe gallery
+    page.wait_for_function("document.querySelectorAll('#probe-gallery img').length >= 8")  # fixed-seed probes
+    expect(page.locator("#probe-gallery")).to_contain_text(views.probe_prompts(runtime)[0][:20])
     page.screenshot(path=str(SHOTS / "progress.png"), full_page=True)
+    assert len(list((Path(runtime.config.data_dir) / "probes" / "base").glob("*.png"))) == views.PROBE_COUNT
+
+    page.get_by_role("tab", name="Data").click()
+    for _ in range(2):  # the second click within a minute reuses the snapshot: a public button cannot fill the disk
+        page.click("#export")
+        expect(page.locator("#export-file")).to_contain_text(".zip")
+    assert len(runtime.store.snapshots()) == 1
+    with zipfile.ZipFile(next(views.export_dir(runtime).glob("*.zip"))) as z:
+        names = z.namelist()
+    assert {"manifest.json", "train.parquet"} <= {Path(n).name for n in names}
 
     page.get_by_role("tab", name="Admin").click()
     page.get_by_label("Admin token").fill("not-the-token")

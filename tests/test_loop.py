@@ -21,8 +21,17 @@ from ncp.serving import PairMix, SamplingConfig
 pytestmark = pytest.mark.slow
 
 FAST = dict(
-    max_steps=3, batch_size=2, lora_rank=4, lora_alpha=4, min_pairs=8, min_new_votes=1, time_limit_s=180,
-    eval_time_limit_s=180, gate_min_acc_delta=-1.0, gate_min_judge_delta=-1.0, max_rater_share=1.0,
+    max_steps=3,
+    batch_size=2,
+    lora_rank=4,
+    lora_alpha=4,
+    min_pairs=8,
+    min_new_votes=1,
+    time_limit_s=180,
+    eval_time_limit_s=180,
+    gate_min_acc_delta=-1.0,
+    gate_min_judge_delta=-1.0,
+    max_rater_share=1.0,
 )
 
 
@@ -51,8 +60,11 @@ def runtime(tmp_path_factory: pytest.TempPathFactory):
 
 
 def with_launcher(rt: Runtime, mode: str | None, **overrides) -> None:
-    launcher = (sys.executable, "-m", "ncp.train") if mode is None else (
-        sys.executable, "-m", "tests.helpers.fault_trainer", mode)
+    launcher = (
+        (sys.executable, "-m", "ncp.train")
+        if mode is None
+        else (sys.executable, "-m", "tests.helpers.fault_trainer", mode)
+    )
     rt.loop.config = dataclasses.replace(rt.loop.config, launcher=launcher, **overrides)
 
 
