@@ -30,11 +30,14 @@ HTTP API (for scripts; gradio_client or any HTTP client; all inputs are strings)
       session_id.
   /admin(token, action, value="") -> dict
       action: "status" | "run_round" | "pause" | "resume" | "promote" (value: a kept version or "base") |
-      "set_blocklist" (value: the new file, one word or phrase per line). Needs the NCP_ADMIN_TOKEN secret.
-  Refusals never raise: they return {"error": code, "message": text}, and nothing is stored. Codes: the store's
-  vote codes (unknown_token, wrong_session, expired, conflicting_vote, invalid_outcome, invalid_reasons, ...),
-  prompt codes (empty, too_long, control_chars, blocked, model_grammar), invalid_session, admin_denied,
+      "set_blocklist" (value: the new file, one word or phrase per line) | "read_blocklist". Needs the
+      NCP_ADMIN_TOKEN secret; returns {"ok": true, "message": ...}.
+  Refusals never raise: they return {"error": code, "message": text}, and no vote or pair is stored. Codes: the
+  store's vote codes (unknown_token, wrong_session, expired, conflicting_vote, invalid_outcome, invalid_reasons,
+  ...), prompt codes (empty, too_long, control_chars, blocked, model_grammar), invalid_session, admin_denied,
   unknown_action, invalid_value.
+  Speed tip for local bots on plain http: `Client(url, ssl_verify=False)`; otherwise gradio_client re-reads the CA
+  bundle on every call (about 100 ms of CPU each, measured).
 """
 
 from __future__ import annotations

@@ -77,7 +77,10 @@ TWO_OBJECT_PROB = 0.3
 TIE_MARGIN = 0.01  # judge differences up to this are ties (dropped, as the reference DPO code drops ties)
 CPO_LAMBDA = 1.0  # weight of the chosen-image error in cpo (paper eq. 9-11)
 LORA_RANK = LORA_ALPHA = 8  # the deployment's (jobs/loop.py LoopConfig)
-TARGETS = {"attn": ("to_q", "to_k", "to_v", "to_out.0"), "attn+conv": ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")}
+TARGETS = {
+    "attn": ("to_q", "to_k", "to_v", "to_out.0"),
+    "attn+conv": ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"),
+}
 METHODS = [(o, s) for s in ("latent", "ncp") for o in ("dpo", "cpo", "sft")]
 
 
@@ -112,23 +115,23 @@ class Budget:
     checkpoints: int  # evaluations along training (evenly spaced, the last at `steps`)
     batch: int  # pairs per optimizer step
     seeds: int  # seeds of each method at its best setting
-    ablations: bool
+    ablation_seeds: int  # seeds of each ablation run (0 = no ablations)
     sample_steps: int = DEFAULT_STEPS  # DDIM steps of every generated image (shipped default)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            low = 0 if f.name in ("pool_prompts", "val_prompts") or isinstance(value, bool) else 1
+            low = 0 if f.name in ("pool_prompts", "val_prompts", "ablation_seeds") else 1
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"Budget.{f.name}={value!r} must be an integer >= {low}.")
-        if self.pool_prompts > self.train_prompts or self.checkpoints > self.steps:
-            raise ValueError("pool_prompts must be <= train_prompts and checkpoints <= steps; shrink them.")
+        if self.pool_prompts > self.train_prompts or self.checkpoints > self.steps or self.ablation_seeds > self.seeds:
+            raise ValueError("Need pool_prompts <= train_prompts, checkpoints <= steps, ablation_seeds <= seeds.")
 
 
 MODES = {
-    "smoke": Budget(8, 4, 4, 4, 4, 1, steps=2, checkpoints=2, batch=2, seeds=1, ablations=True, sample_steps=4),
-    "quick": Budget(256, 0, 0, 32, 32, 1, steps=60, checkpoints=3, batch=8, seeds=1, ablations=False),
-    "full": Budget(768, 256, 32, 48, 48, 2, steps=160, checkpoints=4, batch=8, seeds=3, ablations=True),
+    "smoke": Budget(6, 3, 2, 3, 2, 1, steps=2, checkpoints=2, batch=2, seeds=1, ablation_seeds=1, sample_steps=2),
+    "quick": Budget(160, 0, 0, 24, 16, 1, steps=60, checkpoints=2, batch=8, seeds=1, ablation_seeds=0),
+    "full": Budget(448, 160, 24, 48, 32, 1, steps=120, checkpoints=3, batch=8, seeds=3, ablation_seeds=1),
 }
 
 
@@ -170,7 +173,9 @@ class Bench:
     def __init__(self, mode: str, budget: Budget, work: Path, model: Path, device: str) -> None:
         self.mode, self.b, self.work, self.device = mode, budget, work, device
         self.grid = GRIDS[mode]
-        self.checkpoints = sorted({round(budget.steps * k / budget.checkpoints) for k in range(1, budget.checkpoints + 1)})
+        self.checkpoints = sorted(
+            {round(budget.steps * k / budget.checkpoints) for k in range(1, budget.checkpoints + 1)}
+        )
         self.pipe = load_pipeline(model, device=device)
         self.pipe.set_progress_bar_config(disable=True)
         self.base_unet = self.pipe.unet.requires_grad_(False)
@@ -191,6 +196,7 @@ class Bench:
         }
         self.base_images: dict[str, list[np.ndarray]] = {}
         self.datasets: dict[str, list] = {}
+        self.eval_unets: dict[str, torch.nn.Module] = {}
 
     def save(self) -> None:
         tmp = self.state_path.with_suffix(".tmp")
@@ -227,7 +233,10 @@ class Bench:
         if not base:
             d = overall - np.array(self.state["evals"][f"base@0@{name}"]["overall"])
             rec["win_rate"] = float(np.mean((d > 1e-5) + 0.5 * (np.abs(d) <= 1e-5)))
-            pix = [np.abs(a.astype(np.float32) - b).mean() / 255 for a, b in zip(images, self.base_images[name])]
+            pix = [
+                np.abs(a.astype(np.float32) - b).mean() / 255
+                for a, b in zip(images, self.base_images[name], strict=True)
+            ]
             rec["pixel_change"] = float(np.mean(pix))
         return rec
 
@@ -268,14 +277,10 @@ class Bench:
 
     # ----------------------------------------------------------------------------------------------- training
 
-    def _unet(self, spec: RunSpec, weights: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+    def _unet(self, spec: RunSpec) -> torch.nn.Module:
         torch.manual_seed(spec.seed)  # the LoRA init (A Gaussian, B zero: the run starts at the base model)
         unet = copy.deepcopy(self.base_unet)
         add_lora(unet, LoraSettings(rank=LORA_RANK, alpha=LORA_ALPHA, target_modules=TARGETS[spec.targets]))
-        if weights is not None:
-            params = dict(unet.named_parameters())
-            for name, value in weights.items():
-                params[name].data.copy_(value)
         return unet
 
     def train(self, spec: RunSpec) -> dict[str, Any]:
@@ -298,7 +303,9 @@ class Bench:
                 gen = torch.Generator().manual_seed(spec.seed * 1_000_003 + step)
                 mem0 = _mem_begin(self.device) if step == 1 else 0.0
                 t0, c0 = time.perf_counter(), time.process_time()
-                out = pair_loss(unet, self.scheduler, batch, encode_prompts(self.pipe, list(batch.prompts)), cfg, gen, sdxl=False)
+                out = pair_loss(
+                    unet, self.scheduler, batch, encode_prompts(self.pipe, list(batch.prompts)), cfg, gen, sdxl=False
+                )
                 peak = _mem_now(self.device) if step == 1 else 0.0
                 if not math.isfinite(out.metrics["loss"]):
                     rec["diverged_at"] = step
@@ -335,7 +342,12 @@ class Bench:
             rec: dict[str, Any] = {"judge": math.nan, "win_rate": math.nan, "missing": True}
         else:
             weights = torch.load(self.work / ckpt["path"], map_location="cpu", weights_only=True)
-            self.pipe.unet = self._unet(spec, weights).to(self.device).eval()
+            if spec.targets not in self.eval_unets:  # one LoRA UNet per target set; a checkpoint holds all its weights
+                self.eval_unets[spec.targets] = self._unet(spec).eval()
+            params = dict(self.eval_unets[spec.targets].named_parameters())
+            for n, value in weights.items():
+                params[n].data.copy_(value)
+            self.pipe.unet = self.eval_unets[spec.targets]
             try:
                 rec = self.judge(self.generate(self.sets[name], f"eval {spec.method} {name}"), name)
             finally:
@@ -357,52 +369,64 @@ class Bench:
         return max(grid, key=lambda g: -math.inf if math.isnan(vals[g]) else vals[g])
 
     def ablations(self, best: dict[tuple[str, str], tuple[float, float | None]]) -> list[dict[str, Any]]:
-        """(name, variant spec, comparison spec) per ablation seed, all at the methods' best settings."""
+        """Ablation rows {name, seed, variant, baseline} at the methods' best settings."""
         rows = []
-        for seed in range(min(self.b.seeds, 1 if self.mode != "full" else 2)):
-            ncp, lat = RunSpec("dpo", "ncp", *best[("dpo", "ncp")], seed), RunSpec("dpo", "latent", *best[("dpo", "latent")], seed)
+        for seed in range(self.b.ablation_seeds):
+            ncp = RunSpec("dpo", "ncp", *best[("dpo", "ncp")], seed)
+            lat = RunSpec("dpo", "latent", *best[("dpo", "latent")], seed)
             pairs = [("encoder down+mid vs down (ncp-dpo)", dataclasses.replace(ncp, include_mid=True), ncp),
                      ("LoRA attn+conv vs attn (latent-dpo)", dataclasses.replace(lat, targets="attn+conv"), lat),
                      ("LoRA attn+conv vs attn (ncp-dpo)", dataclasses.replace(ncp, targets="attn+conv"), ncp)]  # fmt: skip
             if self.b.pool_prompts:
-                pool = dataclasses.replace(ncp, data="pool-all")
-                pairs.insert(0, ("absolute winners vs all pairs of the pool (ncp-dpo)", dataclasses.replace(ncp, data="pool-aw"), pool))
+                aw, pool = dataclasses.replace(ncp, data="pool-aw"), dataclasses.replace(ncp, data="pool-all")
+                pairs.insert(0, ("absolute winners vs all pairs of the pool (ncp-dpo)", aw, pool))
             rows += [{"name": n, "seed": seed, "variant": v, "baseline": c} for n, v, c in pairs]
         return rows
 
     def plan(self) -> dict[str, float]:
-        """Remaining images and training steps per space (upper bound: selection not known yet)."""
-        b, n_methods, n_grid = self.b, len(METHODS), sum(len(g) for g in self.grid.values())
+        """Remaining images and training steps per space (the grid's seed-0 runs are reused as final seed 0)."""
+        b, sizes = self.b, {k: len(v) for k, v in self.sets.items()}
         images = 0 if "data" in self.state else b.train_prompts * 2 + b.pool_prompts
-        images += sum(len(s) for s in self.sets.values())
-        images += sum(len(g) for g in self.grid.values() if len(g) > 1) * len(self.sets["val"])
-        images += n_methods * b.seeds * (len(self.checkpoints) * len(self.sets["test"]) + len(self.sets["heldout"]))
-        n_abl = (3 + (b.pool_prompts > 0)) * min(b.seeds, 1 if self.mode != "full" else 2) if b.ablations else 0
-        images += n_abl * len(self.sets["test"])
-        steps = {s: (n_grid / 2 + n_methods / 2 * (b.seeds - 1)) * b.steps for s in ("latent", "ncp")}
-        steps["ncp"] += n_abl * b.steps * 0.75  # 3 of 4 ablations train in NCP space
-        steps["latent"] += n_abl * b.steps * 0.25
-        done = len([r for r in self.state.get("runs", {}).values() if "steps" in r]) * b.steps / 2
-        return {"images": images, "latent": max(0.0, steps["latent"] - done), "ncp": max(0.0, steps["ncp"] - done)}
+        images += sum(sizes.values())  # base images (cheap to redo on resume)
+        runs = {"latent": 0, "ncp": 0}
+        for (_, space), grid in self.grid.items():
+            runs[space] += len(grid) + b.seeds - 1
+            images += (len(grid) if len(grid) > 1 else 0) * sizes["val"]
+            images += b.seeds * (len(self.checkpoints) * sizes["test"] + sizes["heldout"])
+        n_abl = 3 + 2 * (b.pool_prompts > 0)  # new runs per ablation seed, one of them in latent space
+        runs["latent"] += b.ablation_seeds
+        runs["ncp"] += b.ablation_seeds * (n_abl - 1)
+        images += b.ablation_seeds * n_abl * sizes["test"]
+        for rec in self.state.get("runs", {}).values():
+            runs[rec["spec"]["space"]] -= 1
+        images -= sum(
+            len(r.get("overall", [])) for k, r in self.state.get("evals", {}).items() if not k.startswith("base@")
+        )
+        return {
+            "images": max(0, images),
+            "latent": max(0, runs["latent"]) * b.steps,
+            "ncp": max(0, runs["ncp"]) * b.steps,
+        }
 
     def calibrate(self) -> dict[str, float]:
         """Seconds per probe image and per optimizer step (dpo, the costliest objective, in each space)."""
+        items = self.sets["test"][:8]
         t0 = time.perf_counter()
-        self.generate(self.sets["test"][:8], "calibrate")
-        out = {"image_s": (time.perf_counter() - t0) / min(8, len(self.sets["test"]))}
+        self.generate(items, "calibrate")
+        out = {"image_s": (time.perf_counter() - t0) / len(items)}
         g = torch.Generator().manual_seed(0)
         lat = torch.randn(self.b.batch, 4, IMAGE_SIZE // 2, IMAGE_SIZE // 2, generator=g)
-        batch = PairBatch(tuple(self.train_prompts[: self.b.batch]) * self.b.batch, lat, lat.flip(0), torch.zeros(self.b.batch, 6))
-        batch = dataclasses.replace(batch, prompts=batch.prompts[: self.b.batch])
+        prompts = tuple((self.train_prompts * self.b.batch)[: self.b.batch])
+        batch = PairBatch(prompts, lat, lat.flip(0), torch.zeros(self.b.batch, 6))
         for space in ("latent", "ncp"):
             spec = RunSpec("dpo", space, 1e-4, NOMINAL[("dpo", space)], 0)
             unet, times = self._unet(spec).train(), []
-            for i in range(3):
+            for _ in range(3):
                 t0 = time.perf_counter()
-                res = pair_loss(unet, self.scheduler, batch, encode_prompts(self.pipe, list(batch.prompts)), spec.config(self.b), g, sdxl=False)
-                res.loss.backward()
+                cond = encode_prompts(self.pipe, list(prompts))
+                pair_loss(unet, self.scheduler, batch, cond, spec.config(self.b), g, sdxl=False).loss.backward()
                 times.append(time.perf_counter() - t0)
-            out[f"{space}_step_s"] = float(np.median(times[1:]))
+            out[f"{space}_step_s"] = float(np.median(times[1:]))  # the first step pays one-off allocations
         return out
 
 
@@ -412,10 +436,23 @@ def _write_pairs(path: Path, rows: list[tuple[int, int, int]], prompts: list[str
     for i, a, b in rows:
         winner, s0, s1 = judge_preference(prompts[i], images[i][a], images[i][b], tie_margin=TIE_MARGIN)
         labels = {"left": (1.0, 0.0), "right": (0.0, 1.0), "tie": (0.5, 0.5)}[winner]
-        for col, value in zip(cols, (prompts[i], _png(images[i][a]), _png(images[i][b]), *labels, s0, s1), strict=True):
+        for col, value in zip(
+            cols, (prompts[i], _png(images[i][a]), _png(images[i][b]), *labels, s0, s1), strict=True
+        ):
             cols[col].append(value)
     pq.write_table(pa.table(cols), path)
     return {"rows": len(rows), "ties": int(sum(x == 0.5 for x in cols["label_0"]))}
+
+
+def _finite(value: Any) -> Any:
+    """NaN/inf -> None, so the published JSON is standard JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _png(image: np.ndarray) -> bytes:
@@ -457,14 +494,20 @@ def _copy_model(source: Path, dest: Path) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     budget = MODES[mode]
-    work = args.work or (Path(tempfile.mkdtemp(prefix="ncp-align-smoke-")) if mode == "smoke" else ROOT / "runs" / f"alignment-{mode}")
+    work = args.work or (
+        Path(tempfile.mkdtemp(prefix="ncp-align-smoke-")) if mode == "smoke" else ROOT / "runs" / f"alignment-{mode}"
+    )
     if args.fresh:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     default = ROOT / "models" / "shapes-tiny"
-    source = args.model or (default if (default / "model_index.json").exists() else ROOT / "runs" / "shapes-pretrain" / "latest")
+    source = args.model or (
+        default if (default / "model_index.json").exists() else ROOT / "runs" / "shapes-pretrain" / "latest"
+    )
     if not (source / "model_index.json").is_file():
-        raise SystemExit(f"No diffusers pipeline at {source}; pretrain one (`python -m ncp.shapes.pretrain`) or pass --model.")
+        raise SystemExit(
+            f"No diffusers pipeline at {source}; pretrain one (`python -m ncp.shapes.pretrain`) or pass --model."
+        )
     settings = {"mode": mode, "budget": dataclasses.asdict(budget), "source": str(source), "device": args.device,
                 "grid": {f"{s}-{o}": g for (o, s), g in GRIDS[mode].items()}}  # fmt: skip
     state_file = work / "state.json"
@@ -479,38 +522,49 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     bench.state.setdefault("model_step", int(step_file.read_text()) if step_file.exists() else None)
     bench.state.setdefault("runs", {})
     bench.state.setdefault("evals", {})
-    cal, plan = bench.calibrate(), bench.plan()
-    estimate = plan["images"] * cal["image_s"] + plan["latent"] * cal["latent_step_s"] + plan["ncp"] * cal["ncp_step_s"]
+    cal, plan = bench.state.get("calibration") or bench.calibrate(), bench.plan()  # a resumed run reuses it
+    estimate = (
+        plan["images"] * cal["image_s"] + plan["latent"] * cal["latent_step_s"] + plan["ncp"] * cal["ncp_step_s"]
+    )
     print(f"[alignment] mode={mode} work={work} model={source} (step {bench.state['model_step']}); calibration: "
           f"{cal['image_s']:.2f} s/image, latent {cal['latent_step_s']:.2f} s/step, ncp {cal['ncp_step_s']:.2f} s/step; "
           f"remaining about {plan['images']:.0f} images + {plan['latent'] + plan['ncp']:.0f} steps = "
           f"{estimate / 60:.1f} min (upper bound)", flush=True)  # fmt: skip
     bench.state["calibration"] = cal
-    t_start = time.perf_counter()
+    phases = bench.state["phase_s"] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        phases[name] = round(time.perf_counter() - clock, 1)
+        clock = time.perf_counter()
+
     bench.make_data()
+    lap("data")
     for name in ("val", "test", "heldout"):
         if bench.sets[name]:
             bench.base_eval(name)
-    grid_runs = [RunSpec(*m, *g, seed=0) for m in METHODS for g in bench.grid[m]]
-    for spec in tqdm(grid_runs, desc="grid runs"):
+    lap("base_eval")
+    for spec in tqdm([RunSpec(*m, *g, seed=0) for m in METHODS for g in bench.grid[m]], desc="grid runs"):
         bench.train(spec)
     best = {m: bench.best(m) for m in METHODS}
+    lap("grid_and_selection")
     finals = [RunSpec(*m, *best[m], seed=s) for m in METHODS for s in range(budget.seeds)]
     for spec in tqdm(finals, desc="final runs"):
         bench.train(spec)
         for step in bench.checkpoints:
             bench.evaluate(spec, step, "test")
         bench.evaluate(spec, budget.steps, "heldout")
-    ablations = bench.ablations(best) if budget.ablations else []
+    lap("final_runs")
+    ablations = bench.ablations(best)
     for row in tqdm(ablations, desc="ablations"):
-        bench.train(row["variant"])
         for spec in (row["variant"], row["baseline"]):
             bench.train(spec)
-            row.setdefault("evals", []).append(bench.evaluate(spec, budget.steps, "test"))
-    bench.state["elapsed_s_this_invocation"] = time.perf_counter() - t_start
+            bench.evaluate(spec, budget.steps, "test")
+    lap("ablations")
     bench.state["loadavg_at_end"] = list(os.getloadavg())
     bench.state["threads"] = args.threads
-    summary = summarize(bench.state, finals, best, ablations, [0, *bench.checkpoints], len(bench.sets["test"]))
+    summary = summarize(bench.state, finals, best, ablations, [0, *bench.checkpoints])
     bench.state["summary"] = summary
     bench.save()
     out_dir = work if mode == "smoke" else None
@@ -518,7 +572,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     png_dir = out_dir or ROOT / "docs"
     md_path = (out_dir or ROOT / "docs") / "BENCHMARKS.md"
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(bench.state, indent=1) + "\n")
+    json_path.write_text(json.dumps(_finite(bench.state), indent=1) + "\n")
     plots(summary, png_dir / "alignment_steps.png", png_dir / "alignment_time.png")
     write_section(md_path, "alignment", markdown(bench.state, summary))
     print(f"[alignment] wrote {json_path}, {png_dir}/alignment_*.png and the alignment section of {md_path}")
@@ -530,13 +584,16 @@ def main(argv: list[str] | None = None) -> None:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--smoke", action="store_true", help="tiny budget into a temp dir (seconds)")
     group.add_argument("--quick", action="store_true", help="< 10 min on 2 cores: no tuning, 1 seed, no ablations")
-    p.add_argument("--model", type=Path, help="pipeline folder (default models/shapes-tiny, else the pretraining's latest)")
-    p.add_argument("--work", type=Path, help="work dir: model copy, data, checkpoints, state (default runs/alignment-MODE)")
+    p.add_argument(
+        "--model", type=Path, help="pipeline folder (default models/shapes-tiny, else the pretraining's latest)"
+    )
+    p.add_argument(
+        "--work", type=Path, help="work dir: model copy, data, checkpoints, state (default runs/alignment-MODE)"
+    )
     p.add_argument("--fresh", action="store_true", help="delete the work dir first (otherwise a rerun resumes)")
-    p.add_argument("--threads", type=int, help="torch threads (default: 1 for --smoke, else 2)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads; 2 only on an otherwise idle 2-core machine")
     p.add_argument("--device", default="cpu", help="torch device (cpu; cuda works too, timings then differ)")
     args = p.parse_args(argv)
-    args.threads = args.threads or (1 if args.smoke else 2)
     if args.threads < 1:
         p.error("--threads must be >= 1")
     run(args)

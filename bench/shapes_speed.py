@@ -58,7 +58,7 @@ def checkpoint_step(model: Path) -> int | None:
     return int(f.read_text().strip()) if f.is_file() else None
 
 
-def measure(model: Path, threads: int, calls: int, warmup: int) -> dict:
+def measure(model: Path, threads: int, calls: int, warmup: int, steps: int, guidance: float) -> dict:
     torch.set_num_threads(threads)
     pipe = load_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
@@ -70,8 +70,8 @@ def measure(model: Path, threads: int, calls: int, warmup: int) -> dict:
         out = pipe(
             prompt,
             num_images_per_prompt=2,
-            num_inference_steps=DEFAULT_STEPS,
-            guidance_scale=DEFAULT_GUIDANCE,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
             height=IMAGE_SIZE,
             width=IMAGE_SIZE,
             generator=gens,
@@ -88,8 +88,9 @@ def measure(model: Path, threads: int, calls: int, warmup: int) -> dict:
         "checkpoint_step": checkpoint_step(model),
         "pipeline": type(pipe).__name__,
         "scheduler": type(pipe.scheduler).__name__,
-        "steps": DEFAULT_STEPS,
-        "guidance": DEFAULT_GUIDANCE,
+        "steps": steps,
+        "guidance": guidance,
+        "shipped_defaults": steps == DEFAULT_STEPS and guidance == DEFAULT_GUIDANCE,
         "image_size": IMAGE_SIZE,
         "batch": 2,
         "threads": threads,
@@ -101,7 +102,7 @@ def measure(model: Path, threads: int, calls: int, warmup: int) -> dict:
         "min_s": float(t.min()),
         # CPU seconds of this process per call (all its threads): with 1 thread, about the wall time on an idle core.
         "cpu_p50_s": float(np.percentile(c, 50)),
-        "ms_per_step_p50": float(np.percentile(t, 50) / DEFAULT_STEPS * 1000),
+        "ms_per_step_p50": float(np.percentile(t, 50) / steps * 1000),
         "goal_s": GOAL_S,
         "goal_met": bool(np.percentile(t, 50) <= GOAL_S),
         "params_m": {
@@ -124,7 +125,8 @@ def docs_section(r: dict) -> list[str]:
         "## Shapes model: time per pair (`bench/shapes_speed.py`)",
         "",
         f"One `{r['pipeline']}` call of batch 2 (one arena pair) on `{r['model']}`{step}: {r['scheduler']}, "
-        f"{r['steps']} steps, guidance {r['guidance']} (classifier-free guidance: 4 UNet rows per step), "
+        f"{r['steps']} steps, guidance {r['guidance']} ({'the shipped defaults' if r['shipped_defaults'] else 'NOT the shipped defaults'}"
+        "; classifier-free guidance: 4 UNet rows per step), "
         f"{r['image_size']}x{r['image_size']} PIL output, torch {r['threads']} threads, CPU "
         f"({r['machine']['cpu_count']} cores). {r['calls']} timed calls after {r['warmup']} warm-up calls. "
         "Rerun: `python bench/shapes_speed.py [--model FOLDER]`; raw numbers in `docs/benchmarks/shapes_speed.json`.",
@@ -147,6 +149,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--calls", type=int, default=20, help="timed pipeline calls")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls first")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="sampling steps (default: the shipped value)")
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="CFG scale (default: the shipped value)")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "shapes_speed.json")
     p.add_argument("--md", type=Path, default=ROOT / "docs" / "BENCHMARKS.md", help="markdown file for the section")
     args = p.parse_args(argv)
@@ -157,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     if args.calls < 2 or args.threads < 1 or args.warmup < 0:
         p.error("--calls must be >= 2, --threads >= 1 and --warmup >= 0")
-    result = measure(args.model, args.threads, args.calls, args.warmup)
+    result = measure(args.model, args.threads, args.calls, args.warmup, args.steps, args.guidance)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     write_section(args.md, "shapes_speed", docs_section(result))

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from feedback_store import FeedbackStore
+from feedback_store import FeedbackStore, VoteRejected
 from jobs.prompts import Blocklist, PromptPool, validate_prompt
 from jobs.registry import BASE, AdapterRegistry
 from ncp.serving import GeneratedImage, GenerationService, PairPrefetcher, ReadyPair
@@ -39,6 +39,7 @@ class VoteResult:
     outcome: str
     left_version: str
     right_version: str
+    control_passed: bool | None = None  # attention-check pairs only
 
 
 class ArenaService:
@@ -148,8 +149,18 @@ class ArenaService:
         time_to_vote_ms: int | None = None,
     ) -> VoteResult:
         """Record a vote (raises VoteRejected with a reason) and return the reveal."""
-        self.store.ensure_rater(rater)
-        receipt = self.store.record_vote(
-            token, session, outcome, rater, reasons=tuple(reasons), time_to_vote_ms=time_to_vote_ms
+        try:
+            receipt = self.store.record_vote(
+                token, session, outcome, rater, reasons=tuple(reasons), time_to_vote_ms=time_to_vote_ms
+            )
+        except VoteRejected as err:
+            if err.reason_code != "unknown_rater":
+                raise
+            # First vote of this rater: register the pseudonym only now, so a refused vote stores nothing.
+            self.store.ensure_rater(rater)
+            receipt = self.store.record_vote(
+                token, session, outcome, rater, reasons=tuple(reasons), time_to_vote_ms=time_to_vote_ms
+            )
+        return VoteResult(
+            receipt.vote_id, receipt.outcome, receipt.left_version, receipt.right_version, receipt.control_passed
         )
-        return VoteResult(receipt.vote_id, receipt.outcome, receipt.left_version, receipt.right_version)

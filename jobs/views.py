@@ -229,4 +229,6 @@ def admin_action(runtime: Runtime, action: str, value: str, token: str | None, u
         return runtime.admin_set_blocklist(value, token, username)
     if action == "read_blocklist":
         return read_blocklist(runtime, token, username)
-    raise UnknownAction(f"Unknown action {action!r}; use status, run_round, pause, resume, promote or set_blocklist.")
+    raise UnknownAction(
+        f"Unknown action {action!r}; use status, run_round, pause, resume, promote, set_blocklist or read_blocklist."
+    )

@@ -10,6 +10,7 @@ cross-version pair. "base" means adapters disabled (the reference model).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import logging
@@ -86,6 +87,7 @@ class ReadyPair:
     kind: PairKind
     broken_side: Literal["left", "right"] | None = None  # control pairs only
     made_at: float = 0.0
+    epoch: int = 0  # the service's swap counter when the pair was made: pairs of an older epoch are stale
 
 
 def _png(image: Image.Image) -> bytes:
@@ -126,6 +128,7 @@ class GenerationService:
         self._serving = BASE
         self._hotswap_enabled = False
         self.last_swap_s = 0.0
+        self.epoch = 0  # incremented by every swap
 
     @property
     def serving_version(self) -> str:
@@ -171,6 +174,7 @@ class GenerationService:
             if version != BASE:
                 self._load_into("live", version)
             self._serving = version
+            self.epoch += 1
             self.last_swap_s = time.perf_counter() - t0
         logger.info("now serving %s (swap took %.1f ms)", version, 1000 * self.last_swap_s)
         return self.last_swap_s
@@ -215,38 +219,35 @@ class GenerationService:
     def make_pair(
         self, prompt: str, kind: PairKind, rng: random.Random, battle_versions: Sequence[str] = ()
     ) -> ReadyPair:
-        """Generate one pair of `kind`; sides are shuffled so raters cannot learn a position."""
+        """Generate one pair of `kind`; sides are shuffled so raters cannot learn a position.
+
+        The serving version is read once and passed explicitly to every generate call, so a hot-swap in the middle
+        cannot turn a cross-version pair into a pair of one version (the store would refuse it)."""
+        serving = self._serving
         seeds = [rng.randrange(2**31), rng.randrange(2**31)]
         broken: Literal["left", "right"] | None = None
+        others = [v for v in battle_versions if v != serving]
+        if kind == "cross_version" and not others:
+            kind = "on_policy"
         if kind == "cross_version":
-            others = [v for v in battle_versions if v != self._serving]
-            if not others:
-                kind = "on_policy"
-            else:
-                a = self.generate(prompt, seeds[:1])[0]
-                b = self.generate(prompt, seeds[1:], version=rng.choice(others))[0]
-                imgs = [a, b]
-        if kind == "on_policy":
-            imgs = self.generate(prompt, seeds)
-        if kind == "control":
-            good = self.generate(prompt, seeds[:1])[0]
+            imgs = [
+                self.generate(prompt, seeds[:1], version=serving)[0],
+                self.generate(prompt, seeds[1:], version=rng.choice(others))[0],
+            ]
+        elif kind == "on_policy":
+            imgs = self.generate(prompt, seeds, version=serving)
+        else:  # control: an attention check with one deliberately broken image (same version, so only quality differs)
+            good = self.generate(prompt, seeds[:1], version=serving)[0]
             bad_img = corrupt(good.image, seeds[1])
             png = _png(bad_img)
-            bad = GeneratedImage(
-                **{
-                    **good.__dict__,
-                    "image": bad_img,
-                    "png": png,
-                    "sha256": hashlib.sha256(png).hexdigest(),
-                    "adapter_version": f"{good.adapter_version}+broken",
-                }
-            )
+            bad = dataclasses.replace(good, image=bad_img, png=png, sha256=hashlib.sha256(png).hexdigest())
             imgs = [good, bad]
-        if rng.random() < 0.5:
+        swapped = rng.random() < 0.5
+        if swapped:
             imgs.reverse()
         if kind == "control":
-            broken = "left" if imgs[0].adapter_version.endswith("+broken") else "right"
-        return ReadyPair(prompt, imgs[0], imgs[1], kind, broken, time.time())
+            broken = "left" if swapped else "right"
+        return ReadyPair(prompt, imgs[0], imgs[1], kind, broken, time.time(), self.epoch)
 
 
 class PairPrefetcher:
@@ -302,8 +303,8 @@ class PairPrefetcher:
                 logger.exception("prefetch generation failed")
                 self._stop.wait(1.0)
                 continue
-            if pair.left.adapter_version.split("+")[0] not in self.service.known_versions():
-                continue
+            if pair.epoch != self.service.epoch:
+                continue  # made before a hot-swap: raters should see the new version
             try:
                 self._queue.put(pair, timeout=1.0)
             except queue.Full:
@@ -322,10 +323,15 @@ class PairPrefetcher:
 
     def get(self, timeout: float = 0.0) -> ReadyPair:
         """A ready pair; generates one synchronously if none is ready within `timeout` seconds."""
-        try:
-            return self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
-        except queue.Empty:
-            return self.produce_one()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                left = deadline - time.monotonic()
+                pair = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                return self.produce_one()
+            if pair.epoch == self.service.epoch:
+                return pair
 
     def flush(self) -> int:
         n = 0

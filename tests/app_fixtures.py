@@ -18,7 +18,7 @@ from ncp.serving import PairMix, SamplingConfig
 ADMIN_TOKEN = "test-admin-token-0123456789"
 # Control pairs are left out until their broken image can be stored: serving.py names its version "<v>+broken",
 # which the store's VERSION_RE refuses (test_app_api.py::test_control_pairs_reach_the_rater shows it).
-MIX = PairMix(on_policy=0.6, cross_version=0.4, control=0.0)
+MIX = PairMix()
 
 
 def free_port() -> int:

@@ -275,7 +275,9 @@ def _component(img: np.ndarray, bg: np.ndarray, dist: np.ndarray, comp: np.ndarr
     center = (mx, my - 0.25 * r_best) if best == "triangle" else (mx, my)
     partial = int(((alpha > 0.1) & (alpha < 0.9)).sum())
     softness = partial / (PERIMETER_K[best] * r_best)
-    return _Component(fill, _color_dist(fill, bg), area, int(comp.sum()), best, feats, center, softness, alpha, (gx, gy), (mx, my))
+    return _Component(
+        fill, _color_dist(fill, bg), area, int(comp.sum()), best, feats, center, softness, alpha, (gx, gy), (mx, my)
+    )
 
 
 def _object_scores(c: _Component, o: ShapeObject) -> dict[str, tuple[float, bool]]:
@@ -303,7 +305,9 @@ def _object_scores(c: _Component, o: ShapeObject) -> dict[str, tuple[float, bool
     return out
 
 
-def _cleanliness(img: np.ndarray, bg: np.ndarray, mask: np.ndarray, matched: list[_Component]) -> float:
+def _cleanliness(
+    img: np.ndarray, bg: np.ndarray, mask: np.ndarray, matched: list[_Component], upscale: float
+) -> float:
     """Mean of three terms in [0, 1]: stray foreground, background noise, edge softness."""
     stray_px = max(0, int(mask.sum()) - sum(c.pixels for c in matched))
     stray = math.exp(-stray_px / 40.0)  # a 20-px blob ~ 0.6
@@ -318,7 +322,9 @@ def _cleanliness(img: np.ndarray, bg: np.ndarray, mask: np.ndarray, matched: lis
     std = float(np.sqrt(((far - bg) ** 2).mean())) if len(far) else 0.0  # RMS over pixels and channels
     noise = 1.0 / (1.0 + (std / 6.0) ** 2)  # std 2 ~ 0.9, 6 ~ 0.5, 12 ~ 0.2
     # Edges: a crisp anti-aliased outline has about one partially covered pixel per unit length; blur widens it.
-    sharp = float(np.mean([_closeness(c.softness, tol=1.3, scale=1.5) for c in matched])) if matched else 1.0
+    # An image smaller than the canvas was upsampled: its crisp edges are `upscale` canvas pixels wide, not blur.
+    soft = [c.softness / upscale for c in matched]
+    sharp = float(np.mean([_closeness(w, tol=1.3, scale=1.5) for w in soft])) if matched else 1.0
     return float((stray + noise + sharp) / 3.0)
 
 
@@ -328,6 +334,10 @@ def score(image: Any, prompt: str | Scene) -> JudgeScore:
     Raises PromptError for a prompt outside the grammar and ValueError/TypeError for an unusable image."""
     scene = prompt if isinstance(prompt, Scene) else parse(prompt)
     img = _to_canvas(image)  # (64, 64, 3) float32
+    native = (
+        min(image.size) if hasattr(image, "convert") and not isinstance(image, np.ndarray) else min(image.shape[:2])
+    )
+    upscale = max(1.0, CANVAS / native)
 
     # 1. Background: median of the border ring (objects cover only a small part of it).
     ring = np.concatenate([img[:2].reshape(-1, 3), img[-2:].reshape(-1, 3), img[2:-2, :2].reshape(-1, 3),
@@ -386,7 +396,7 @@ def score(image: Any, prompt: str | Scene) -> JudgeScore:
     diff = abs(len(comps) - len(objs))
     scores["count"], correct["count"] = 1.0 / (1.0 + diff), diff == 0
 
-    cleanliness = min(1.0, max(0.0, _cleanliness(img, bg, mask, matched)))
+    cleanliness = min(1.0, max(0.0, _cleanliness(img, bg, mask, matched, upscale)))
     attr_mean = sum(scores[a] for a in ATTRIBUTES) / len(ATTRIBUTES)
     overall = min(1.0, max(0.0, ATTRIBUTE_WEIGHT * attr_mean + (1.0 - ATTRIBUTE_WEIGHT) * cleanliness))
     return JudgeScore(**{a: scores[a] for a in ATTRIBUTES}, cleanliness=cleanliness, overall=overall,
