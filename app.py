@@ -365,9 +365,11 @@ def api_vote(ctx: Ctx, session_id: str, token: str, outcome: str, reasons: list[
         )
     except InputRejected as err:  # VoteRejected included
         return _refusal(err.reason_code, err.message)
-    return {"vote_id": res.vote_id, "outcome": res.outcome, "left_version": res.left_version} | {
-        "right_version": res.right_version
-    }
+    reveal = {"vote_id": res.vote_id, "outcome": res.outcome, "left_version": res.left_version}
+    reveal["right_version"] = res.right_version
+    if res.control_passed is not None:  # an attention-check pair: did the rater pick the intact image?
+        reveal["control_passed"] = res.control_passed
+    return reveal
 
 
 def api_admin(ctx: Ctx, token: str, action: str, value: str = "") -> dict:

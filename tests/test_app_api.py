@@ -170,7 +170,11 @@ def test_control_pairs_reach_the_rater(served) -> None:
         prefetcher.mix = MIX
     assert not [r for r in results if "error" in r], results
     reveals = [_vote(c, "ctl", r["token"], "left") for r in results]
-    assert any("broken" in r["left_version"] + r["right_version"] for r in reveals), reveals
+    for r, rev in zip(results, reveals, strict=True):
+        pair = runtime.store.pair(r["pair_id"])
+        assert pair.kind == "control" and pair.control_bad_side in ("left", "right")
+        # Voting "left" passes the check exactly when the broken image is on the right.
+        assert rev["control_passed"] == (pair.control_bad_side == "right"), (rev, pair)
 
 
 def test_config_table_is_generated_and_in_sync() -> None:
