@@ -38,7 +38,7 @@ class SamplingConfig:
     """How every image of the arena is sampled (recorded with each image)."""
 
     steps: int = 20
-    guidance: float = 3.0
+    guidance: float = 4.0
     width: int | None = None  # None: the pipeline's native size
     height: int | None = None
 
