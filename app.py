@@ -48,7 +48,6 @@ import inspect
 import json
 import logging
 import os
-import re
 import signal
 import sys
 import time
@@ -198,8 +197,7 @@ def _buttons(ctx: Ctx, enabled: bool) -> dict:
 
 
 def _version_label(version: str) -> str:
-    source = re.sub(r"[+.\-]broken$", "", version)  # control pairs: the attention check's corrupted image
-    return f"a deliberately broken control image (from {source})" if source != version else version
+    return version
 
 
 # -- Arena handlers --------------------------------------------------------------------------------------------------
@@ -240,6 +238,8 @@ def on_vote(
         f"**You chose: {OUTCOMES[res.outcome]}.** Left was made by **{_version_label(res.left_version)}**, "
         f"right by **{_version_label(res.right_version)}**. Vote #{res.vote_id} recorded; here is the next pair."
     )
+    if res.control_passed is not None:  # an attention check: one image was deliberately broken
+        reveal += " This was an attention check " + ("(passed)." if res.control_passed else "(missed).")
     return {ctx.state: {}, ctx.reveal: reveal} | _buttons(ctx, False)
 
 
