@@ -139,7 +139,7 @@ def docs_section(data: dict) -> list[str]:
         "samples in `docs/shapes_samples.png`.",
         "",
         "| set | overall | " + " | ".join(ATTRIBUTES) + " | all | cleanliness |",
-        "|---" * (len(ATTRIBUTES) + 5) + "|",
+        "|---" * (len(ATTRIBUTES) + 4) + "|",
     ]
     for name in SETS:
         r = data[name]

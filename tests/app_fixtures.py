@@ -66,8 +66,8 @@ def tiny_runtime(
 
 def make_adapter_version(registry: AdapterRegistry, tmp: Path, rank: int = 8, alpha: int = 8, seed: int = 1) -> str:
     """Publish a LoRA (random non-zero weights, so its images differ from base) as the registry's next version."""
-    torch.manual_seed(seed)
     pipe = build_tiny_sd15()
+    torch.manual_seed(seed)  # after the build, which seeds torch itself: distinct seeds give distinct adapters
     settings = LoraSettings(rank=rank, alpha=alpha)
     add_lora(pipe.unet, settings)
     with torch.no_grad():

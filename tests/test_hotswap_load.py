@@ -3,12 +3,13 @@ every image's recorded adapter version is the one that produced it (checked by r
 
 from __future__ import annotations
 
-import hashlib
-import io
 import threading
+from pathlib import Path
 
+import numpy as np
 import pytest
 from gradio_client import Client
+from PIL import Image
 
 from app import build_demo, launch_kwargs
 from jobs.registry import BASE
@@ -66,11 +67,18 @@ def test_swaps_while_raters_vote_keep_every_image_honest(tmp_path) -> None:
             pipe_images.append(rt.store.image(pair.left_image_id))
         checked = {img.adapter_version for img in pipe_images}
         assert len(checked) >= 2, checked
+        # Batch size changes CPU float rounding, so compare pixels: the recorded version reproduces the image (to
+        # rounding), every other version does not.
         for img in pipe_images[:12]:
             prompt = rt.store.prompt(img.prompt_id).text
-            regen = rt.generation.generate(prompt, [img.seed], version=img.adapter_version)[0]
-            buf = io.BytesIO()
-            regen.image.save(buf, format="PNG")
-            assert hashlib.sha256(buf.getvalue()).hexdigest() == img.sha256, img
+            stored = np.asarray(Image.open(rt.arena.image_dir / Path(img.path).name), dtype=float)
+
+            def diff(version: str, prompt=prompt, img=img, stored=stored) -> float:
+                regen = rt.generation.generate(prompt, [img.seed], version=version)[0]
+                return float(np.abs(np.asarray(regen.image, dtype=float) - stored).mean())
+
+            own = diff(img.adapter_version)
+            others = [diff(v) for v in [*versions, BASE] if v != img.adapter_version]
+            assert own < 1.0 and min(others) > 5 * own + 1.0, (img.adapter_version, own, others)
     finally:
         rt.stop()
