@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -153,9 +154,15 @@ def train_unet(args: argparse.Namespace, work: Path, out: Path, log) -> None:
             state = {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(), "opt": opt.state_dict()}
             torch.save({**state, "step": step}, work / "unet.tmp")
             (work / "unet.tmp").replace(ckpt)
-            pipe = assemble_pipeline(unet, vae, text_encoder, tokenizer)
-            pipe.save_pretrained(work / "latest")
-            (work / "latest" / "step.txt").write_text(str(step))
+            # Written aside and swapped in, so an evaluator never loads a half-written checkpoint.
+            tmp = work / "latest.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            assemble_pipeline(unet, vae, text_encoder, tokenizer).save_pretrained(tmp)
+            (tmp / "step.txt").write_text(str(step))
+            shutil.rmtree(work / "latest.old", ignore_errors=True)
+            if (work / "latest").exists():
+                (work / "latest").rename(work / "latest.old")
+            tmp.rename(work / "latest")
     bar.close()
     assemble_pipeline(unet, vae, text_encoder, tokenizer).save_pretrained(out)
     log({"stage": "unet", "done": True, "steps": step})
