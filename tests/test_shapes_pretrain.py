@@ -45,11 +45,6 @@ def test_pretrain_writes_a_loadable_pipeline_and_resumes(tmp_path: Path) -> None
     assert image.size == (32, 32)
     assert (tmp_path / "work" / "latest" / "step.txt").read_text() == "2"
     run(tmp_path, 4)  # resumes from the step-2 checkpoint instead of starting over
-    steps = [
-        r["step"]
-        for r in map(json.loads, (tmp_path / "work" / "log.jsonl").read_text().splitlines())
-        if r.get("stage") == "unet" and "step" in r
-    ]
     assert (tmp_path / "work" / "latest" / "step.txt").read_text() == "4"
     log = [json.loads(x) for x in (tmp_path / "work" / "log.jsonl").read_text().splitlines()]
     assert sum(1 for r in log if r.get("stage") == "vae" and r.get("done")) == 1, "the VAE stage ran twice"
