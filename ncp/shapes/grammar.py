@@ -22,7 +22,11 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "purple": (150, 60, 190),
     "orange": (245, 135, 25),
 }
-BACKGROUNDS: dict[str, tuple[int, int, int]] = {"white": (245, 245, 245), "gray": (128, 128, 128), "black": (15, 15, 15)}
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "white": (245, 245, 245),
+    "gray": (128, 128, 128),
+    "black": (15, 15, 15),
+}
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 SIZES: tuple[str, ...] = ("small", "large")
 POSITIONS: dict[str, str] = {
@@ -40,7 +44,9 @@ RELATIONS: dict[str, tuple[str, str]] = {
     "below": ("bottom", "top"),
 }
 # Colour-shape combinations never shown in pretraining (compositional generalisation probe).
-HELD_OUT_COMBOS: frozenset[tuple[str, str]] = frozenset({("red", "triangle"), ("blue", "circle"), ("yellow", "square")})
+HELD_OUT_COMBOS: frozenset[tuple[str, str]] = frozenset(
+    {("red", "triangle"), ("blue", "circle"), ("yellow", "square")}
+)
 
 VOCABULARY: tuple[str, ...] = tuple(
     sorted(
