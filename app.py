@@ -138,8 +138,10 @@ def config_from_env(env: Mapping[str, str]) -> ArenaConfig:
     schedule = str(_env(env, "NCP_SCHEDULE", str, "1"))
     if schedule not in ("0", "1"):
         raise ValueError(f"NCP_SCHEDULE must be 0 or 1, got {schedule!r}.")
+    shapes = Path(model).resolve() == SHAPES_MODEL.resolve()
     loop = LoopConfig(
         model=model,
+        shapes_probes=24 if shapes else 0,  # the shapes world gates on the pixel judge too (fixed probe set)
         train_every_s=float(_env(env, "NCP_TRAIN_EVERY_S", float, _LOOP.train_every_s)),
         min_new_votes=int(_env(env, "NCP_MIN_NEW_VOTES", int, _LOOP.min_new_votes)),
     )
