@@ -84,7 +84,12 @@ class ArenaService:
 
     def battle_versions(self) -> list[str]:
         """Versions a cross-version pair may pit against the serving one: base and the kept previous versions."""
-        return [BASE, *[v for v in self.registry.versions() if self.registry.verify(v)]]
+        versions = [v for v in self.registry.versions() if self.registry.verify(v)]
+        known = set(self.generation.known_versions())
+        for v in versions:  # published while the app runs (or by hand): make it servable before battling it
+            if v not in known:
+                self.generation.register_version(v, self.registry.info(v).folder)
+        return [BASE, *versions]
 
     # -- pairs and votes ---------------------------------------------------------------------------------------------
     def _save_image(self, img: GeneratedImage, prompt_id: int) -> int:
