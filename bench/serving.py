@@ -90,7 +90,7 @@ def swap_stall(rt: Runtime, versions: list[str], swaps: int) -> dict:
 
     t = threading.Thread(target=generate)
     t.start()
-    time.sleep(3.0)
+    time.sleep(8.0)
     calm = np.diff(done).tolist()
     t_swap0 = time.perf_counter()
     held = []

@@ -166,11 +166,12 @@ class GenerationService:
         self.pipe.set_adapters([slot])
 
     def swap_adapter(self, version: str) -> float:
-        """Serve `version` (a registered version or "base") from now on; returns the seconds the lock was held."""
+        """Serve `version` (a registered version or "base") from now on; returns the seconds the swap held the lock
+        (generation pauses that long; waiting for the call in flight is not counted)."""
         if version != BASE and version not in self._folders:
             raise KeyError(f"Unknown adapter version {version!r}; known: {', '.join(self.known_versions())}.")
-        t0 = time.perf_counter()
-        with self._lock:
+        with self._lock:  # waits for the generation in flight; the stall is the time held below
+            t0 = time.perf_counter()
             if version != BASE:
                 self._load_into("live", version)
             self._serving = version
