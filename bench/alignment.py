@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import shutil
 import sys
@@ -60,6 +59,7 @@ from tqdm import tqdm  # noqa: E402
 from bench.alignment_engine import METHODS, NOMINAL, Bench, Budget, RunSpec  # noqa: E402
 from bench.alignment_report import markdown, plots, summarize  # noqa: E402
 from bench.docs import write_section  # noqa: E402
+from ncp.trainer import finite_json  # noqa: E402
 
 
 def _grid(lrs: tuple[float, ...], betas: tuple[float | None, ...]) -> list[tuple[float, float | None]]:
@@ -81,17 +81,6 @@ MODES = {
     "quick": Budget(160, 0, 0, 24, 16, 1, steps=60, checkpoints=2, batch=8, seeds=1, ablation_seeds=0),
     "full": Budget(448, 160, 24, 48, 32, 1, steps=120, checkpoints=3, batch=8, seeds=3, ablation_seeds=1),
 }
-
-
-def _finite(value: Any) -> Any:
-    """NaN/inf -> None, so the published JSON is standard JSON."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _copy_model(source: Path, dest: Path) -> None:
@@ -191,7 +180,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     png_dir = out_dir or ROOT / "docs"
     md_path = (out_dir or ROOT / "docs") / "BENCHMARKS.md"
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(_finite(bench.state), indent=1) + "\n")
+    json_path.write_text(json.dumps(finite_json(bench.state), indent=1) + "\n")
     plots(summary, png_dir / "alignment_steps.png", png_dir / "alignment_time.png")
     write_section(md_path, "alignment", markdown(bench.state, summary))
     print(f"[alignment] wrote {json_path}, {png_dir}/alignment_*.png and the alignment section of {md_path}")

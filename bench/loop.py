@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import tempfile
 import threading
 import time
@@ -26,7 +25,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from app import build_demo, launch_kwargs  # noqa: E402
-from bench.docs import write_section  # noqa: E402
+from bench.docs import write_section
+from bench.net import free_port  # noqa: E402
 from bench.raters import run_raters  # noqa: E402
 from feedback_store import FeedbackStore  # noqa: E402
 from feedback_store.stats import leaderboard  # noqa: E402
@@ -35,12 +35,6 @@ from jobs.runtime import SHAPES_MODEL, ArenaConfig, Runtime  # noqa: E402
 from ncp.serving import PairMix, SamplingConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def round_row(last: dict, t_start: float, votes: int) -> dict:

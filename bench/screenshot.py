@@ -5,7 +5,6 @@ the reveal shows, and saves docs/screenshots/arena-shapes.png."""
 
 from __future__ import annotations
 
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 from playwright.sync_api import sync_playwright
 
 from app import build_demo, launch_kwargs
+from bench.net import free_port
 from jobs.runtime import ArenaConfig, Runtime
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,9 +32,7 @@ def main() -> None:
     rt = Runtime(ArenaConfig(data_dir=Path(tempfile.mkdtemp()) / "data", schedule=False, prefetch=4))
     rt.start()
     demo = build_demo(rt)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, **launch_kwargs(rt))
     try:
         with sync_playwright() as pw:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import tempfile
 import threading
 import time
@@ -26,18 +25,13 @@ from gradio_client import Client
 
 from app import build_demo, launch_kwargs
 from bench.docs import write_section
+from bench.net import free_port
 from jobs.registry import BASE
 from jobs.runtime import SHAPES_MODEL, ArenaConfig, Runtime
 from ncp.adapters import LoraSettings, add_lora, save_adapter
 from ncp.pipelines import load_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def random_adapter(model: str, folder: Path, rank: int, seed: int) -> Path:

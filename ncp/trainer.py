@@ -234,18 +234,19 @@ class ProgressLog:
     def write(self, event: str, **fields: Any) -> None:
         if self.path is None:
             return
-        record = _finite({"event": event, "time": time.time(), **fields})
+        record = finite_json({"event": event, "time": time.time(), **fields})
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
 
-def _finite(value: Any) -> Any:
+def finite_json(value: Any) -> Any:
+    """NaN/inf -> None (recursively), so written JSON is standard JSON."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: finite_json(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
+        return [finite_json(v) for v in value]
     return value
 
 
@@ -538,8 +539,8 @@ def _finish(pipe: Any, config: TrainConfig, out: Path, run: dict, history: list[
     metadata = {k: metrics[k] for k in ("model", "init_adapter", "data", "config", "steps")}
 
     def write(tmp: Path) -> None:
-        save_adapter(pipe, unet, tmp, config.lora_settings(), metadata=_finite(metadata))
-        (tmp / "metrics.json").write_text(json.dumps(_finite(metrics), indent=2))
+        save_adapter(pipe, unet, tmp, config.lora_settings(), metadata=finite_json(metadata))
+        (tmp / "metrics.json").write_text(json.dumps(finite_json(metrics), indent=2))
 
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.is_dir():

@@ -4,7 +4,6 @@ lineage of every version checked."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
@@ -16,14 +15,9 @@ from feedback_store import FeedbackStore
 from jobs.loop import LoopConfig
 from jobs.runtime import SHAPES_MODEL, ArenaConfig, Runtime
 from ncp.serving import PairMix, SamplingConfig
+from tests.app_fixtures import free_port
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(cond, timeout: float, what: str) -> None:
