@@ -272,7 +272,9 @@ def skeleton(config: str, device: str, methods: list[str], steps: int, warmup: i
 
 
 def run_all(config: str, device: str, methods: list[str], steps: int, warmup: int, budget_s: float, out: Path) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    # Keep an existing PYTHONPATH (wheels unpacked into a --target folder on the GPU machine) behind the repo root.
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
     data = skeleton(config, device, methods, steps, warmup)
     started = time.monotonic()
     for method in methods:
