@@ -50,6 +50,13 @@ def lr_at(step: int, total: int, peak: float, warmup: int = 200) -> float:
 
 
 def train_vae(args: argparse.Namespace, work: Path, log) -> None:
+    if (work / "vae").exists():
+        return
+    if args.init_vae is not None:  # reuse a trained autoencoder (e.g. the shipped model's) and only re-centre it
+        from diffusers import AutoencoderTiny
+
+        center_vae(AutoencoderTiny.from_pretrained(args.init_vae), args, work, log)
+        return
     vae = build_vae()
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     ckpt = work / "vae.pt"
@@ -59,21 +66,13 @@ def train_vae(args: argparse.Namespace, work: Path, log) -> None:
         vae.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         step = state["step"]
-    if step >= args.vae_steps and (work / "vae").exists():
-        return
     rng = random.Random(args.seed + step)
     bar = tqdm(total=args.vae_steps, initial=step, desc="vae")
     while step < args.vae_steps:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.vae_steps, args.vae_lr, warmup=100)
         _, x = render_batch(rng, args.vae_batch, args.two_object_prob)
-        rec = vae.decode(vae.encode(x).latents).sample
-        # Shapes cover a few percent of the frame: weight foreground pixels (far from the corner's background colour)
-        # so colour fidelity is not drowned by the background.
-        bg = x[:, :, :1, :1]
-        weight = 1.0 + args.fg_weight * ((x - bg).abs().amax(dim=1, keepdim=True) > 0.1).float()
-        err = (rec - x).abs()
-        loss = (weight * (err**2 + 0.5 * err)).mean() / weight.mean()
+        loss = vae_loss(vae.decode(vae.encode(x).latents).sample, x, args.fg_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -86,35 +85,79 @@ def train_vae(args: argparse.Namespace, work: Path, log) -> None:
         if step % args.ckpt_every == 0 or step == args.vae_steps:
             torch.save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt)
     bar.close()
+    center_vae(vae, args, work, log)
+
+
+def vae_loss(rec: torch.Tensor, x: torch.Tensor, fg_weight: float) -> torch.Tensor:
+    # Shapes cover a few percent of the frame: weight foreground pixels (far from the corner's background colour)
+    # so colour fidelity is not drowned by the background.
+    bg = x[:, :, :1, :1]
+    weight = 1.0 + fg_weight * ((x - bg).abs().amax(dim=1, keepdim=True) > 0.1).float()
+    err = (rec - x).abs()
+    return (weight * (err**2 + 0.5 * err)).mean() / weight.mean()
+
+
+def center_vae(vae, args: argparse.Namespace, work: Path, log) -> None:  # noqa: ANN001 - AutoencoderTiny
+    """Make the latents zero-mean per channel, then refit the decoder to the shifted latents; set the scale.
+
+    The pipeline decodes `latents / scaling_factor` with no shift, so the shift is folded into the encoder's last conv
+    bias (exact) and the decoder, whose first op is a tanh clamp, is fine-tuned for `--decoder-steps` on the centred
+    latents with the encoder frozen. Uncentred latents put a large constant offset in every channel that the diffusion
+    model must recreate from pure noise; the shipped model failed on exactly the low-frequency attributes (background,
+    position) that live in those channel means.
+    """
+    with torch.no_grad():
+        _, x = render_batch(random.Random(12345), 512, args.two_object_prob)
+        mu = vae.encode(x).latents.mean(dim=(0, 2, 3))
+        vae.encoder.layers[-1].bias -= mu
+    log({"stage": "center", "channel_means": mu.tolist()})
+    vae.encoder.requires_grad_(False)
+    opt = torch.optim.AdamW(vae.decoder.parameters(), lr=args.vae_lr * 0.3, weight_decay=0.0)
+    rng = random.Random(args.seed + 777)
+    for step in tqdm(range(args.decoder_steps), desc="decoder (centred)"):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.decoder_steps, args.vae_lr * 0.3, warmup=20)
+        _, x = render_batch(rng, args.vae_batch, args.two_object_prob)
+        with torch.no_grad():
+            z = vae.encode(x).latents
+        loss = vae_loss(vae.decode(z).sample, x, args.fg_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if (step + 1) % 50 == 0:
+            log({"stage": "center", "step": step + 1, "loss": loss.item()})
+    vae.encoder.requires_grad_(True)
     # Latent scale: SD divides latents by their std so the diffusion model sees unit variance.
     with torch.no_grad():
         _, x = render_batch(random.Random(12345), 256, args.two_object_prob)
-        std = vae.encode(x).latents.std().item()
+        z = vae.encode(x).latents
+    std = z.std().item()
     vae.register_to_config(scaling_factor=1.0 / std)
     vae.save_pretrained(work / "vae")
-    log({"stage": "vae", "done": True, "scaling_factor": 1.0 / std})
+    log({"stage": "vae", "done": True, "scaling_factor": 1.0 / std, "channel_means_after": z.mean((0, 2, 3)).tolist()})
 
 
 def train_unet(args: argparse.Namespace, work: Path, out: Path, log) -> None:
     from diffusers import AutoencoderTiny
 
-    vae = AutoencoderTiny.from_pretrained(work / "vae").eval().requires_grad_(False)
+    dev = torch.device(args.device)
+    vae = AutoencoderTiny.from_pretrained(work / "vae").eval().requires_grad_(False).to(dev)
     tokenizer = write_tokenizer(work / "tokenizer")
     torch.manual_seed(args.seed)
-    text_encoder, unet = build_text_encoder(tokenizer), build_unet()
+    text_encoder, unet = build_text_encoder(tokenizer).to(dev), build_unet().to(dev)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
-    sched = train_scheduler()
+    sched = train_scheduler(args.beta_schedule)
     ckpt = work / "unet.pt"
     step = 0
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=False, map_location=dev)
         unet.load_state_dict(state["unet"])
         text_encoder.load_state_dict(state["text_encoder"])
         opt.load_state_dict(state["opt"])
         step = state["step"]
     rng = random.Random(args.seed * 1000 + step)
-    alphas_cumprod = sched.alphas_cumprod
+    alphas_cumprod = sched.alphas_cumprod.to(dev)
     bar = tqdm(total=args.unet_steps, initial=step, desc="unet")
     t0 = time.time()
     while step < args.unet_steps:
@@ -124,14 +167,20 @@ def train_unet(args: argparse.Namespace, work: Path, out: Path, log) -> None:
         # Classifier-free guidance needs an unconditional model: drop 10% of prompts.
         prompts = ["" if rng.random() < 0.1 else p for p in prompts]
         with torch.no_grad():
-            z0 = vae.encode(x).latents * vae.config.scaling_factor  # (B, 4, 16, 16)
+            z0 = vae.encode(x.to(dev)).latents * vae.config.scaling_factor  # (B, 4, 16, 16)
         ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
-        cond = text_encoder(ids.input_ids)[0]  # (B, 24, 64)
-        t = torch.randint(0, sched.config.num_train_timesteps, (len(prompts),))
+        cond = text_encoder(ids.input_ids.to(dev))[0]  # (B, 24, 64)
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(prompts),), device=dev)
         eps = torch.randn_like(z0)
+        if args.noise_offset:  # offset noise: a per-image, per-channel constant, so the model learns the image means
+            eps = eps + args.noise_offset * torch.randn(z0.shape[0], z0.shape[1], 1, 1, device=dev)
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
-        loss = F.mse_loss(unet(zt, t, cond).sample, eps)
+        err = F.mse_loss(unet(zt, t, cond).sample, eps, reduction="none").mean(dim=(1, 2, 3))
+        if args.snr_gamma:  # min-SNR-gamma weighting for eps-prediction (Hang et al. 2023, eq. 6): min(SNR, g) / SNR
+            snr = a.flatten() / (1 - a.flatten())
+            err = err * snr.clamp(max=args.snr_gamma) / snr
+        loss = err.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -157,14 +206,14 @@ def train_unet(args: argparse.Namespace, work: Path, out: Path, log) -> None:
             # Written aside and swapped in, so an evaluator never loads a half-written checkpoint.
             tmp = work / "latest.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            assemble_pipeline(unet, vae, text_encoder, tokenizer).save_pretrained(tmp)
+            assemble_pipeline(unet, vae, text_encoder, tokenizer, args.beta_schedule).save_pretrained(tmp)
             (tmp / "step.txt").write_text(str(step))
             shutil.rmtree(work / "latest.old", ignore_errors=True)
             if (work / "latest").exists():
                 (work / "latest").rename(work / "latest.old")
             tmp.rename(work / "latest")
     bar.close()
-    assemble_pipeline(unet, vae, text_encoder, tokenizer).save_pretrained(out)
+    assemble_pipeline(unet, vae, text_encoder, tokenizer, args.beta_schedule).to("cpu").save_pretrained(out)
     log({"stage": "unet", "done": True, "steps": step})
 
 
@@ -173,6 +222,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("models/shapes-tiny"), help="final pipeline folder")
     p.add_argument("--work", type=Path, default=Path("runs/shapes-pretrain"), help="checkpoints and log")
     p.add_argument("--vae-steps", type=int, default=600, help="VAE training steps")
+    p.add_argument("--init-vae", type=Path, help="start from this trained AutoencoderTiny folder instead (re-centred)")
+    p.add_argument("--decoder-steps", type=int, default=300, help="decoder refit steps after centring the latents")
+    p.add_argument("--beta-schedule", default="scaled_linear", choices=["scaled_linear", "squaredcos_cap_v2"])
+    p.add_argument("--noise-offset", type=float, default=0.1, help="offset-noise strength (0 = off)")
+    p.add_argument("--snr-gamma", type=float, default=5.0, help="min-SNR weighting gamma (0 = off)")
+    p.add_argument("--device", default="cpu", help="torch device (the shipped model is trained on cpu)")
     p.add_argument("--unet-steps", type=int, default=6000, help="UNet + text encoder training steps")
     p.add_argument("--batch", type=int, default=16, help="images per UNet step")
     p.add_argument("--vae-batch", type=int, default=32, help="images per VAE step")
