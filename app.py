@@ -111,6 +111,11 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("NCP_GUIDANCE", str(_SAMPLING.guidance), "classifier-free guidance scale of arena images"),
     EnvVar("NCP_SCHEDULE", "1", "1: train on a timer; 0: only when an admin runs a round"),
     EnvVar("NCP_PREFETCH", str(ArenaConfig().prefetch), "ready pairs kept in the prefetch queue"),
+    EnvVar(
+        "NCP_RATINGS_PER_PAIR",
+        str(ArenaConfig().ratings_per_pair),
+        "sessions a pool pair is shown to (several ratings give a consensus; 1 = every pair fresh)",
+    ),
     EnvVar("OAUTH_CLIENT_ID", "unset", "set by Spaces with `hf_oauth: true`: shows the HF login button"),
 )
 
@@ -161,6 +166,7 @@ def config_from_env(env: Mapping[str, str]) -> ArenaConfig:
         loop=loop,
         schedule=schedule == "1",
         prefetch=int(_env(env, "NCP_PREFETCH", int, base.prefetch)),
+        ratings_per_pair=int(_env(env, "NCP_RATINGS_PER_PAIR", int, base.ratings_per_pair)),
         admin_token=env.get("NCP_ADMIN_TOKEN") or None,
         admin_users=users,
         rater_salt=salt,

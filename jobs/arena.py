@@ -3,17 +3,24 @@
 It joins the generation service (ncp.serving), the feedback store and the adapter registry, so that the UI layer has
 no SQL and no tensors. Images are written under `<data_dir>/images/<sha256>.png` before their rows, and a pair is
 issued to a session with an unguessable token; a vote names that token.
+
+Pool pairs are shown to up to `ratings_per_pair` different sessions (each with its own token), newest first, while
+they are of the serving version and younger than `reuse_max_age_s`. Several ratings of the same images give the
+consensus that anomaly detection compares each rater with, and they let one generated pair serve several raters, so
+a crowd larger than the generator's pace still gets a pair at once.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from feedback_store import FeedbackStore, VoteRejected
+from feedback_store import FeedbackStore, VoteReceipt, VoteRejected
+from jobs.abuse import VoteGuard
 from jobs.prompts import Blocklist, PromptPool, validate_prompt
 from jobs.registry import BASE, AdapterRegistry
 from ncp.serving import GeneratedImage, GenerationService, PairPrefetcher, ReadyPair
@@ -42,6 +49,18 @@ class VoteResult:
     control_passed: bool | None = None  # attention-check pairs only
 
 
+@dataclass
+class _Shown:
+    """A pool pair already stored and issued, that more sessions may rate (ids cached: no image rows re-added)."""
+
+    ready: ReadyPair
+    prompt_id: int
+    left_id: int
+    right_id: int
+    left_to_show: int
+    sessions: set[str] = field(default_factory=set)
+
+
 class ArenaService:
     def __init__(
         self,
@@ -55,7 +74,12 @@ class ArenaService:
         prefetch_size: int = 8,
         pair_ttl_s: int = 3600,
         seed: int = 0,
+        ratings_per_pair: int = 3,
+        reuse_max_age_s: float = 600.0,
+        guard: VoteGuard | None = None,
     ) -> None:
+        if ratings_per_pair < 1:
+            raise ValueError(f"ratings_per_pair must be >= 1, got {ratings_per_pair}")
         self.store = store
         self.generation = generation
         self.registry = registry
@@ -66,6 +90,11 @@ class ArenaService:
         self.blocklist = blocklist
         self.model_check = model_check
         self.pair_ttl_s = pair_ttl_s
+        self.guard = guard  # abuse defences of the vote path (jobs/abuse.py); None: none
+        self.ratings_per_pair = ratings_per_pair
+        self.reuse_max_age_s = reuse_max_age_s
+        self._shown: list[_Shown] = []  # newest last
+        self._shown_lock = threading.Lock()
         self.prefetcher = PairPrefetcher(generation, pool.draw, self.battle_versions, size=prefetch_size, seed=seed)
         for version in registry.versions():
             generation.register_version(version, registry.info(version).folder)
@@ -118,14 +147,46 @@ class ArenaService:
             text = validate_prompt(prompt, self.blocklist, self.model_check)
             ready = self.prefetcher.produce_one(text)
             source, category = "typed", "typed"
-        else:
-            ready = self.prefetcher.get()
-            source, category = "pool", self.pool.category(ready.prompt)
-        return self._issue(ready, session, source, category)
+            return self._issue(ready, session, source, category)
+        shown = self._take_shown(session)
+        if shown is not None:
+            return self._issue_ids(shown.ready, shown.prompt_id, shown.left_id, shown.right_id, session)
+        ready = self.prefetcher.get()
+        category = self.pool.category(ready.prompt)
+        return self._issue(ready, session, "pool", category, reusable=True)
 
-    def _issue(self, ready: ReadyPair, session: str, source: str, category: str) -> IssuedPairView:
+    def _take_shown(self, session: str) -> _Shown | None:
+        """The newest pool pair this session has not seen that may be shown once more (None if there is none)."""
+        now, epoch = time.time(), self.generation.epoch
+        with self._shown_lock:
+            # Drop pairs of an older serving version (raters should see the new one) and pairs too old to reuse.
+            self._shown = [
+                s for s in self._shown if s.ready.epoch == epoch and now - s.ready.made_at < self.reuse_max_age_s
+            ]
+            for s in reversed(self._shown):
+                if session not in s.sessions and s.left_to_show > 0:
+                    s.left_to_show -= 1
+                    s.sessions.add(session)
+                    if s.left_to_show == 0:
+                        self._shown.remove(s)
+                    return s
+        return None
+
+    def _issue(
+        self, ready: ReadyPair, session: str, source: str, category: str, reusable: bool = False
+    ) -> IssuedPairView:
         prompt_id = self.store.add_prompt(ready.prompt, source=source, category=category)
         left_id, right_id = self._save_image(ready.left, prompt_id), self._save_image(ready.right, prompt_id)
+        view = self._issue_ids(ready, prompt_id, left_id, right_id, session)
+        if reusable and self.ratings_per_pair > 1:
+            with self._shown_lock:
+                self._shown.append(_Shown(ready, prompt_id, left_id, right_id, self.ratings_per_pair - 1, {session}))
+                del self._shown[: -4 * max(1, self.prefetcher.size)]  # bounded memory
+        return view
+
+    def _issue_ids(
+        self, ready: ReadyPair, prompt_id: int, left_id: int, right_id: int, session: str
+    ) -> IssuedPairView:
         issued = self.store.issue_pair(
             prompt_id,
             left_id,
@@ -153,19 +214,21 @@ class ArenaService:
         reasons: tuple[str, ...] = (),
         time_to_vote_ms: int | None = None,
     ) -> VoteResult:
-        """Record a vote (raises VoteRejected with a reason) and return the reveal."""
-        try:
-            receipt = self.store.record_vote(
-                token, session, outcome, rater, reasons=tuple(reasons), time_to_vote_ms=time_to_vote_ms
-            )
-        except VoteRejected as err:
-            if err.reason_code != "unknown_rater":
-                raise
-            # First vote of this rater: register the pseudonym only now, so a refused vote stores nothing.
-            self.store.ensure_rater(rater)
-            receipt = self.store.record_vote(
-                token, session, outcome, rater, reasons=tuple(reasons), time_to_vote_ms=time_to_vote_ms
-            )
+        """Record a vote (raises VoteRejected with a reason) and return the reveal. With a guard: rate limits and
+        daily caps refuse before anything is stored, too-fast votes are stored flagged, control votes update trust."""
+
+        def record(excluded_reason: str | None) -> VoteReceipt:
+            kw = {"reasons": tuple(reasons), "time_to_vote_ms": time_to_vote_ms, "excluded_reason": excluded_reason}
+            try:
+                return self.store.record_vote(token, session, outcome, rater, **kw)
+            except VoteRejected as err:
+                if err.reason_code != "unknown_rater":
+                    raise
+                # First vote of this rater: register the pseudonym only now, so a refused vote stores nothing.
+                self.store.ensure_rater(rater)
+                return self.store.record_vote(token, session, outcome, rater, **kw)
+
+        receipt = record(None) if self.guard is None else self.guard.vote(rater, time_to_vote_ms, record)
         return VoteResult(
             receipt.vote_id, receipt.outcome, receipt.left_version, receipt.right_version, receipt.control_passed
         )

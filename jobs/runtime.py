@@ -15,6 +15,7 @@ from pathlib import Path
 
 from feedback_store import FeedbackStore, pseudonymize
 from feedback_store.export import export_snapshot
+from jobs.abuse import AbuseConfig, VoteGuard
 from jobs.arena import ArenaService
 from jobs.loop import AlignmentLoop, LoopConfig
 from jobs.prompts import Blocklist, PoolPrompt, PromptPool, load_pool
@@ -40,11 +41,15 @@ class ArenaConfig:
     loop: LoopConfig = field(default_factory=LoopConfig)
     schedule: bool = True  # run the alignment loop on a timer
     prefetch: int = 8
+    ratings_per_pair: int = 3  # a pool pair is shown to up to this many sessions (consensus; serves a crowd at once)
     admin_token: str | None = None
     admin_users: tuple[str, ...] = ()  # HF OAuth usernames allowed to administer
     rater_salt: str = "ncp-arena-default-salt"  # set a secret in production: pseudonyms are HMACs of it
     pair_ttl_s: int = 3600
     seed: int = 0
+    # Abuse defences of the vote path (rate limits, caps, too-fast flags, trust, anomaly review; jobs/abuse.py).
+    # None: off, for in-process tests and simulations; app.py's entry point turns them on (NCP_ABUSE_DEFENCES).
+    abuse: AbuseConfig | None = None
 
     @property
     def is_shapes(self) -> bool:
@@ -96,8 +101,10 @@ class Runtime:
             prefetch_size=config.prefetch,
             pair_ttl_s=config.pair_ttl_s,
             seed=config.seed,
+            ratings_per_pair=config.ratings_per_pair,
         )
         self.arena.prefetcher.mix = config.mix
+        self.arena.guard = VoteGuard(self.store, config.abuse) if config.abuse is not None else None
         self.loop = AlignmentLoop(self.store, self.registry, data, config.loop, on_promote=self.serve)
         self.scheduler = LoopScheduler(self.loop, config.loop.train_every_s)
         self._swap_lock = threading.Lock()
@@ -112,6 +119,8 @@ class Runtime:
     def stop(self) -> None:
         self.scheduler.shutdown()
         self.arena.stop()
+        if self.arena.guard is not None:
+            self.arena.guard.join(timeout=30)  # a rater review in progress finishes before the store closes
         self.store.close()
 
     # -- serving ------------------------------------------------------------------------------------------------------

@@ -271,6 +271,7 @@ class PairPrefetcher:
         self.next_prompt = next_prompt
         self.battle_versions = battle_versions
         self.mix = mix or PairMix()
+        self.size = size
         self._queue: queue.Queue[ReadyPair] = queue.Queue(maxsize=size)
         self._rng = random.Random(seed)
         self._rng_lock = threading.Lock()

@@ -1,0 +1,68 @@
+"""A pool pair is shown to up to `ratings_per_pair` different sessions, never twice to one, never after a hot-swap."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from jobs.registry import BASE
+from tests.app_fixtures import make_adapter_version, tiny_runtime
+
+
+@pytest.fixture
+def runtime(tmp_path: Path):
+    torch.set_num_threads(1)
+    rt = tiny_runtime(tmp_path, prefetch=2)
+    yield rt
+    rt.stop()
+
+
+def images(rt, view) -> tuple[int, int]:  # noqa: ANN001
+    pair = rt.store.pair(view.pair_id)
+    return pair.left_image_id, pair.right_image_id
+
+
+def test_a_pair_is_rated_by_three_sessions_each_with_its_own_token(runtime) -> None:
+    runtime.arena.ratings_per_pair = 3
+    first = runtime.arena.next_pair("s-a")
+    others = [runtime.arena.next_pair(s) for s in ("s-b", "s-c")]
+    assert all(images(runtime, v) == images(runtime, first) for v in others)
+    assert len({first.token, *(v.token for v in others)}) == 3
+    assert images(runtime, runtime.arena.next_pair("s-d")) != images(runtime, first), "shown 3 times: used up"
+    # The first session never gets the same images again.
+    assert images(runtime, runtime.arena.next_pair("s-a")) != images(runtime, first)
+    # Every one of the sessions can vote on its own token; all votes count.
+    for view, session in zip([first, *others], ["s-a", "s-b", "s-c"], strict=True):
+        rater = runtime.rater_id(session)
+        runtime.arena.vote(session, view.token, "left", rater, time_to_vote_ms=3000)
+    assert runtime.store.counts()["votes"] == 3
+
+
+def test_a_token_is_bound_to_its_session(runtime) -> None:
+    from feedback_store import VoteRejected
+
+    runtime.arena.ratings_per_pair = 2
+    first = runtime.arena.next_pair("s-a")
+    second = runtime.arena.next_pair("s-b")
+    assert images(runtime, second) == images(runtime, first)
+    with pytest.raises(VoteRejected):
+        runtime.arena.vote("s-a", second.token, "left", runtime.rater_id("s-a"), time_to_vote_ms=3000)
+    assert runtime.store.counts()["votes"] == 0
+
+
+def test_no_reuse_across_a_hot_swap(runtime, tmp_path: Path) -> None:
+    runtime.arena.ratings_per_pair = 3
+    first = runtime.arena.next_pair("s-a")
+    version = make_adapter_version(runtime.registry, tmp_path, runtime.config.loop.lora_rank)
+    runtime.serve(version)
+    after = runtime.arena.next_pair("s-b")
+    assert images(runtime, after) != images(runtime, first)
+    assert runtime.store.pair(after.pair_id).left_version in (version, BASE)
+
+
+def test_one_rating_per_pair_means_every_pair_is_fresh(runtime) -> None:
+    runtime.arena.ratings_per_pair = 1
+    seen = {images(runtime, runtime.arena.next_pair(f"s-{i}")) for i in range(4)}
+    assert len(seen) == 4
