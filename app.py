@@ -34,7 +34,7 @@ HTTP API (for scripts; gradio_client or any HTTP client; all inputs are strings)
       NCP_ADMIN_TOKEN secret; returns {"ok": true, "message": ...}.
   Refusals never raise: they return {"error": code, "message": text}, and no vote or pair is stored. Codes: the
   store's vote codes (unknown_token, wrong_session, expired, conflicting_vote, invalid_outcome, invalid_reasons,
-  ...), prompt codes (empty, too_long, control_chars, blocked, model_grammar), invalid_session, admin_denied,
+  ...), abuse limits (rate_limited, daily_cap: per rater, see NCP_VOTES_PER_MINUTE), prompt codes (empty, too_long, control_chars, blocked, model_grammar), invalid_session, admin_denied,
   unknown_action, invalid_value.
   Speed tip for local bots on plain http: `Client(url, ssl_verify=False)`; otherwise gradio_client re-reads the CA
   bundle on every call (about 100 ms of CPU each, measured).
@@ -65,6 +65,7 @@ import pandas as pd  # noqa: E402
 from feedback_store import InputRejected, VoteRejected  # noqa: E402
 from feedback_store.export import __doc__ as EXPORT_DOC  # noqa: E402
 from jobs import views  # noqa: E402
+from jobs.abuse import AbuseConfig  # noqa: E402
 from jobs.loop import LoopConfig  # noqa: E402
 from jobs.prompts import PromptRejected  # noqa: E402
 from jobs.registry import RegistryError  # noqa: E402
@@ -96,7 +97,7 @@ def default_data_dir() -> Path:
     return Path("/data/ncp-arena") if os.path.isdir("/data") and os.access("/data", os.W_OK) else Path("data")
 
 
-_LOOP, _SAMPLING = LoopConfig(), SamplingConfig()
+_LOOP, _SAMPLING, _ABUSE = LoopConfig(), SamplingConfig(), AbuseConfig()
 ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("NCP_DATA_DIR", "/data/ncp-arena if /data is writable, else ./data", "DuckDB store, images, adapters"),
     EnvVar("NCP_MODEL", "models/shapes-tiny (embedded)", "diffusers pipeline folder or hub id (SDXL or SD1.5)"),
@@ -115,6 +116,25 @@ ENV_VARS: tuple[EnvVar, ...] = (
         "NCP_RATINGS_PER_PAIR",
         str(ArenaConfig().ratings_per_pair),
         "sessions a pool pair is shown to (several ratings give a consensus; 1 = every pair fresh)",
+    ),
+    EnvVar("NCP_ABUSE_DEFENCES", "1", "1: the vote-path defences below are on; 0: off (e.g. local simulated raters)"),
+    EnvVar("NCP_VOTES_PER_MINUTE", f"{_ABUSE.votes_per_minute:g}", "votes per minute per rater (0: no rate limit)"),
+    EnvVar("NCP_VOTE_BURST", str(_ABUSE.burst), "votes a rater may cast back to back before the rate limit applies"),
+    EnvVar("NCP_DAILY_VOTE_CAP", str(_ABUSE.daily_cap), "votes per rater per UTC day (0: no cap)"),
+    EnvVar(
+        "NCP_MIN_VOTE_MS",
+        str(_ABUSE.min_vote_ms),
+        "a vote sooner after its pair was shown is stored flagged `too_fast` and never trained on",
+    ),
+    EnvVar(
+        "NCP_MIN_TRUST",
+        f"{_ABUSE.min_trust:g}",
+        f"control-pair trust below which a rater is shadow-excluded (after {_ABUSE.min_control_votes} control votes)",
+    ),
+    EnvVar(
+        "NCP_REVIEW_EVERY_VOTES",
+        str(_ABUSE.review_every_votes),
+        "votes between anomaly reviews of all raters (too fast, one side, disagreement); 0: never",
     ),
     EnvVar("OAUTH_CLIENT_ID", "unset", "set by Spaces with `hf_oauth: true`: shows the HF login button"),
 )
@@ -158,6 +178,17 @@ def config_from_env(env: Mapping[str, str]) -> ArenaConfig:
     if len(salt.encode()) < 16:
         raise ValueError("NCP_RATER_SALT must be at least 16 bytes; generate one with `openssl rand -hex 16`.")
     users = tuple(u.strip() for u in env.get("NCP_ADMIN_USERS", "").split(",") if u.strip())
+    defences = str(_env(env, "NCP_ABUSE_DEFENCES", str, "1"))
+    if defences not in ("0", "1"):
+        raise ValueError(f"NCP_ABUSE_DEFENCES must be 0 or 1, got {defences!r}.")
+    abuse = AbuseConfig(
+        votes_per_minute=float(_env(env, "NCP_VOTES_PER_MINUTE", float, _ABUSE.votes_per_minute)),
+        burst=int(_env(env, "NCP_VOTE_BURST", int, _ABUSE.burst)),
+        daily_cap=int(_env(env, "NCP_DAILY_VOTE_CAP", int, _ABUSE.daily_cap)),
+        min_vote_ms=int(_env(env, "NCP_MIN_VOTE_MS", int, _ABUSE.min_vote_ms)),
+        min_trust=float(_env(env, "NCP_MIN_TRUST", float, _ABUSE.min_trust)),
+        review_every_votes=int(_env(env, "NCP_REVIEW_EVERY_VOTES", int, _ABUSE.review_every_votes)),
+    )
     base = ArenaConfig()
     return ArenaConfig(
         data_dir=Path(env.get("NCP_DATA_DIR", "").strip() or default_data_dir()),
@@ -170,6 +201,7 @@ def config_from_env(env: Mapping[str, str]) -> ArenaConfig:
         admin_token=env.get("NCP_ADMIN_TOKEN") or None,
         admin_users=users,
         rater_salt=salt,
+        abuse=abuse if defences == "1" else None,
     )
 
 

@@ -17,6 +17,8 @@ Raters (pseudonymous; no raw identity, IP or user agent is ever stored: identifi
     set_rater_trust(pseudonym, trust in [0, 1]) -> Rater
     request_deletion(pseudonym) -> int                     # deletes their votes, keeps a tombstone (status "deleted")
     rater(pseudonym) -> Rater | None;  rater_stats() -> list[dict]   # per-rater activity for anomaly detection
+    rater_agreement(min_others=2) -> list[dict]            # per-rater agreement with the other raters' consensus
+    rater_controls(pseudonym) -> (control votes, passed);  rater_votes_since(pseudonym, since) -> int
 
 Prompts, images, pairs
     add_prompt(text, source="pool" | "typed", category=None) -> prompt_id        # same text -> same id
@@ -31,7 +33,8 @@ Prompts, images, pairs
         -> list[IssuedPair]                                # many in one transaction (prefetch); all-or-nothing
 
 Votes
-    record_vote(token, session, outcome, rater, reasons=(), time_to_vote_ms=None, now=None) -> VoteReceipt
+    record_vote(token, session, outcome, rater, reasons=(), time_to_vote_ms=None, now=None, excluded_reason=None)
+        -> VoteReceipt                                     # excluded_reason: stored flagged (e.g. "too_fast")
       outcome "left" | "right" | "tie" | "both_bad". Returns only after the vote is committed (group commit: concurrent
       callers share one transaction). Refusals raise VoteRejected(reason_code, message) (a ValueError) and change
       nothing; codes: records.VOTE_REJECTION_CODES (unknown_token, wrong_session, expired, conflicting_vote,

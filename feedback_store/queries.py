@@ -136,6 +136,52 @@ class QueryMixin:
         names = [d[0] for d in cur.description]
         return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
+    def rater_controls(self, pseudonym: str) -> tuple[int, int]:
+        """(control votes, control votes passed) of one rater: the evidence behind its trust score."""
+        sql = (
+            "SELECT count(*), count(*) FILTER (WHERE v.control_passed) FROM votes v "
+            "JOIN pairs p ON p.pair_id = v.pair_id WHERE v.rater = ? AND p.kind = 'control'"
+        )
+        n, passed = first(self._cur().execute(sql, [pseudonym]))  # type: ignore[misc]
+        return int(n), int(passed)
+
+    def rater_votes_since(self, pseudonym: str, since: datetime) -> int:
+        """Votes stored for one rater at or after `since` (flagged ones included): a daily cap's count after a
+        restart."""
+        sql = "SELECT count(*) FROM votes WHERE rater = ? AND created >= ?"
+        return int(first(self._cur().execute(sql, [pseudonym, as_utc_naive(since)]))[0])  # type: ignore[index]
+
+    def rater_agreement(self, min_others: int = 2) -> list[dict]:
+        """Per rater, agreement with the consensus of the OTHER raters on the same two images (read-only).
+
+        Votes are grouped by the unordered pair of image sha256s (a pair shown to several sessions, in either order,
+        is one group) and each outcome is mapped onto that order, so side order does not matter. For each of a
+        rater's non-control votes, the others are the usable votes of other raters in its group (not flagged, rater
+        active); it is judged when there are at least `min_others` of them and one outcome holds a strict majority
+        among them. Returns [{rater, consensus_pairs, agreements, agreement}] for raters with a judged vote;
+        agreement = agreements / consensus_pairs."""
+        sql = """
+            WITH lab AS (
+                SELECT v.rater, v.vote_id, r.status = 'active' AND v.excluded_reason IS NULL AS usable,
+                    least(l.sha256, x.sha256) AS a, greatest(l.sha256, x.sha256) AS b,
+                    CASE WHEN v.outcome IN ('tie', 'both_bad') THEN v.outcome
+                        WHEN (v.outcome = 'left') = (l.sha256 <= x.sha256) THEN 'a' ELSE 'b' END AS label
+                FROM votes v JOIN pairs p ON p.pair_id = v.pair_id JOIN raters r ON r.pseudonym = v.rater
+                JOIN images l ON l.image_id = p.left_image_id JOIN images x ON x.image_id = p.right_image_id
+                WHERE p.kind <> 'control' AND r.status <> 'deleted'),
+            tally AS (  -- per own vote: how many others gave each label
+                SELECT o.rater, o.vote_id, o.label, w.label AS other_label, count(*) AS n
+                FROM lab o JOIN lab w ON w.a = o.a AND w.b = o.b AND w.rater <> o.rater AND w.usable
+                GROUP BY ALL),
+            judged AS (
+                SELECT rater, vote_id, any_value(label) AS label, sum(n) AS others, max(n) AS top,
+                    arg_max(other_label, n) AS majority
+                FROM tally GROUP BY rater, vote_id)
+            SELECT rater, count(*) AS consensus_pairs, count(*) FILTER (WHERE label = majority) AS agreements
+            FROM judged WHERE others >= ? AND 2 * top > others GROUP BY rater ORDER BY rater"""
+        rows = self._cur().execute(sql, [int(min_others)]).fetchall()
+        return [{"rater": r, "consensus_pairs": int(n), "agreements": int(k), "agreement": k / n} for r, n, k in rows]
+
     def prompts(self, source: str | None = None, category: str | None = None) -> list[Prompt]:
         """Stored prompts (e.g. the curated pool: source="pool"), oldest first."""
         if source is not None:

@@ -349,11 +349,15 @@ class FeedbackStore(CatalogMixin, LineageMixin, QueryMixin):
         reasons: Sequence[str] = (),
         time_to_vote_ms: int | None = None,
         now: datetime | None = None,
+        excluded_reason: str | None = None,
     ) -> VoteReceipt:
         """Record one vote; returns once it is committed. Raises VoteRejected (reason_code) and changes nothing
-        when refused. Repeating an accepted vote (same token, session, rater, outcome) returns the first receipt."""
+        when refused. Repeating an accepted vote (same token, session, rater, outcome) returns the first receipt.
+        `excluded_reason` (a code such as "too_fast", set by the server) stores the vote flagged in the same
+        transaction, so no snapshot can ever see it unflagged."""
         pseudonym = rater.pseudonym if isinstance(rater, Rater) else rater
         if not isinstance(pseudonym, str):
             pseudonym = repr(pseudonym)
-        req = prepare_vote(token, session, outcome, pseudonym, reasons, time_to_vote_ms, now)  # type: ignore[arg-type]
+        args = (token, session, outcome, pseudonym, reasons, time_to_vote_ms, now, excluded_reason)
+        req = prepare_vote(*args)  # type: ignore[arg-type]
         return self._submit([req])[0]  # type: ignore[return-value]

@@ -77,6 +77,7 @@ class VoteRequest:
     reasons: tuple[str, ...]
     time_to_vote_ms: int | None
     now: datetime
+    excluded_reason: str | None = None  # stored flagged from the start (e.g. "too_fast"): never trained on
     done: bool = False
     result: VoteReceipt | None = None
     error: BaseException | None = None
@@ -90,6 +91,7 @@ def prepare_vote(
     reasons: Sequence[str | bytes],
     time_to_vote_ms: int | None,
     now: datetime | None,
+    excluded_reason: str | None = None,
 ) -> VoteRequest:
     """The checks that need no database. Raises VoteRejected with the reason code."""
     if not isinstance(token, str) or not 16 <= len(token) <= 128:
@@ -125,6 +127,8 @@ def prepare_vote(
         raise VoteRejected(
             "invalid_time_to_vote", f"time_to_vote_ms must be an int in [0, {MAX_TIME_TO_VOTE_MS}] or None"
         )
+    if excluded_reason is not None:  # set by the server (jobs/abuse.py), never by a client: a code, not text
+        check_ident(excluded_reason, "excluded_reason", code="invalid_excluded_reason")
     return VoteRequest(
         token_sha256=token_hash(token),
         session=str(session),
@@ -133,6 +137,7 @@ def prepare_vote(
         reasons=tuple(cleaned),
         time_to_vote_ms=time_to_vote_ms,
         now=as_utc_naive(now),
+        excluded_reason=excluded_reason,
     )
 
 
@@ -383,7 +388,7 @@ def apply_votes(
         if pair.kind == "control":
             passed = req.outcome == {"left": "right", "right": "left"}[pair.control_bad_side]
         # Shadow exclusion: the rater sees a normal receipt; the vote never reaches training or statistics.
-        excluded = "rater_shadow_excluded" if status == "shadow_excluded" else None
+        excluded = "rater_shadow_excluded" if status == "shadow_excluded" else req.excluded_reason
         new[h] = (pair.pair_id, req.rater, req.session, req.outcome, list(req.reasons), req.time_to_vote_ms)
         new[h] += (req.now, passed, excluded)
         waiting.append((req, pair))

@@ -1,0 +1,85 @@
+"""Abuse defences through the real HTTP API (gradio_client, a launched demo, a tiny SD1.5 pipeline, a DuckDB file):
+the limits reach clients as refusal codes, too-fast votes succeed but are flagged, and no client IP or user agent
+is stored anywhere under the data dir.
+
+    python -m pytest -q tests/test_abuse_api.py
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from app_fixtures import free_port, tiny_runtime
+from gradio_client import Client
+
+import app
+from feedback_store import FeedbackStore
+from jobs.abuse import AbuseConfig, VoteGuard
+
+ROOT = Path(__file__).resolve().parents[1]
+UA = "CanaryBrowser/9.7 (ua-canary-5f3a)"
+IP = "203.0.113.77"  # TEST-NET-3: cannot be anything else in the store
+
+
+def test_limits_reach_the_api_and_no_ip_or_user_agent_is_stored(tmp_path: Path) -> None:
+    runtime = tiny_runtime(tmp_path, steps=1, size=32, prefetch=2)
+    config = AbuseConfig(votes_per_minute=0.5, burst=2, daily_cap=0, min_vote_ms=60_000, review_every_votes=0)
+    runtime.arena.guard = VoteGuard(runtime.store, config)
+    demo = app.build_demo(runtime)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **app.launch_kwargs(runtime))  # fmt: skip
+    try:
+        headers = {"User-Agent": UA, "X-Forwarded-For": IP, "X-Real-IP": IP}
+        c = Client(f"http://127.0.0.1:{port}", verbose=False, ssl_verify=False, headers=headers, download_files=False)
+        reveals = []
+        for _ in range(2):
+            pair = c.predict("canary-session", "", api_name="/next_pair")
+            reveals.append(c.predict("canary-session", pair["token"], "left", "", api_name="/vote"))
+        assert all("vote_id" in r for r in reveals), reveals  # a too-fast vote looks like any other to the client
+        for r in reveals:  # ... but it is stored flagged, and never trained on
+            assert runtime.store.vote(r["vote_id"]).excluded_reason == "too_fast"
+        pair = c.predict("canary-session", "", api_name="/next_pair")
+        counts = runtime.store.counts()
+        refused = c.predict("canary-session", pair["token"], "left", "", api_name="/vote")
+        assert refused["error"] == "rate_limited" and "per minute" in refused["message"], refused
+        assert runtime.store.counts() == counts
+    finally:
+        demo.close()
+        runtime.stop()
+
+    data = tmp_path / "data"
+    with FeedbackStore(data / "arena.duckdb") as store:  # every value of every table, as text
+        cur = store._cur()
+        tables = [r[0] for r in cur.execute("SELECT table_name FROM information_schema.tables").fetchall()]
+        dump = "\n".join(str(cur.execute(f'SELECT * FROM "{t}"').fetchall()) for t in tables)
+        assert store.counts()["votes"] == 2
+    files = [p for p in data.rglob("*") if p.is_file()]
+    assert any(p.name == "arena.duckdb" for p in files)
+    for needle in (UA, "ua-canary", IP, "127.0.0.1"):
+        assert needle not in dump
+        for path in files:  # the DuckDB file, its WAL, images, adapters, anything else the app wrote
+            assert needle.encode() not in path.read_bytes(), (needle, path)
+
+
+def test_no_code_reads_the_client_address_or_user_agent() -> None:
+    """The app uses only Gradio's session hash and the OAuth username (pseudonymized); nothing reads the request's
+    client address or headers, so neither can reach the store."""
+    needles = ("request.client", "request.headers", "client.host", "user-agent", "user_agent", "x-forwarded-for")
+    sources = [ROOT / "app.py", *(ROOT / "jobs").rglob("*.py"), *(ROOT / "feedback_store").rglob("*.py")]
+    hits = [f"{p.name}: {n}" for p in sources for n in needles if n in p.read_text().lower()]
+    assert not hits, hits
+
+
+def test_config_from_env_maps_the_abuse_variables() -> None:
+    env = {"NCP_VOTES_PER_MINUTE": "12", "NCP_VOTE_BURST": "4", "NCP_DAILY_VOTE_CAP": "200", "NCP_MIN_VOTE_MS": "900",
+           "NCP_MIN_TRUST": "0.6", "NCP_REVIEW_EVERY_VOTES": "0"}  # fmt: skip
+    abuse = app.config_from_env(env).abuse
+    assert abuse == AbuseConfig(votes_per_minute=12.0, burst=4, daily_cap=200, min_vote_ms=900, min_trust=0.6,
+                                review_every_votes=0)  # fmt: skip
+    assert app.config_from_env({}).abuse == AbuseConfig()  # on by default in the deployed app
+    assert app.config_from_env({"NCP_ABUSE_DEFENCES": "0"}).abuse is None
+    for bad, match in [({"NCP_ABUSE_DEFENCES": "yes"}, "NCP_ABUSE_DEFENCES"), ({"NCP_VOTE_BURST": "0"}, "burst"),
+                       ({"NCP_DAILY_VOTE_CAP": "lots"}, "NCP_DAILY_VOTE_CAP")]:  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            app.config_from_env(bad)
