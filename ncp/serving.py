@@ -114,6 +114,9 @@ def corrupt(image: Image.Image, seed: int) -> Image.Image:
     return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
 
 
+ZERO_ADAPTER = "<zero>"  # what a warmed slot holds before its first real version
+
+
 class GenerationService:
     """Owns a pipeline; generates batches under one lock; swaps LoRA versions in place."""
 
@@ -140,6 +143,25 @@ class GenerationService:
 
     def known_versions(self) -> list[str]:
         return [BASE, *self._folders]
+
+    def warm_slots(self, target_modules: Sequence[str], alpha: float) -> float:
+        """Create both adapter slots now as zero (identity) LoRAs of the deployment's rank, so that every later load,
+        the first one included, is an in-place hot-swap: creating LoRA layers takes ~5x longer than copying weights
+        into them, and would otherwise stall generation on the first swap. Returns the seconds it took."""
+        from peft import LoraConfig
+
+        t0 = time.perf_counter()
+        with self._lock:
+            if self._slots:
+                return 0.0
+            self.pipe.enable_lora_hotswap(target_rank=self._lora_rank)
+            self._hotswap_enabled = True
+            for slot in ("live", "battle"):
+                config = LoraConfig(r=self._lora_rank, lora_alpha=alpha, target_modules=list(target_modules))
+                self.pipe.unet.add_adapter(config, adapter_name=slot)  # lora_B = 0: the base model's output
+                self._slots[slot] = ZERO_ADAPTER
+            self._activate(self._serving)
+        return time.perf_counter() - t0
 
     # -- adapter slots (call with the lock held) --------------------------------------------------------------------
     def _load_into(self, slot: str, version: str) -> None:
