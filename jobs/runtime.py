@@ -21,6 +21,7 @@ from jobs.loop import AlignmentLoop, LoopConfig
 from jobs.prompts import Blocklist, PoolPrompt, PromptPool, load_pool
 from jobs.registry import BASE, AdapterRegistry
 from jobs.schedule import LoopScheduler
+from ncp.adapters import LoraSettings
 from ncp.pipelines import load_pipeline
 from ncp.serving import GenerationService, PairMix, SamplingConfig
 
@@ -111,6 +112,8 @@ class Runtime:
 
     # -- lifecycle ----------------------------------------------------------------------------------------------------
     def start(self) -> None:
+        # Both adapter slots exist from the start (zero LoRAs), so the first hot-swap is as quick as every later one.
+        self.generation.warm_slots(LoraSettings().target_modules, self.config.loop.lora_alpha)
         self.arena.start()
         self.scheduler.start()
         if not self.config.schedule:
