@@ -66,6 +66,7 @@ from feedback_store import InputRejected, VoteRejected  # noqa: E402
 from feedback_store.export import __doc__ as EXPORT_DOC  # noqa: E402
 from jobs import views  # noqa: E402
 from jobs.abuse import AbuseConfig  # noqa: E402
+from jobs.hub_push import HubPushConfig  # noqa: E402
 from jobs.loop import LoopConfig  # noqa: E402
 from jobs.prompts import PromptRejected  # noqa: E402
 from jobs.registry import RegistryError  # noqa: E402
@@ -117,6 +118,11 @@ ENV_VARS: tuple[EnvVar, ...] = (
         str(ArenaConfig().ratings_per_pair),
         "sessions a pool pair is shown to (several ratings give a consensus; 1 = every pair fresh)",
     ),
+    EnvVar(
+        "NCP_HUB_DATASET_REPO", "unset (no push)", "HF dataset repo (user/name) the export is pushed to periodically"
+    ),
+    EnvVar("NCP_HUB_TOKEN", "unset (falls back to HF_TOKEN)", "write token for NCP_HUB_DATASET_REPO"),
+    EnvVar("NCP_HUB_PUSH_EVERY_S", "3600", "seconds between hub pushes (at least 60)"),
     EnvVar("NCP_ABUSE_DEFENCES", "1", "1: the vote-path defences below are on; 0: off (e.g. local simulated raters)"),
     EnvVar("NCP_VOTES_PER_MINUTE", f"{_ABUSE.votes_per_minute:g}", "votes per minute per rater (0: no rate limit)"),
     EnvVar("NCP_VOTE_BURST", str(_ABUSE.burst), "votes a rater may cast back to back before the rate limit applies"),
@@ -167,6 +173,9 @@ def config_from_env(env: Mapping[str, str]) -> ArenaConfig:
     loop = LoopConfig(
         model=model,
         shapes_probes=24 if shapes else 0,  # the shapes world gates on the pixel judge too (fixed probe set)
+        # With the judge as the gate, the implicit-accuracy criterion joins only once the held-out split is large
+        # enough to be more than noise (20 pairs give a 95% CI of about +-0.2 on an accuracy).
+        gate_min_eval_pairs=100 if shapes else _LOOP.gate_min_eval_pairs,
         train_every_s=float(_env(env, "NCP_TRAIN_EVERY_S", float, _LOOP.train_every_s)),
         min_new_votes=int(_env(env, "NCP_MIN_NEW_VOTES", int, _LOOP.min_new_votes)),
     )
@@ -189,6 +198,14 @@ def config_from_env(env: Mapping[str, str]) -> ArenaConfig:
         min_trust=float(_env(env, "NCP_MIN_TRUST", float, _ABUSE.min_trust)),
         review_every_votes=int(_env(env, "NCP_REVIEW_EVERY_VOTES", int, _ABUSE.review_every_votes)),
     )
+    repo = env.get("NCP_HUB_DATASET_REPO", "").strip()
+    hub = None
+    if repo:  # off unless a repo is named; then a token is required (HubPushConfig says so clearly)
+        hub = HubPushConfig(
+            repo_id=repo,
+            token=(env.get("NCP_HUB_TOKEN") or env.get("HF_TOKEN") or "").strip(),
+            every_s=float(_env(env, "NCP_HUB_PUSH_EVERY_S", float, 3600.0)),
+        )
     base = ArenaConfig()
     return ArenaConfig(
         data_dir=Path(env.get("NCP_DATA_DIR", "").strip() or default_data_dir()),
@@ -202,6 +219,7 @@ def config_from_env(env: Mapping[str, str]) -> ArenaConfig:
         admin_users=users,
         rater_salt=salt,
         abuse=abuse if defences == "1" else None,
+        hub_push=hub,
     )
 
 

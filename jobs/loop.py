@@ -123,12 +123,14 @@ class AlignmentLoop:
         config: LoopConfig,
         on_promote: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.time,
+        before_export: Callable[[], object] | None = None,
     ) -> None:
         self.store, self.registry, self.config = store, registry, config
         self.data_dir = Path(data_dir)
         self.rounds_dir = self.data_dir / "rounds"
         self.snapshots_dir = self.data_dir / "snapshots"
         self.on_promote = on_promote
+        self.before_export = before_export  # e.g. the abuse review: raters flagged now never reach this round
         self.clock = clock
         self.status = RoundStatus()
         self._round_lock = threading.Lock()
@@ -176,6 +178,8 @@ class AlignmentLoop:
         cfg = self.config
         parent = self.registry.current()
         self.status = RoundStatus(state="exporting", started=self.clock(), last=self.status.last)
+        if self.before_export is not None:
+            self.before_export()
         snap = export_snapshot(self.store, self.snapshots_dir, quarantine_s=cfg.quarantine_s)
         self._last_vote_id = max(self._last_vote_id, int(snap.manifest["vote_id_max"]))
         round_dir = self.rounds_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{snap.snapshot_id}"

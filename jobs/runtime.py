@@ -17,6 +17,7 @@ from feedback_store import FeedbackStore, pseudonymize
 from feedback_store.export import export_snapshot
 from jobs.abuse import AbuseConfig, VoteGuard
 from jobs.arena import ArenaService
+from jobs.hub_push import HubPushConfig, HubPusher
 from jobs.loop import AlignmentLoop, LoopConfig
 from jobs.prompts import Blocklist, PoolPrompt, PromptPool, load_pool
 from jobs.registry import BASE, AdapterRegistry
@@ -51,6 +52,7 @@ class ArenaConfig:
     # Abuse defences of the vote path (rate limits, caps, too-fast flags, trust, anomaly review; jobs/abuse.py).
     # None: off, for in-process tests and simulations; app.py's entry point turns them on (NCP_ABUSE_DEFENCES).
     abuse: AbuseConfig | None = None
+    hub_push: HubPushConfig | None = None  # periodic push of the export to a HF dataset repo (jobs/hub_push.py)
 
     @property
     def is_shapes(self) -> bool:
@@ -106,8 +108,14 @@ class Runtime:
         )
         self.arena.prefetcher.mix = config.mix
         self.arena.guard = VoteGuard(self.store, config.abuse) if config.abuse is not None else None
-        self.loop = AlignmentLoop(self.store, self.registry, data, config.loop, on_promote=self.serve)
+        review = self.arena.guard.review if self.arena.guard is not None else None
+        self.loop = AlignmentLoop(
+            self.store, self.registry, data, config.loop, on_promote=self.serve, before_export=review
+        )
         self.scheduler = LoopScheduler(self.loop, config.loop.train_every_s)
+        self.hub = HubPusher(self.store, data, config.hub_push) if config.hub_push is not None else None
+        if self.hub is not None:
+            self.scheduler.add_periodic("hub-push", self.hub.push, config.hub_push.every_s)
         self._swap_lock = threading.Lock()
 
     # -- lifecycle ----------------------------------------------------------------------------------------------------

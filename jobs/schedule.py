@@ -32,6 +32,12 @@ class LoopScheduler:
         result = self.loop.run_round(trigger="admin") if force else self.loop.tick()
         logger.info("alignment round: %s (%s)", result.status, result.reason)
 
+    def add_periodic(self, job_id: str, fn, every_s: float) -> None:  # noqa: ANN001 - any callable
+        """Another job on the same scheduler (e.g. the hub push); never overlapping itself, missed ticks skipped."""
+        self.scheduler.add_job(
+            fn, "interval", seconds=every_s, id=job_id, max_instances=1, coalesce=True, misfire_grace_time=None
+        )
+
     def start(self) -> None:
         self.scheduler.start()
 

@@ -205,19 +205,26 @@ def test_config_from_env_maps_every_variable(tmp_path: Path) -> None:
         "NCP_GUIDANCE": "1.5",
         "NCP_SCHEDULE": "0",
         "NCP_PREFETCH": "3",
+        "NCP_RATINGS_PER_PAIR": "2",
+        "NCP_HUB_DATASET_REPO": "alice/prefs",
+        "HF_TOKEN": "hf_x",
+        "NCP_HUB_PUSH_EVERY_S": "600",
     }
     cfg = app.config_from_env(env)
+    assert cfg.ratings_per_pair == 2
+    assert (cfg.hub_push.repo_id, cfg.hub_push.token, cfg.hub_push.every_s) == ("alice/prefs", "hf_x", 600.0)
     assert cfg.data_dir == tmp_path / "d" and cfg.model == str(tmp_path / "m") and cfg.loop.model == cfg.model
     assert (cfg.admin_token, cfg.admin_users, cfg.rater_salt) == ("tok", ("alice", "bob"), "0123456789abcdef0123")
     assert (cfg.loop.train_every_s, cfg.loop.min_new_votes) == (60.0, 5)
     assert (cfg.sampling.steps, cfg.sampling.guidance, cfg.schedule, cfg.prefetch) == (7, 1.5, False, 3)
     default = app.config_from_env({})
-    assert default.schedule and default.admin_token is None and default.is_shapes
+    assert default.schedule and default.admin_token is None and default.is_shapes and default.hub_push is None
     for bad, match in [
         ({"NCP_STEPS": "many"}, "NCP_STEPS"),
         ({"NCP_SCHEDULE": "yes"}, "NCP_SCHEDULE"),
         ({"NCP_RATER_SALT": "short"}, "NCP_RATER_SALT"),
         ({"NCP_STEPS": "0"}, "steps"),
+        ({"NCP_HUB_DATASET_REPO": "alice/prefs"}, "token"),
     ]:
         with pytest.raises(ValueError, match=match):
             app.config_from_env(bad)
