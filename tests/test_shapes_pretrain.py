@@ -33,6 +33,8 @@ def run(tmp: Path, unet_steps: int) -> None:
         "2",
         "--ckpt-every",
         "2",
+        "--decoder-steps",
+        "2",
     ]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=600)
 
@@ -48,3 +50,8 @@ def test_pretrain_writes_a_loadable_pipeline_and_resumes(tmp_path: Path) -> None
     assert (tmp_path / "work" / "latest" / "step.txt").read_text() == "4"
     log = [json.loads(x) for x in (tmp_path / "work" / "log.jsonl").read_text().splitlines()]
     assert sum(1 for r in log if r.get("stage") == "vae" and r.get("done")) == 1, "the VAE stage ran twice"
+    done = next(r for r in log if r.get("stage") == "vae" and r.get("done"))
+    # The latents are centred per channel (the pipeline decodes them with no shift): means ~0 on a fresh batch.
+    assert max(abs(m) for m in done["channel_means_after"]) < 0.1, done
+    scheduler = json.loads((tmp_path / "out" / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["beta_schedule"] == "scaled_linear", "the shipped recipe's noise schedule"
