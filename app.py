@@ -72,6 +72,7 @@ from jobs.prompts import PromptRejected  # noqa: E402
 from jobs.registry import RegistryError  # noqa: E402
 from jobs.runtime import SHAPES_MODEL, AdminDenied, ArenaConfig, Runtime  # noqa: E402
 from ncp.serving import SamplingConfig  # noqa: E402
+from ncp.shapes.model import DEFAULT_STEPS as SHAPES_STEPS  # noqa: E402
 
 logger = logging.getLogger("app")
 
@@ -109,7 +110,7 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("NCP_RATER_SALT", "a public default: set a secret", "salt of the rater pseudonyms (HMAC)"),
     EnvVar("NCP_TRAIN_EVERY_S", str(_LOOP.train_every_s), "seconds between scheduled training rounds"),
     EnvVar("NCP_MIN_NEW_VOTES", str(_LOOP.min_new_votes), "new trainable votes needed before a round starts"),
-    EnvVar("NCP_STEPS", str(_SAMPLING.steps), "diffusion steps per arena image"),
+    EnvVar("NCP_STEPS", f"{_SAMPLING.steps} (shapes model: {SHAPES_STEPS})", "diffusion steps per arena image"),
     EnvVar("NCP_GUIDANCE", str(_SAMPLING.guidance), "classifier-free guidance scale of arena images"),
     EnvVar("NCP_SCHEDULE", "1", "1: train on a timer; 0: only when an admin runs a round"),
     EnvVar("NCP_PREFETCH", str(ArenaConfig().prefetch), "ready pairs kept in the prefetch queue"),
@@ -180,7 +181,7 @@ def config_from_env(env: Mapping[str, str]) -> ArenaConfig:
         min_new_votes=int(_env(env, "NCP_MIN_NEW_VOTES", int, _LOOP.min_new_votes)),
     )
     sampling = SamplingConfig(
-        steps=int(_env(env, "NCP_STEPS", int, _SAMPLING.steps)),
+        steps=int(_env(env, "NCP_STEPS", int, SHAPES_STEPS if shapes else _SAMPLING.steps)),
         guidance=float(_env(env, "NCP_GUIDANCE", float, _SAMPLING.guidance)),
     )
     salt = env.get("NCP_RATER_SALT") or ArenaConfig().rater_salt

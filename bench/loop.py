@@ -33,6 +33,7 @@ from feedback_store.stats import leaderboard  # noqa: E402
 from jobs.loop import LoopConfig  # noqa: E402
 from jobs.runtime import SHAPES_MODEL, ArenaConfig, Runtime  # noqa: E402
 from ncp.serving import PairMix, SamplingConfig  # noqa: E402
+from ncp.shapes.model import DEFAULT_STEPS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         loop=loop,
         schedule=True,
         prefetch=8,
-        sampling=SamplingConfig(),
+        sampling=SamplingConfig(steps=DEFAULT_STEPS),
         mix=PairMix(on_policy=0.6, cross_version=0.35, control=0.05),
     )
     rt = Runtime(config)
