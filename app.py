@@ -399,7 +399,9 @@ def api_next_pair(ctx: Ctx, session_id: str, prompt: str = "") -> dict:
     except InputRejected as err:
         return _refusal(err.reason_code, err.message)
     try:
-        pair = ctx.runtime.arena.next_pair(session, (prompt or "").strip() or None)
+        # Only text is stripped; anything else reaches validate_prompt, which refuses it ("not_text").
+        text = prompt.strip() if isinstance(prompt, str) else prompt
+        pair = ctx.runtime.arena.next_pair(session, text or None)
     except PromptRejected as err:
         return _refusal(err.code, str(err))
     ctx.clock.issued(pair.token)
@@ -416,6 +418,8 @@ def api_vote(ctx: Ctx, session_id: str, token: str, outcome: str, reasons: list[
     """Vote on a pair issued to `session_id`; returns the reveal or a refusal. See the module docstring."""
     if isinstance(reasons, str):
         reasons = [r.strip() for r in reasons.split(",") if r.strip()]
+    elif not isinstance(reasons, list):
+        return _refusal("invalid_reasons", "reasons must be a list of short strings or one comma-separated string.")
     try:
         session = views.check_session(session_id)
         rater = ctx.runtime.rater_id(f"session:{session}")

@@ -73,7 +73,7 @@ def validate_prompt(
     """Return the normalised prompt or raise PromptRejected with a reason the rater can act on."""
     if not isinstance(text, str):
         raise PromptRejected("not_text", "The prompt must be text.")
-    if "\x00" in text or any(unicodedata.category(ch) in ("Cc", "Cf") and ch not in "\t\n" for ch in text):
+    if "\x00" in text or any(unicodedata.category(ch) in ("Cc", "Cf", "Cs") and ch not in "\t\n" for ch in text):
         raise PromptRejected("control_chars", "The prompt contains control characters; type plain text.")
     text = " ".join(text.split())
     if not text:
