@@ -1,0 +1,311 @@
+"""Malformed and hostile requests against the real HTTP server: each must be refused with a clear message (or, for
+an identical replay, answered with the first receipt) and change nothing stored.
+
+    from bench.bad_input import BadInputServer, CASES, run_cases
+    with BadInputServer(tmp) as srv:
+        rows = run_cases(srv)       # one row per case: request, response, expected, stored state unchanged?
+
+The server is app.py's own configuration (`config_from_env`) and UI (`build_demo`, `launch_kwargs`) on the embedded
+shapes model, launched in this process so each case can compare the stored state before and after: every table's
+row count and a sha256 of every table's content, the registry pointer, the blocklist file, the schedule and the
+served version. Requests go over plain HTTP (httpx) through Gradio's REST protocol (POST /gradio_api/call/<api>,
+then read the event stream), so wrong types, raw bytes and malformed bodies reach the server exactly as sent.
+Used by bench/reliability.py (the table in docs/RELIABILITY.md) and tests/test_bad_input.py (CI).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+import app
+from bench.net import free_port
+from jobs.runtime import Runtime
+
+ADMIN_TOKEN = "bad-input-admin-token-0123456789abcdef"
+BLOCKED = "forbiddenword"  # put on the blocklist before the cases run
+FULL = "forbiddenword\n# the benchmark's blocklist\n"
+
+
+@dataclass(frozen=True)
+class Request:
+    api: str  # "vote" | "next_pair" | "admin" | anything else (an endpoint that does not exist)
+    data: list | None = None  # the JSON arguments, or ...
+    raw: bytes | None = None  # ... a raw request body
+    same_vote_id: int | None = None  # an identical replay: the answer must be this vote's first receipt
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    group: str
+    make: Callable[[BadInputServer], Request]  # runs the setup (fresh pairs, earlier votes) and builds the request
+    expect: str  # the refusal code, or "same_vote", "http_400", "http_500", "gradio_error" (refused by Gradio)
+    shown: str = ""  # how the request appears in the docs' table (default: a shortened repr of the arguments)
+
+
+class BadInputServer:
+    """The app (shapes model, defences on, schedule off) serving on a free localhost port, plus setup helpers."""
+
+    def __init__(self, tmp: Path, steps: int = 2) -> None:
+        env = {
+            "NCP_DATA_DIR": str(Path(tmp) / "data"),
+            "NCP_ADMIN_TOKEN": ADMIN_TOKEN,
+            "NCP_RATER_SALT": "bad-input-salt-0123456789",
+            "NCP_STEPS": str(steps),
+            "NCP_SCHEDULE": "0",
+            "NCP_PREFETCH": "4",
+            "NCP_VOTES_PER_MINUTE": "100000",  # the cases come from a few sessions: rate limits are not under test
+            "NCP_VOTE_BURST": "10000",
+            "NCP_REVIEW_EVERY_VOTES": "0",  # no background review changing rater rows between before and after
+        }
+        self.config = app.config_from_env(env)
+        self.runtime = Runtime(self.config)
+        self.runtime.start()
+        self.demo = app.build_demo(self.runtime)
+        port = free_port()
+        self.demo.launch(
+            server_name="127.0.0.1",
+            server_port=port,
+            prevent_thread_lock=True,
+            quiet=True,
+            **app.launch_kwargs(self.runtime),
+        )
+        self.url = f"http://127.0.0.1:{port}"
+        self.http = httpx.Client(timeout=120)
+        self.runtime.admin_set_blocklist(FULL, ADMIN_TOKEN)
+
+    def __enter__(self) -> BadInputServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.http.close()
+        self.demo.close()
+        self.runtime.stop()
+
+    # -- setup helpers (their requests happen before the "before" state is read) --------------------------------------
+    def fresh(self, session: str) -> str:
+        """A new pair issued to `session`; returns its token."""
+        res = send(self, Request("next_pair", [session, ""]))
+        if "token" not in res.body:
+            raise RuntimeError(f"setup failed: /next_pair gave {res}")
+        return res.body["token"]
+
+    def voted(self, session: str, outcome: str = "left") -> tuple[str, dict]:
+        token = self.fresh(session)
+        reveal = send(self, Request("vote", [session, token, outcome, ""])).body
+        if "vote_id" not in reveal:
+            raise RuntimeError(f"setup failed: /vote gave {reveal}")
+        return token, reveal
+
+    def expired(self, session: str) -> str:
+        """A pair issued with a 1 s time-to-live (ArenaConfig.pair_ttl_s, 1 h by default), then waited out."""
+        arena = self.runtime.arena
+        ttl, arena.pair_ttl_s = arena.pair_ttl_s, 1
+        try:
+            token = self.fresh(session)
+        finally:
+            arena.pair_ttl_s = ttl
+        time.sleep(2.5)
+        return token
+
+    def state(self) -> dict:
+        """What a refused request must not change: rows and content of every table, files the admin edits."""
+        store, rt = self.runtime.store, self.runtime
+        counts = store.counts()
+        digest = hashlib.sha256()
+        cur = store._cur()
+        for table in counts:  # fixed table names from the store itself
+            digest.update(repr(cur.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall()).encode())
+        pointer = rt.registry.pointer
+        return {
+            "counts": counts,
+            "content_sha256": digest.hexdigest(),
+            "registry_pointer": pointer.read_text() if pointer.exists() else None,
+            "blocklist": rt.blocklist.path.read_text() if rt.blocklist.path.exists() else None,
+            "paused": rt.scheduler.paused,
+            "serving": rt.generation.serving_version,
+        }
+
+
+@dataclass(frozen=True)
+class Response:
+    kind: str  # "complete" | "error" (a Gradio error event) | "http" (a non-200 status)
+    status: int
+    body: dict = field(default_factory=dict)
+    text: str = ""
+
+    @property
+    def code(self) -> str:
+        if self.kind == "http":
+            return f"http_{self.status}"
+        if self.kind == "error":
+            return "gradio_error"
+        return str(self.body.get("error", "vote" if "vote_id" in self.body else "ok"))
+
+    @property
+    def message(self) -> str:
+        if self.kind == "complete":
+            return str(self.body.get("message", json.dumps(self.body)[:120]))
+        return self.text[:160]
+
+
+def send(srv: BadInputServer, req: Request) -> Response:
+    """POST /gradio_api/call/<api> (JSON arguments or a raw body), then read the result from the event stream."""
+    body = req.raw if req.raw is not None else json.dumps({"data": req.data}).encode()
+    r = srv.http.post(
+        f"{srv.url}/gradio_api/call/{req.api}", content=body, headers={"content-type": "application/json"}
+    )
+    if r.status_code != 200:
+        return Response("http", r.status_code, text=r.text)
+    s = srv.http.get(f"{srv.url}/gradio_api/call/{req.api}/{r.json()['event_id']}")
+    event, data = "", ""
+    for line in s.text.splitlines():
+        if line.startswith("event:"):
+            event = line.split(":", 1)[1].strip()
+        elif line.startswith("data:"):
+            data = line.split(":", 1)[1].strip()
+    if event == "complete":
+        payload = json.loads(data)
+        return Response("complete", s.status_code, payload[0] if payload and isinstance(payload[0], dict) else {})
+    return Response("error", s.status_code, text=data)
+
+
+def _forged() -> str:
+    return secrets.token_urlsafe(32)  # the same shape as a real token, never issued by this server
+
+
+def _vote(session: str, token: object, outcome: object = "left", reasons: object = "") -> Request:
+    return Request("vote", [session, token, outcome, reasons])
+
+
+def _pair(session: object, prompt: object = "") -> Request:
+    return Request("next_pair", [session, prompt])
+
+
+def _admin(token: object, action: str, value: str = "") -> Request:
+    return Request("admin", [token, action, value])
+
+
+def _replay(srv: BadInputServer) -> Request:
+    token, reveal = srv.voted("bi-replay", "tie")
+    return Request("vote", ["bi-replay", token, "tie", ""], same_vote_id=reveal["vote_id"])
+
+
+MB = 1 << 20
+SQL = "x'); DROP TABLE votes; --"
+CASES: tuple[Case, ...] = (
+    # -- pair tokens ------------------------------------------------------------------------------------------------
+    Case("forged_token", "token", lambda s: _vote("bi-a", _forged()), "unknown_token", "/vote(s, <43-char token never issued>, left)"),
+    Case("short_token", "token", lambda s: _vote("bi-a", "abc"), "unknown_token"),
+    Case("huge_token", "token", lambda s: _vote("bi-a", "A" * MB), "unknown_token", "/vote(s, 'A' x 1 MiB, left)"),
+    Case("sql_token", "token", lambda s: _vote("bi-a", "' OR '1'='1' --  padding"), "unknown_token"),
+    Case("binary_token", "token", lambda s: _vote("bi-a", bytes(range(256)).decode("latin-1")), "unknown_token", "/vote(s, bytes 0x00..0xff as text, left)"),
+    Case("token_wrong_type", "token", lambda s: _vote("bi-a", {"token": 1}), "unknown_token"),
+    Case("token_null", "token", lambda s: _vote("bi-a", None), "unknown_token"),
+    Case("expired_token", "token", lambda s: _vote("bi-exp", s.expired("bi-exp")), "expired", "/vote(s, <token of a pair issued with a 1 s TTL, 2.5 s ago>, left)"),
+    Case("foreign_token", "token", lambda s: _vote("bi-a", s.fresh("bi-b")), "wrong_session", "/vote(s, <token issued to another session>, left)"),
+    Case("replayed_other_outcome", "token", lambda s: _vote("bi-r", s.voted("bi-r", "left")[0], "right"), "conflicting_vote", "/vote(s, <token already voted 'left'>, right)"),
+    Case("replayed_same_vote", "token", _replay, "same_vote", "/vote(s, <token already voted 'tie'>, tie): the first receipt again"),
+    # -- outcomes ---------------------------------------------------------------------------------------------------
+    Case("outcome_unknown", "outcome", lambda s: _vote("bi-o", s.fresh("bi-o"), "sideways"), "invalid_outcome"),
+    Case("outcome_empty", "outcome", lambda s: _vote("bi-o", s.fresh("bi-o"), ""), "invalid_outcome"),
+    Case("outcome_case", "outcome", lambda s: _vote("bi-o", s.fresh("bi-o"), "LEFT"), "invalid_outcome"),
+    Case("outcome_sql", "outcome", lambda s: _vote("bi-o", s.fresh("bi-o"), "left" + SQL), "invalid_outcome"),
+    Case("outcome_list", "outcome", lambda s: _vote("bi-o", s.fresh("bi-o"), ["left"]), "invalid_outcome"),
+    Case("outcome_number", "outcome", lambda s: _vote("bi-o", s.fresh("bi-o"), 1), "invalid_outcome"),
+    Case("outcome_null", "outcome", lambda s: _vote("bi-o", s.fresh("bi-o"), None), "invalid_outcome"),
+    # -- sessions ---------------------------------------------------------------------------------------------------
+    Case("session_sql", "session", lambda s: _vote(SQL, s.fresh("bi-s")), "invalid_session"),
+    Case("session_too_long", "session", lambda s: _pair("x" * 200), "invalid_session"),
+    Case("session_control_char", "session", lambda s: _pair("bot\x00one"), "invalid_session"),
+    Case("session_unicode", "session", lambda s: _pair("bøt-ünïcode"), "invalid_session"),
+    Case("session_number", "session", lambda s: _pair(12345), "invalid_session"),
+    Case("session_empty", "session", lambda s: _pair(""), "invalid_session"),
+    # -- reasons ----------------------------------------------------------------------------------------------------
+    Case("reasons_too_many", "reasons", lambda s: _vote("bi-re", s.fresh("bi-re"), "left", ["x"] * 100), "reasons_too_large"),
+    Case("reasons_huge", "reasons", lambda s: _vote("bi-re", s.fresh("bi-re"), "left", ["x" * MB]), "invalid_text", "/vote(s, token, left, ['x' x 1 MiB])"),
+    Case("reasons_control_char", "reasons", lambda s: _vote("bi-re", s.fresh("bi-re"), "left", ["\x07bell"]), "invalid_text"),
+    Case("reasons_bidi", "reasons", lambda s: _vote("bi-re", s.fresh("bi-re"), "left", ["\u202eevil"]), "invalid_text"),
+    Case("reasons_wrong_type", "reasons", lambda s: _vote("bi-re", s.fresh("bi-re"), "left", 5), "invalid_reasons"),
+    # -- typed prompts ----------------------------------------------------------------------------------------------
+    Case("prompt_control_char", "prompt", lambda s: _pair("bi-p", "a red\x00 circle"), "control_chars"),
+    Case("prompt_bidi", "prompt", lambda s: _pair("bi-p", "a red circle \u202eelcric der a"), "control_chars"),
+    Case("prompt_binary", "prompt", lambda s: _pair("bi-p", bytes(range(256)).decode("latin-1")), "control_chars", "/next_pair(s, bytes 0x00..0xff as text)"),
+    Case("prompt_lone_surrogate", "prompt", lambda s: Request("next_pair", raw=b'{"data": ["bi-p", "a red \\ud800 circle"]}'), "control_chars", 'raw JSON ["bi-p", "a red \\ud800 circle"]'),
+    Case("prompt_too_long", "prompt", lambda s: _pair("bi-p", "a red circle " * 40), "too_long", "/next_pair(s, 'a red circle ' x 40)"),
+    Case("prompt_huge", "prompt", lambda s: _pair("bi-p", "a" * (20 * MB)), "too_long", "/next_pair(s, 'a' x 20 MiB): oversized payload"),
+    Case("prompt_sql", "prompt", lambda s: _pair("bi-p", "a red circle" + SQL), "model_grammar"),
+    Case("prompt_markup", "prompt", lambda s: _pair("bi-p", "<script>alert(1)</script>"), "model_grammar"),
+    Case("prompt_blocked", "prompt", lambda s: _pair("bi-p", f"a red {BLOCKED} circle"), "blocked"),
+    Case("prompt_wrong_type", "prompt", lambda s: _pair("bi-p", 5), "not_text"),
+    # -- admin ------------------------------------------------------------------------------------------------------
+    Case("admin_no_token_run_round", "admin", lambda s: _admin("", "run_round"), "admin_denied"),
+    Case("admin_no_token_status", "admin", lambda s: _admin("", "status"), "admin_denied"),
+    Case("admin_no_token_read_blocklist", "admin", lambda s: _admin(None, "read_blocklist"), "admin_denied"),
+    Case("admin_wrong_token_promote", "admin", lambda s: _admin("wrong-token", "promote", "base"), "admin_denied"),
+    Case("admin_token_prefix_pause", "admin", lambda s: _admin(ADMIN_TOKEN[:-1], "pause"), "admin_denied", "/admin(<the token minus its last character>, pause)"),
+    Case("admin_sql_token_blocklist", "admin", lambda s: _admin("' OR '1'='1", "set_blocklist", ""), "admin_denied"),
+    Case("admin_token_wrong_type", "admin", lambda s: _admin([ADMIN_TOKEN], "resume"), "admin_denied", "/admin([<the right token, in a list>], resume)"),
+    Case("admin_unknown_action", "admin", lambda s: _admin(ADMIN_TOKEN, "drop_tables"), "unknown_action", "/admin(<token>, drop_tables)"),
+    Case("admin_promote_unknown_version", "admin", lambda s: _admin(ADMIN_TOKEN, "promote", "v9999"), "invalid_value", "/admin(<token>, promote, v9999)"),
+    Case("admin_promote_path_traversal", "admin", lambda s: _admin(ADMIN_TOKEN, "promote", "../../etc/passwd"), "invalid_value", "/admin(<token>, promote, ../../etc/passwd)"),
+    # -- malformed HTTP ---------------------------------------------------------------------------------------------
+    Case("body_not_json", "http", lambda s: Request("vote", raw=b"\xff\xfe not json"), "http_400", "POST /vote with body b'\\xff\\xfe not json'"),
+    Case("body_wrong_shape", "http", lambda s: Request("vote", raw=b'{"data": "left"}'), "http_422"),
+    Case("missing_arguments", "http", lambda s: Request("next_pair", ["bi-h"]), "gradio_error"),
+    Case("extra_arguments", "http", lambda s: Request("admin", ["", "status", "", "extra", "args"]), "admin_denied", "/admin('', status, '', 'extra', 'args'): extras ignored"),
+    Case("unknown_endpoint", "http", lambda s: Request("drop_tables", ["x"]), "http_500"),
+)  # fmt: skip
+
+
+def shown(case: Case, req: Request) -> str:
+    if case.shown:
+        return case.shown
+    args = ", ".join(_short(a) for a in (req.data or []))
+    return f"/{req.api}({args})" if req.raw is None else f"POST /{req.api} body {_short(req.raw)}"
+
+
+def _short(value: object, n: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def run_cases(srv: BadInputServer, cases: tuple[Case, ...] = CASES) -> list[dict]:
+    """Run every case on one server; a row per case with the response and whether the stored state changed."""
+    rows = []
+    for case in cases:
+        req = case.make(srv)  # setup requests (fresh pairs, earlier votes) happen here, before the snapshot
+        before = srv.state()
+        t0 = time.perf_counter()
+        res = send(srv, req)
+        ms = 1000 * (time.perf_counter() - t0)
+        after = srv.state()
+        if req.same_vote_id is not None:
+            ok = res.code == "vote" and res.body.get("vote_id") == req.same_vote_id
+            code = "same_vote" if ok else res.code
+        else:
+            code = res.code
+        rows.append(
+            {
+                "case": case.name,
+                "group": case.group,
+                "request": shown(case, req),
+                "expected": case.expect,
+                "code": code,
+                "message": res.message,
+                "http_status": res.status,
+                "ms": ms,
+                "unchanged": before == after,
+                "changed": sorted(k for k in before if before[k] != after[k]),
+                "passed": code == case.expect and before == after,
+            }
+        )
+    return rows

@@ -1,0 +1,204 @@
+"""Poisoning part of the reliability benchmark: a share of the simulated raters invert the judge; how much of the
+clean loop's judge-score gain survives, without and with the abuse defences? (bench/reliability.py runs it.)
+
+Three arms with the same seeds (same prompts, pairs, raters and their random streams): `clean` (every rater honest),
+`poisoned` (the adversaries vote, no defences: ArenaConfig.abuse=None, no per-rater share cap) and `defended`
+(the same adversaries, app.py's default AbuseConfig and LoopConfig.max_rater_share). Each arm runs in this process,
+no HTTP: a Runtime on the embedded shapes model, raters taking turns (a shuffled order per cycle) asking
+`arena.next_pair` and answering `arena.vote` with the time to vote a human would take (lognormal around
+`median_vote_ms`, at least 1.6 s, so the too-fast rule does not catch anyone trivially), on a simulated clock that
+the rate limiter reads, then `loop.run_round()` after every `votes_per_round` votes.
+
+Adversaries are `ncp.shapes.rater.SimulatedRater(adversarial=True)`: they prefer the image the judge likes less, on
+control pairs too (so they pick the broken image), and call two good images "both bad". The defences that can act:
+control-pair trust, disagreement with the consensus of other raters (each pool pair is shown to `ratings_per_pair`
+sessions), the one-side and speed rules, and the per-rater share cap of a round's pairs.
+
+The promotion gate is off in every arm (every trained candidate is served): in the shapes world it reads the pixel
+judge, an oracle a real deployment does not have, and would hide what the votes did to the weights. The gain of an
+arm is the judge score of the version served after the last round minus the base model's, on the fixed probe set
+(prompts x seeds disjoint from the raters' pool), with the 95% CI of the paired difference.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from PIL import Image
+
+from feedback_store import VoteRejected
+from jobs.abuse import AbuseConfig
+from jobs.loop import LoopConfig
+from jobs.runtime import SHAPES_MODEL, ArenaConfig, Runtime
+from ncp.serving import SamplingConfig
+from ncp.shapes.model import DEFAULT_STEPS
+from ncp.shapes.rater import SimulatedRater
+
+ARMS = ("clean", "poisoned", "defended")
+
+
+@dataclass(frozen=True)
+class PoisonSettings:
+    raters: int = 10
+    adversarial_share: float = 0.2
+    rounds: int = 2
+    votes_per_round: int = 300  # votes of all raters together between two rounds
+    ratings_per_pair: int = 3  # sessions a pool pair is shown to (the consensus the disagreement rule reads)
+    noise: float = 0.05  # logistic temperature of every rater's choice (SimulatedRater)
+    median_vote_ms: float = 4000.0
+    steps: int = DEFAULT_STEPS  # arena sampling steps (the shapes model's default)
+    max_steps: int = 120  # training steps per round
+    lr: float = 5e-4
+    beta: float = LoopConfig().beta
+    probes: int = 48  # judge probe prompts of each round's evaluation
+    probe_seeds: int = 2
+    seed: int = 0
+    keep_data: bool = False
+
+
+def adversaries(s: PoisonSettings) -> set[int]:
+    """Evenly spread rater indices (so two adversaries rarely form the whole consensus of a pair)."""
+    n = round(s.adversarial_share * s.raters)
+    return {math.floor(k * s.raters / n) for k in range(n)} if n else set()
+
+
+class SimClock:
+    """Epoch seconds that advance only when a vote is cast (the rate limiter's clock)."""
+
+    def __init__(self) -> None:
+        self.t = time.time()
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def arm_config(arm: str, s: PoisonSettings, data_dir: Path) -> ArenaConfig:
+    loop = LoopConfig(
+        model=str(SHAPES_MODEL),
+        max_steps=s.max_steps,
+        lr=s.lr,
+        beta=s.beta,
+        shapes_probes=s.probes,
+        probe_seeds=s.probe_seeds,
+        min_new_votes=1,
+        gate_min_acc_delta=-1.0,  # the gate is off: every candidate is served (see the module docstring)
+        gate_min_judge_delta=-1.0,
+        max_rater_share=LoopConfig().max_rater_share if arm == "defended" else 1.0,
+        time_limit_s=1800.0,
+        eval_time_limit_s=1800.0,
+    )
+    return ArenaConfig(
+        data_dir=data_dir,
+        model=str(SHAPES_MODEL),
+        sampling=SamplingConfig(steps=s.steps),
+        loop=loop,
+        schedule=False,
+        prefetch=8,
+        ratings_per_pair=s.ratings_per_pair,
+        rater_salt="poisoning-bench-salt-0123456789",
+        seed=s.seed,
+        abuse=AbuseConfig() if arm == "defended" else None,
+    )
+
+
+def run_arm(arm: str, s: PoisonSettings, work: Path) -> dict:
+    t0 = time.time()
+    rt = Runtime(arm_config(arm, s, work / arm))
+    clock = SimClock()
+    if rt.arena.guard is not None:
+        rt.arena.guard.clock = clock
+    bad = adversaries(s) if arm != "clean" else set()
+    sessions = [f"p{i}{'-adv' if i in bad else ''}" for i in range(s.raters)]
+    raters = [SimulatedRater(noise=s.noise, seed=s.seed * 1000 + i, adversarial=i in bad) for i in range(s.raters)]
+    ids = [rt.rater_id(f"session:{name}") for name in sessions]
+    adv_ids = {ids[i] for i in bad}
+    order_rng, pace_rng = random.Random(s.seed), random.Random(s.seed + 1)
+    rounds, refused = [], 0
+    rt.start()
+    try:
+        for _ in range(s.rounds):
+            cast = 0
+            while cast < s.votes_per_round:
+                order = list(range(s.raters))
+                order_rng.shuffle(order)
+                for i in order[: s.votes_per_round - cast]:
+                    pair = rt.arena.next_pair(sessions[i])
+                    left, right = (Image.open(p).convert("RGB") for p in (pair.left_path, pair.right_path))
+                    outcome = raters[i].vote(pair.prompt, left, right)
+                    ms = int(max(1600.0, pace_rng.lognormvariate(math.log(s.median_vote_ms), 0.4)))
+                    clock.t += ms / 1000 / s.raters  # the raters vote in parallel: each waits `ms` between votes
+                    try:
+                        rt.arena.vote(sessions[i], pair.token, outcome, ids[i], time_to_vote_ms=ms)
+                    except VoteRejected:
+                        refused += 1
+                    cast += 1
+            t_round = time.time()
+            res = rt.loop.run_round(trigger="bench")
+            rounds.append(round_row(rt, res, adv_ids, time.time() - t_round))
+        raters_out = {
+            "shadow_excluded": [
+                {"adversary": st["rater"] in adv_ids, "reason": rt.store.rater(st["rater"]).status_reason}
+                for st in rt.store.rater_stats()
+                if st["status"] == "shadow_excluded"
+            ],
+        }
+    finally:
+        rt.stop()
+        if not s.keep_data:
+            shutil.rmtree(work / arm, ignore_errors=True)
+    served = next((row for row in reversed(rounds) if row["status"] == "promoted"), None)
+    return {
+        "arm": arm,
+        "adversaries": len(bad),
+        "refused_votes": refused,
+        "rounds": rounds,
+        "served": None if served is None else served["version"],
+        "judge": None if served is None else served["judge"],
+        "base_judge": next((row["base_judge"] for row in rounds if row["base_judge"] is not None), None),
+        "gain": 0.0 if served is None else served["gain"],
+        "gain_ci95": None if served is None else served["gain_ci95"],
+        "seconds": time.time() - t0,
+    } | raters_out
+
+
+def round_row(rt: Runtime, res, adv_ids: set[str], seconds: float) -> dict:
+    ev = res.metrics.get("eval", {})
+    cand = ev.get("versions", {}).get("candidate", {})
+    trained = poisoned = None
+    if rt.loop.status.round_dir:
+        train = Path(rt.loop.status.round_dir) / "train.parquet"
+        if train.exists():
+            who = pq.read_table(train, columns=["rater"]).column("rater").to_pylist()
+            trained, poisoned = len(who), sum(1 for w in who if w in adv_ids)
+    return {
+        "status": res.status,
+        "reason": res.reason,
+        "version": res.version,
+        "seconds": seconds,
+        "pairs_trained": trained,
+        "adversary_pairs_trained": poisoned,
+        "judge": cand.get("judge"),
+        "base_judge": ev.get("base_judge"),
+        "gain": cand.get("judge_gain_vs_base"),
+        "gain_ci95": cand.get("judge_gain_ci"),
+    }
+
+
+def run(s: PoisonSettings, work: Path | None = None, arms: tuple[str, ...] = ARMS) -> dict:
+    work = Path(work or tempfile.mkdtemp(prefix="ncp-poisoning-"))
+    results = {arm: run_arm(arm, s, work) for arm in arms}
+    out = {"settings": asdict(s) | {"adversary_indices": sorted(adversaries(s))}, "arms": results}
+    clean = results.get("clean", {}).get("gain")
+    for arm in ("poisoned", "defended"):  # a share of a gain that is not positive means nothing
+        if arm in results and clean is not None and clean > 0:
+            results[arm]["share_of_clean_gain"] = results[arm]["gain"] / clean
+    defended = results.get("defended", {}).get("share_of_clean_gain")
+    out["goal"] = {"target": 0.8, "defended_share": defended, "met": None if defended is None else defended >= 0.8}
+    return out

@@ -1,0 +1,285 @@
+"""docs/RELIABILITY.md from docs/benchmarks/reliability.json (bench/reliability.py calls `render`; rerun the doc alone
+with `python -m bench.reliability --render-only`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench.reliability_http import LoadSettings, server_env
+
+LOAD_GOAL = (
+    "32 clients x 300 votes, hot-swap every 10 s, a training round: 0 failed requests, 0 lost or duplicated acks"
+)
+CRASH_GOAL = "SIGKILL mid-load, restart: every acknowledged vote there, the registry's version served"
+BAD_GOAL = ">= 30 malformed or hostile requests, each refused with a clear message, nothing stored changed"
+POISON_GOAL = "20% adversarial raters: gain with defences >= 80% of the clean run's"
+
+
+def _yes(ok: bool | None) -> str:
+    return "not measurable" if ok is None else ("**yes**" if ok else "**no**")
+
+
+def _ms(d: dict) -> str:
+    return "" if not d.get("n") else f"{d['p50']:.0f} / {d['p95']:.0f} / {d['p99']:.0f} / {d['max']:.0f}"
+
+
+def _f(x: float | None, spec: str = ".3f") -> str:
+    return "" if x is None else format(x, spec)
+
+
+def load_ok(r: dict) -> bool:
+    st = r["store"]
+    clean = not (st["acknowledged_missing"] or st["acknowledged_mismatched"])
+    clean = clean and not (st["one_vote_id_for_two_votes"] or st["two_vote_ids_for_one_pair"])
+    served = r["events"].get("final", {}).get("equal", False)
+    if r["events"].get("crash"):
+        served = served and r["events"]["crash"]["equal"]
+    return clean and r["failed_requests"] == 0 and served and r["acknowledged_votes"] > 0
+
+
+def _size(r: dict) -> str:
+    s = r["settings"]
+    return f"{s['clients']} clients x {s['votes']} votes ({r['mode']})"
+
+
+def summary(parts: dict) -> list[str]:
+    lines = ["| part | goal | result | met | run |", "|---|---|---|---|---|"]
+    for name, goal in (("load", LOAD_GOAL), ("crash", CRASH_GOAL)):
+        r = parts.get(name)
+        if r is None:
+            lines.append(f"| {name} | {goal} | not run yet | | |")
+            continue
+        st = r["store"]
+        res = (
+            f"{_size(r)}: {r['failed_requests']} failed of {r['requests']} requests, {r['acknowledged_votes']} acks, "
+            f"{st['acknowledged_missing']} lost, {st['one_vote_id_for_two_votes'] + st['two_vote_ids_for_one_pair']}"
+            f" duplicated, {st['stored_not_acknowledged']} stored without an ack"
+        )
+        if name == "crash" and r["events"].get("crash"):
+            c = r["events"]["crash"]
+            res += f"; restart {c['restart_s']:.0f} s, served {c['served']} = registry {c['registry_current']}"
+        lines.append(f"| {name} | {goal} | {res} | {_yes(load_ok(r))} | {r['finished']} |")
+    r = parts.get("bad_input")
+    if r is None:
+        lines.append(f"| bad input | {BAD_GOAL} | not run yet | | |")
+    else:
+        rows = r["cases"]
+        ok = sum(c["passed"] for c in rows)
+        unchanged = sum(c["unchanged"] for c in rows)
+        met = ok == len(rows) >= 30
+        res = f"{ok}/{len(rows)} as expected; stored state unchanged in {unchanged}/{len(rows)}"
+        lines.append(f"| bad input | {BAD_GOAL} | {res} | {_yes(met)} | {r['finished']} |")
+    r = parts.get("poisoning")
+    if r is None:
+        lines.append(f"| poisoning | {POISON_GOAL} | not run yet | | |")
+    else:
+        arms = r["arms"]
+        res = ", ".join(f"{a} {_f(arms[a]['gain'], '+.3f')}" for a in arms)
+        share = r["goal"]["defended_share"]
+        res += f"; defended/clean {_f(share, '.0%')} ({r['mode']})" if share is not None else " (clean gain <= 0)"
+        lines.append(f"| poisoning | {POISON_GOAL} | {res} | {_yes(r['goal']['met'])} | {r['finished']} |")
+    return lines
+
+
+def load_section(name: str, r: dict) -> list[str]:
+    s, st, ev = r["settings"], r["store"], r["events"]
+    lat = r["latency_ms"]
+    lines = [
+        f"Mode **{r['mode']}**: {s['clients']} clients x {s['votes']} votes, hot-swap every {s['swap_every_s']:g} s, "
+        f"round requested at {s['round_after']:.0%} of the votes"
+        + (f", SIGKILL at {s['crash_after']:.0%}" if s.get("crash_after") is not None else "")
+        + f"; NCP_STEPS={s['steps']}, NCP_RATINGS_PER_PAIR={s['ratings_per_pair']}, NCP_PREFETCH={s['prefetch']}; "
+        + (
+            "round size " + ", ".join(f"{k}={v}" for k, v in s["loop_overrides"].items())
+            if s["loop_overrides"]
+            else "the default round (`python app.py` as is)"
+        )  # fmt: skip
+        + f". App start {r['startup_s']:.0f} s, load {r['load_s']:.0f} s ({r['votes_per_s']:.1f} acknowledged votes/s), "
+        f"whole part {r['part_wall_s'] / 60:.1f} min.",
+        "",
+        "| measure | value |",
+        "|---|---|",
+        f"| requests (raters and admin) | {r['requests']} |",
+        f"| failed requests (not counting the outage) | {r['failed_requests']} |",
+    ]
+    if ev.get("crash"):
+        c = ev["crash"]
+        kinds = ", ".join(f"{k} {v}" for k, v in r["failure_kinds_during_outage"].items())
+        lines += [
+            f"| killed at | {c['at_s']:.0f} s into the load, round state then: "
+            f"{(c.get('status_before') or {}).get('state', '?')} |",
+            f"| restart until the app answered | {c['restart_s']:.1f} s |",
+            f"| requests failed during the outage (kill to restart + 5 s) | {r['failed_during_outage']} ({kinds}) |",
+            f"| served after the restart / registry pointer | {c['served']} / {c['registry_current']} |",
+        ]
+    lines += [
+        f"| acknowledged votes | {r['acknowledged_votes']} ({r['votes_retried']} after a retry, "
+        f"{r['votes_given_up']} given up) |",
+        f"| acknowledged votes missing from the store / stored differently | {st['acknowledged_missing']} / "
+        f"{st['acknowledged_mismatched']} |",
+        f"| one vote_id acknowledged for two votes / two vote_ids for one pair | {st['one_vote_id_for_two_votes']} / "
+        f"{st['two_vote_ids_for_one_pair']} |",
+        f"| votes stored but never acknowledged (ack lost) | {st['stored_not_acknowledged']} |",
+        f"| votes per pair (pair reuse) | {st['votes_per_pair']:.2f} |",
+        f"| raters shadow-excluded by the review | {st['raters_shadow_excluded']} |",
+        f"| hot-swaps (admin promote) ok / sent | {r['swaps']['ok']} / {r['swaps']['count']} |",
+        "| versions in the raters' reveals | "
+        + ", ".join(f"{k} {v}" for k, v in sorted(r["versions_in_reveals"].items()))
+        + " |",
+        f"| served at the end / registry pointer | {ev['final']['served']} / {ev['final']['registry_current']} |",
+        "",
+        "| latency (ms), successful calls | p50 / p95 / p99 / max | calls |",
+        "|---|---|---|",
+        f"| /next_pair | {_ms(lat['next_pair'])} | {lat['next_pair'].get('n', 0)} |",
+        f"| /vote | {_ms(lat['vote'])} | {lat['vote'].get('n', 0)} |",
+        f"| /admin (promote, status, run_round) | {_ms(lat['admin'])} | {lat['admin'].get('n', 0)} |",
+        f"| of which promote (hot-swap) | {_ms(r['swaps']['ms'])} | {r['swaps']['ms'].get('n', 0)} |",
+        "",
+        "Training rounds (from the store after the run):",
+        "",
+        "| run | status | seconds | reason |",
+        "|---|---|---|---|",
+    ]
+    for run in st["training_runs"]:
+        secs = "" if run["seconds"] is None else f"{run['seconds']:.0f}"
+        lines.append(
+            f"| {run['run_id']} | {run['status']} | {secs} | {run['reason'] or run['adapter_version'] or ''} |"
+        )
+    if r["failures"]:
+        lines += ["", "Failed requests (first 20):", ""] + [f"- {f['endpoint']} at {f['at_s']} s: {f['error']}" for f in r["failures"]]  # fmt: skip
+    return lines
+
+
+def bad_input_section(r: dict) -> list[str]:
+    lines = [
+        "Each case runs its setup (fresh pairs, earlier votes), reads the stored state, sends the one request, reads "
+        "the state again. State: row counts and a sha256 of the content of every table, the registry pointer file, "
+        "the blocklist file, the schedule's paused flag, the served version.",
+        "",
+        "| # | case | request | expected | response | message | unchanged | ok |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for i, c in enumerate(r["cases"], 1):
+        msg = c["message"].replace("|", "\\|").replace("\n", " ")[:110]
+        req = c["request"].replace("|", "\\|")
+        lines.append(
+            f"| {i} | {c['case']} | `{req}` | {c['expected']} | {c['code']} | {msg} | "
+            f"{'yes' if c['unchanged'] else 'NO: ' + ', '.join(c['changed'])} | {'yes' if c['passed'] else '**no**'} |"
+        )
+    lines += [
+        "",
+        "Refused by Gradio before the app sees them (no app message; Gradio hides exception text unless "
+        "`show_error=True`): a body that is not JSON (400), `data` that is not a list (422), too few arguments (an "
+        "`error` event with no message), an endpoint that does not exist (500). Extra arguments are dropped by Gradio.",
+    ]
+    return lines
+
+
+def poisoning_section(r: dict) -> list[str]:
+    s = r["settings"]
+    lines = [
+        f"Mode **{r['mode']}**: {s['raters']} raters ({len(s['adversary_indices'])} adversarial: indices "
+        f"{s['adversary_indices']}), {s['rounds']} round(s) of {s['votes_per_round']} votes, each pool pair shown to "
+        f"{s['ratings_per_pair']} raters, rater noise {s['noise']}, median time to vote {s['median_vote_ms']:.0f} ms; "
+        f"NCP-DPO {s['max_steps']} steps per round, lr {s['lr']}, beta {s['beta']:g}; judge on {s['probes']} probe "
+        f"prompts x {s['probe_seeds']} seed(s); seed {s['seed']}. Whole part {r['part_wall_s'] / 60:.1f} min.",
+        "",
+        "| arm | defences | adversaries | pairs trained (from adversaries) per round | shadow-excluded "
+        "(adversaries) | served | judge | base | gain (95% CI) | share of clean gain |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, a in r["arms"].items():
+        trained = ", ".join(f"{x['pairs_trained']} ({x['adversary_pairs_trained']})" for x in a["rounds"])
+        excl = f"{len(a['shadow_excluded'])} ({sum(e['adversary'] for e in a['shadow_excluded'])})"
+        ci = "" if a["gain_ci95"] is None else f" ± {a['gain_ci95']:.3f}"
+        share = _f(a.get("share_of_clean_gain"), ".0%")
+        lines.append(
+            f"| {name} | {'on' if name == 'defended' else 'off'} | {a['adversaries']} | {trained} | {excl} | "
+            f"{a['served'] or 'base'} | {_f(a['judge'])} | {_f(a['base_judge'])} | {_f(a['gain'], '+.3f')}{ci} | {share} |"
+        )
+    reasons = sorted({e["reason"] for a in r["arms"].values() for e in a["shadow_excluded"] if e["reason"]})
+    if reasons:
+        lines += ["", "Why raters were excluded: " + "; ".join(reasons[:6])]
+    goal = r["goal"]
+    lines += [
+        "",
+        f"Goal (defended gain >= 80% of the clean gain): {_yes(goal['met'])}"
+        + ("" if goal["defended_share"] is None else f" ({goal['defended_share']:.0%})")
+        + ". Read it with the CIs: a gain within its CI of zero says little either way.",
+    ]
+    return lines
+
+
+def render(result: dict) -> str:
+    parts = result.get("parts", {})
+    env = server_env(LoadSettings(), Path("<tmp>/data"), 0, "<random>")
+    shown = ["NCP_STEPS", "NCP_RATINGS_PER_PAIR", "NCP_SCHEDULE", "NCP_MIN_NEW_VOTES", "NCP_ABUSE_DEFENCES",
+             "NCP_MIN_VOTE_MS", "NCP_VOTES_PER_MINUTE", "NCP_VOTE_BURST", "NCP_DAILY_VOTE_CAP", "NCP_ADMIN_TOKEN"]  # fmt: skip
+    out = [
+        "# Reliability",
+        "",
+        "Generated by `python -m bench.reliability` from `docs/benchmarks/reliability.json` (every number below, "
+        "with the exact settings of each part); do not edit by hand. Machine: "
+        f"{result.get('machine', '?')}, 2 cores shared with other work.",
+        "",
+        *summary(parts),
+        "",
+        "## How to rerun",
+        "",
+        "```",
+        "python -m bench.reliability                 # all parts, full sizes (the defaults)",
+        "python -m bench.reliability --quick         # all parts, small sizes",
+        "python -m bench.reliability --part crash    # one part (repeatable); the other parts' results are kept",
+        "python -m pytest -q tests/test_bad_input.py # the bad-input table as a test (CI)",
+        "```",
+        "",
+        "Full sizes: load and crash 32 clients x 300 votes through `python app.py` as is (its default round: "
+        "120 training steps, 24 judge probes x 2 seeds); poisoning 10 raters, 2 rounds of 300 votes, 120 steps, "
+        "48 probes x 2 seeds. Quick sizes: 8 clients x 30 votes with a 10-step round (bench/reliability_server.py "
+        "runs app.py's `main()` with only the round's LoopConfig fields replaced); poisoning 1 round of 120 votes, "
+        "20 steps, 8 probes x 1 seed. Estimated full-size time on this 2-core CPU: see the end of this page.",
+        "",
+        "The app server's environment in the load and crash parts (`bench/reliability_http.py::server_env`). The abuse "
+        "defences are on, but the bots vote at machine speed, so the limits are set too generous to refuse them and "
+        "`NCP_MIN_VOTE_MS=0` keeps their votes unflagged; the poisoning part runs the default limits.",
+        "",
+        "| variable | value |",
+        "|---|---|",
+        *[f"| `{k}` | {env[k]} |" for k in shown],
+        "",
+    ]
+    for name, title in (("load", "1. Load"), ("crash", "2. Crash (SIGKILL mid-load)")):
+        if name in parts:
+            out += [f"## {title}", "", *load_section(name, parts[name]), ""]
+    if "bad_input" in parts:
+        out += ["## 3. Bad input", "", *bad_input_section(parts["bad_input"]), ""]
+    if "poisoning" in parts:
+        out += ["## 4. Poisoning", "", *poisoning_section(parts["poisoning"]), ""]
+    out += ["## Full-size estimates", "", *estimates(parts), ""]
+    return "\n".join(out)
+
+
+def estimates(parts: dict) -> list[str]:
+    """Rough full-size run times from quick runs (scaled by votes; rounds by steps and probe images)."""
+    lines = []
+    for name in ("load", "crash"):
+        r = parts.get(name)
+        if r and r["mode"] == "quick" and r["votes_per_s"]:
+            minutes = (32 * 300 / r["votes_per_s"] + 2 * r["startup_s"]) / 60
+            lines.append(
+                f"- {name}: about {minutes:.0f} min at the quick run's {r['votes_per_s']:.1f} votes/s "
+                "(more clients may go faster or slower: the 2 cores are shared by server, clients and trainer)."
+            )
+    r = parts.get("poisoning")
+    if r and r["mode"] == "quick":
+        s = r["settings"]
+        total = 0.0
+        for a in r["arms"].values():
+            rounds = sum(x["seconds"] for x in a["rounds"])
+            voting = a["seconds"] - rounds
+            total += voting * (2 * 300) / (s["rounds"] * s["votes_per_round"])
+            total += 2 * rounds / s["rounds"] * (120 / s["max_steps"] + 48 * 2 / (s["probes"] * s["probe_seeds"])) / 2
+        lines.append(
+            f"- poisoning: about {total / 60:.0f} min (3 arms x 2 rounds; a coarse scaling of the quick run)."
+        )
+    return lines or ["- (estimates come from quick runs; none recorded)"]

@@ -1,0 +1,64 @@
+"""bench/reliability.py's parts at toy sizes: a SIGKILL of the real app server (`python -m bench.reliability_server`,
+a subprocess) in the middle of a load loses no acknowledged vote and the restart serves the registry's version; the
+poisoning arms run end to end; the doc renders from the results.
+
+    python -m pytest -q tests/test_bench_reliability.py      # about 2 min (two app starts, two training rounds)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from bench import poisoning
+from bench.reliability_http import LoadSettings, run
+from bench.reliability_render import load_ok, render
+from bench.reliability_server import with_loop_overrides
+from jobs.runtime import ArenaConfig
+
+TINY_ROUND = {"max_steps": 2, "shapes_probes": 2, "probe_seeds": 1}
+
+
+def test_adversaries_are_spread_over_the_raters() -> None:
+    s = poisoning.PoisonSettings(raters=10, adversarial_share=0.2)
+    assert poisoning.adversaries(s) == {0, 5}
+    assert poisoning.adversaries(dataclasses.replace(s, adversarial_share=0.0)) == set()
+    assert len(poisoning.adversaries(dataclasses.replace(s, raters=15))) == 3
+
+
+def test_loop_overrides_replace_only_the_named_fields() -> None:
+    base = ArenaConfig()
+    cfg = with_loop_overrides(base, TINY_ROUND)
+    assert (cfg.loop.max_steps, cfg.loop.shapes_probes, cfg.loop.probe_seeds) == (2, 2, 1)
+    assert dataclasses.replace(cfg.loop, **{k: getattr(base.loop, k) for k in TINY_ROUND}) == base.loop
+    with pytest.raises(TypeError):
+        with_loop_overrides(base, {"no_such_field": 1})
+
+
+@pytest.mark.slow
+def test_sigkill_mid_load_loses_no_acknowledged_vote(tmp_path) -> None:
+    s = LoadSettings(
+        clients=2, votes=10, swap_every_s=2.0, round_after=0.3, crash_after=0.5, loop_overrides=TINY_ROUND
+    )
+    out = run(s, tmp_path)
+    crash = out["events"]["crash"]
+    assert crash is not None and crash["equal"], crash  # the restarted app serves the registry's pointer
+    assert out["acknowledged_votes"] == 20 and out["store"]["acknowledged_missing"] == 0, out["store"]
+    assert out["failed_requests"] == 0, out["failures"]
+    assert load_ok(out)
+    doc = render({"parts": {"crash": out | {"mode": "test", "finished": "now", "part_wall_s": 1.0}}})
+    assert "## 2. Crash" in doc and "| crash |" in doc
+
+
+@pytest.mark.slow
+def test_poisoning_arm_runs_a_round_and_reports_its_gain(tmp_path) -> None:
+    s = poisoning.PoisonSettings(raters=5, rounds=1, votes_per_round=40, max_steps=2, probes=2, probe_seeds=1, steps=2)
+    out = poisoning.run(s, tmp_path, arms=("defended",))
+    arm = out["arms"]["defended"]
+    assert arm["adversaries"] == 1 and arm["refused_votes"] == 0  # human pace: no rate limit, no cap
+    (row,) = arm["rounds"]
+    assert row["status"] == "promoted" and row["pairs_trained"] > 0, row  # the gate is off in this benchmark
+    assert arm["base_judge"] is not None and arm["gain"] == pytest.approx(arm["judge"] - arm["base_judge"], abs=1e-6)
+    doc = render({"parts": {"poisoning": out | {"mode": "test", "finished": "now", "part_wall_s": 1.0}}})
+    assert "## 4. Poisoning" in doc
