@@ -1,6 +1,7 @@
 """Pretrain the shapes-world model from scratch on CPU: first the VAE, then the UNet and text encoder.
 
-    python -m ncp.shapes.pretrain --out models/shapes-tiny --work runs/shapes-pretrain --unet-steps 8000
+    python -m ncp.shapes.pretrain --out models/shapes-tiny --work runs/shapes-pretrain   # the shipped recipe
+    python -m ncp.shapes.pretrain --init-vae models/shapes-tiny/vae ...  # reuse (and re-centre) a trained VAE
 
 Resumable: state is checkpointed to `--work` every `--ckpt-every` steps and picked up on restart. Each checkpoint also
 exports a loadable pipeline to `--work/latest` (so the model can be evaluated while training continues); the final
@@ -223,12 +224,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--work", type=Path, default=Path("runs/shapes-pretrain"), help="checkpoints and log")
     p.add_argument("--vae-steps", type=int, default=600, help="VAE training steps")
     p.add_argument("--init-vae", type=Path, help="start from this trained AutoencoderTiny folder instead (re-centred)")
-    p.add_argument("--decoder-steps", type=int, default=300, help="decoder refit steps after centring the latents")
+    p.add_argument("--decoder-steps", type=int, default=400, help="decoder refit steps after centring the latents")
     p.add_argument("--beta-schedule", default="scaled_linear", choices=["scaled_linear", "squaredcos_cap_v2"])
     p.add_argument("--noise-offset", type=float, default=0.1, help="offset-noise strength (0 = off)")
     p.add_argument("--snr-gamma", type=float, default=5.0, help="min-SNR weighting gamma (0 = off)")
     p.add_argument("--device", default="cpu", help="torch device (the shipped model is trained on cpu)")
-    p.add_argument("--unet-steps", type=int, default=6000, help="UNet + text encoder training steps")
+    p.add_argument("--unet-steps", type=int, default=2500, help="UNet + text encoder training steps")
     p.add_argument("--batch", type=int, default=16, help="images per UNet step")
     p.add_argument("--vae-batch", type=int, default=32, help="images per VAE step")
     p.add_argument("--fg-weight", type=float, default=10.0, help="extra loss weight of foreground pixels (VAE)")
