@@ -51,8 +51,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -65,14 +64,10 @@ import pandas as pd  # noqa: E402
 from feedback_store import InputRejected, VoteRejected  # noqa: E402
 from feedback_store.export import __doc__ as EXPORT_DOC  # noqa: E402
 from jobs import views  # noqa: E402
-from jobs.abuse import AbuseConfig  # noqa: E402
-from jobs.hub_push import HubPushConfig  # noqa: E402
-from jobs.loop import LoopConfig  # noqa: E402
 from jobs.prompts import PromptRejected  # noqa: E402
 from jobs.registry import RegistryError  # noqa: E402
-from jobs.runtime import SHAPES_MODEL, AdminDenied, ArenaConfig, Runtime  # noqa: E402
-from ncp.serving import SamplingConfig  # noqa: E402
-from ncp.shapes.model import DEFAULT_STEPS as SHAPES_STEPS  # noqa: E402
+from jobs.runtime import SHAPES_MODEL, AdminDenied, Runtime  # noqa: E402
+from jobs.settings import ENV_VARS, config_from_env, config_markdown, env_value  # noqa: E402, F401
 
 logger = logging.getLogger("app")
 
@@ -84,144 +79,6 @@ FRIENDLY = {
     "conflicting_vote": "You already voted differently on this pair.",
     "unknown_token": "This pair is no longer known to the server.",
 }
-
-
-# -- configuration ---------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class EnvVar:
-    name: str
-    default: str
-    help: str
-
-
-def default_data_dir() -> Path:
-    """HF persistent storage (/data) when it is mounted and writable, else ./data."""
-    return Path("/data/ncp-arena") if os.path.isdir("/data") and os.access("/data", os.W_OK) else Path("data")
-
-
-_LOOP, _SAMPLING, _ABUSE = LoopConfig(), SamplingConfig(), AbuseConfig()
-ENV_VARS: tuple[EnvVar, ...] = (
-    EnvVar("NCP_DATA_DIR", "/data/ncp-arena if /data is writable, else ./data", "DuckDB store, images, adapters"),
-    EnvVar("NCP_MODEL", "models/shapes-tiny (embedded)", "diffusers pipeline folder or hub id (SDXL or SD1.5)"),
-    EnvVar("GRADIO_SERVER_PORT", "7860", "HTTP port"),
-    EnvVar("GRADIO_SERVER_NAME", "127.0.0.1 (the Dockerfile sets 0.0.0.0)", "interface to listen on"),
-    EnvVar("NCP_ADMIN_TOKEN", "unset (no token admin)", "secret that unlocks the Admin tab and /admin"),
-    EnvVar("NCP_ADMIN_USERS", "empty", "comma-separated HF usernames allowed to administer (with OAuth)"),
-    EnvVar("NCP_RATER_SALT", "a public default: set a secret", "salt of the rater pseudonyms (HMAC)"),
-    EnvVar("NCP_TRAIN_EVERY_S", str(_LOOP.train_every_s), "seconds between scheduled training rounds"),
-    EnvVar("NCP_MIN_NEW_VOTES", str(_LOOP.min_new_votes), "new trainable votes needed before a round starts"),
-    EnvVar("NCP_STEPS", f"{_SAMPLING.steps} (shapes model: {SHAPES_STEPS})", "diffusion steps per arena image"),
-    EnvVar("NCP_GUIDANCE", str(_SAMPLING.guidance), "classifier-free guidance scale of arena images"),
-    EnvVar("NCP_SCHEDULE", "1", "1: train on a timer; 0: only when an admin runs a round"),
-    EnvVar("NCP_PREFETCH", str(ArenaConfig().prefetch), "ready pairs kept in the prefetch queue"),
-    EnvVar(
-        "NCP_RATINGS_PER_PAIR",
-        str(ArenaConfig().ratings_per_pair),
-        "sessions a pool pair is shown to (several ratings give a consensus; 1 = every pair fresh)",
-    ),
-    EnvVar(
-        "NCP_HUB_DATASET_REPO", "unset (no push)", "HF dataset repo (user/name) the export is pushed to periodically"
-    ),
-    EnvVar("NCP_HUB_TOKEN", "unset (falls back to HF_TOKEN)", "write token for NCP_HUB_DATASET_REPO"),
-    EnvVar("NCP_HUB_PUSH_EVERY_S", "3600", "seconds between hub pushes (at least 60)"),
-    EnvVar("NCP_ABUSE_DEFENCES", "1", "1: the vote-path defences below are on; 0: off (e.g. local simulated raters)"),
-    EnvVar("NCP_VOTES_PER_MINUTE", f"{_ABUSE.votes_per_minute:g}", "votes per minute per rater (0: no rate limit)"),
-    EnvVar("NCP_VOTE_BURST", str(_ABUSE.burst), "votes a rater may cast back to back before the rate limit applies"),
-    EnvVar("NCP_DAILY_VOTE_CAP", str(_ABUSE.daily_cap), "votes per rater per UTC day (0: no cap)"),
-    EnvVar(
-        "NCP_MIN_VOTE_MS",
-        str(_ABUSE.min_vote_ms),
-        "a vote sooner after its pair was shown is stored flagged `too_fast` and never trained on",
-    ),
-    EnvVar(
-        "NCP_MIN_TRUST",
-        f"{_ABUSE.min_trust:g}",
-        f"control-pair trust below which a rater is shadow-excluded (after {_ABUSE.min_control_votes} control votes)",
-    ),
-    EnvVar(
-        "NCP_REVIEW_EVERY_VOTES",
-        str(_ABUSE.review_every_votes),
-        "votes between anomaly reviews of all raters (too fast, one side, disagreement); 0: never",
-    ),
-    EnvVar("OAUTH_CLIENT_ID", "unset", "set by Spaces with `hf_oauth: true`: shows the HF login button"),
-)
-
-
-def config_markdown() -> str:
-    rows = [f"| `{v.name}` | {v.default} | {v.help} |" for v in ENV_VARS]
-    return "\n".join(["| variable | default | meaning |", "|---|---|---|", *rows]) + "\n"
-
-
-def _env(env: Mapping[str, str], name: str, cast: Callable[[str], object], default: object) -> object:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        return cast(raw)
-    except ValueError:
-        raise ValueError(
-            f"{name}={raw!r} is not a valid {cast.__name__}; unset it or give e.g. {default!r}."
-        ) from None
-
-
-def config_from_env(env: Mapping[str, str]) -> ArenaConfig:
-    """Map ENV_VARS onto ArenaConfig (the one place that reads the environment)."""
-    model = env.get("NCP_MODEL", "").strip() or str(SHAPES_MODEL)
-    schedule = str(_env(env, "NCP_SCHEDULE", str, "1"))
-    if schedule not in ("0", "1"):
-        raise ValueError(f"NCP_SCHEDULE must be 0 or 1, got {schedule!r}.")
-    shapes = Path(model).resolve() == SHAPES_MODEL.resolve()
-    loop = LoopConfig(
-        model=model,
-        shapes_probes=24 if shapes else 0,  # the shapes world gates on the pixel judge too (fixed probe set)
-        # With the judge as the gate, the implicit-accuracy criterion joins only once the held-out split is large
-        # enough to be more than noise (20 pairs give a 95% CI of about +-0.2 on an accuracy).
-        gate_min_eval_pairs=100 if shapes else _LOOP.gate_min_eval_pairs,
-        train_every_s=float(_env(env, "NCP_TRAIN_EVERY_S", float, _LOOP.train_every_s)),
-        min_new_votes=int(_env(env, "NCP_MIN_NEW_VOTES", int, _LOOP.min_new_votes)),
-    )
-    sampling = SamplingConfig(
-        steps=int(_env(env, "NCP_STEPS", int, SHAPES_STEPS if shapes else _SAMPLING.steps)),
-        guidance=float(_env(env, "NCP_GUIDANCE", float, _SAMPLING.guidance)),
-    )
-    salt = env.get("NCP_RATER_SALT") or ArenaConfig().rater_salt
-    if len(salt.encode()) < 16:
-        raise ValueError("NCP_RATER_SALT must be at least 16 bytes; generate one with `openssl rand -hex 16`.")
-    users = tuple(u.strip() for u in env.get("NCP_ADMIN_USERS", "").split(",") if u.strip())
-    defences = str(_env(env, "NCP_ABUSE_DEFENCES", str, "1"))
-    if defences not in ("0", "1"):
-        raise ValueError(f"NCP_ABUSE_DEFENCES must be 0 or 1, got {defences!r}.")
-    abuse = AbuseConfig(
-        votes_per_minute=float(_env(env, "NCP_VOTES_PER_MINUTE", float, _ABUSE.votes_per_minute)),
-        burst=int(_env(env, "NCP_VOTE_BURST", int, _ABUSE.burst)),
-        daily_cap=int(_env(env, "NCP_DAILY_VOTE_CAP", int, _ABUSE.daily_cap)),
-        min_vote_ms=int(_env(env, "NCP_MIN_VOTE_MS", int, _ABUSE.min_vote_ms)),
-        min_trust=float(_env(env, "NCP_MIN_TRUST", float, _ABUSE.min_trust)),
-        review_every_votes=int(_env(env, "NCP_REVIEW_EVERY_VOTES", int, _ABUSE.review_every_votes)),
-    )
-    repo = env.get("NCP_HUB_DATASET_REPO", "").strip()
-    hub = None
-    if repo:  # off unless a repo is named; then a token is required (HubPushConfig says so clearly)
-        hub = HubPushConfig(
-            repo_id=repo,
-            token=(env.get("NCP_HUB_TOKEN") or env.get("HF_TOKEN") or "").strip(),
-            every_s=float(_env(env, "NCP_HUB_PUSH_EVERY_S", float, 3600.0)),
-        )
-    base = ArenaConfig()
-    return ArenaConfig(
-        data_dir=Path(env.get("NCP_DATA_DIR", "").strip() or default_data_dir()),
-        model=model,
-        sampling=sampling,
-        loop=loop,
-        schedule=schedule == "1",
-        prefetch=int(_env(env, "NCP_PREFETCH", int, base.prefetch)),
-        ratings_per_pair=int(_env(env, "NCP_RATINGS_PER_PAIR", int, base.ratings_per_pair)),
-        admin_token=env.get("NCP_ADMIN_TOKEN") or None,
-        admin_users=users,
-        rater_salt=salt,
-        abuse=abuse if defences == "1" else None,
-        hub_push=hub,
-    )
 
 
 # -- handler plumbing ------------------------------------------------------------------------------------------------
@@ -641,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         demo = build_demo(runtime, oauth=bool(os.environ.get("OAUTH_CLIENT_ID")))
         demo.launch(
             server_name=os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1",
-            server_port=int(_env(os.environ, "GRADIO_SERVER_PORT", int, 7860)),
+            server_port=int(env_value(os.environ, "GRADIO_SERVER_PORT", int, 7860)),
             **launch_kwargs(runtime),
         )
     finally:

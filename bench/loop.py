@@ -74,6 +74,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--space", default="ncp")
     p.add_argument("--probes", type=int, default=48, help="judge probe prompts")
     p.add_argument("--probe-seeds", type=int, default=2)
+    p.add_argument(
+        "--gate-min-eval-pairs",
+        type=int,
+        default=100,
+        help="held-out pairs before implicit accuracy gates (as the app)",
+    )
     p.add_argument("--model", default=str(SHAPES_MODEL))
     p.add_argument("--data-dir", type=Path, default=None)
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "loop.json")
@@ -94,6 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         probe_seeds=args.probe_seeds,
         time_limit_s=300,
         eval_time_limit_s=240,
+        gate_min_eval_pairs=args.gate_min_eval_pairs,
     )
     config = ArenaConfig(
         data_dir=data_dir,
