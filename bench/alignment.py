@@ -59,7 +59,7 @@ from tqdm import tqdm  # noqa: E402
 from bench.alignment_engine import METHODS, NOMINAL, Bench, Budget, RunSpec  # noqa: E402
 from bench.alignment_report import markdown, plots, summarize  # noqa: E402
 from bench.docs import write_section  # noqa: E402
-from ncp.trainer import finite_json  # noqa: E402
+from ncp.checkpoints import finite_json  # noqa: E402
 
 
 def _grid(lrs: tuple[float, ...], betas: tuple[float | None, ...]) -> list[tuple[float, float | None]]:

@@ -305,7 +305,7 @@ def run_all(config: str, device: str, methods: list[str], steps: int, warmup: in
 
 
 def _write_json(data: dict, out: Path) -> None:
-    from ncp.trainer import finite_json
+    from ncp.checkpoints import finite_json
 
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(finite_json(data), indent=2))
