@@ -33,7 +33,7 @@ from feedback_store.stats import leaderboard  # noqa: E402
 from jobs.loop import LoopConfig  # noqa: E402
 from jobs.runtime import SHAPES_MODEL, ArenaConfig, Runtime  # noqa: E402
 from ncp.serving import PairMix, SamplingConfig  # noqa: E402
-from ncp.shapes.model import DEFAULT_STEPS  # noqa: E402
+from ncp.shapes.model import DEFAULT_GUIDANCE, DEFAULT_STEPS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> None:
         time_limit_s=300,
         eval_time_limit_s=240,
         gate_min_eval_pairs=args.gate_min_eval_pairs,
+        probe_steps=DEFAULT_STEPS,
+        probe_guidance=DEFAULT_GUIDANCE,
     )
     config = ArenaConfig(
         data_dir=data_dir,

@@ -58,6 +58,8 @@ class LoopConfig:
     threads: int = 1  # torch threads of the subprocesses (the app keeps generating beside them)
     shapes_probes: int = 0  # shapes world: judge probe prompts for the gate (0: no judge)
     probe_seeds: int = 2
+    probe_steps: int = 20  # sampler of the probe images (the shapes world uses the model's shipped sampler)
+    probe_guidance: float = 3.0
     gate_min_acc_delta: float = -0.02  # promote if candidate implicit acc >= serving's + this (held-out pairs)
     gate_min_eval_pairs: int = 8  # fewer held-out pairs than this: the accuracy criterion is not used
     gate_min_judge_delta: float = 0.0  # shapes: promote only if judge(candidate) - judge(serving) >= this
@@ -283,6 +285,8 @@ class AlignmentLoop:
             ecmd += ["--data", str(eval_file)]
         if cfg.shapes_probes:
             ecmd += ["--shapes-probes", str(cfg.shapes_probes), "--probe-seeds", str(cfg.probe_seeds)]
+            ecmd += ["--steps", str(cfg.probe_steps), "--guidance", str(cfg.probe_guidance)]
+            ecmd += ["--base-cache", str(self.rounds_dir / "base_probe_scores.json")]
         eres = run_child(
             ecmd, time_limit_s=cfg.eval_time_limit_s, log_path=round_dir / "eval.log", cancel=self._stop.is_set
         )

@@ -17,6 +17,7 @@ from jobs.hub_push import HubPushConfig
 from jobs.loop import LoopConfig
 from jobs.runtime import SHAPES_MODEL, ArenaConfig
 from ncp.serving import SamplingConfig
+from ncp.shapes.model import DEFAULT_GUIDANCE as SHAPES_GUIDANCE
 from ncp.shapes.model import DEFAULT_STEPS as SHAPES_STEPS
 
 
@@ -108,6 +109,8 @@ def config_from_env(env: Mapping[str, str]) -> ArenaConfig:
     loop = LoopConfig(
         model=model,
         shapes_probes=24 if shapes else 0,  # the shapes world gates on the pixel judge too (fixed probe set)
+        probe_steps=SHAPES_STEPS if shapes else _LOOP.probe_steps,
+        probe_guidance=SHAPES_GUIDANCE if shapes else _LOOP.probe_guidance,
         # With the judge as the gate, the implicit-accuracy criterion joins only once the held-out split is large
         # enough to be more than noise (20 pairs give a 95% CI of about +-0.2 on an accuracy).
         gate_min_eval_pairs=100 if shapes else _LOOP.gate_min_eval_pairs,

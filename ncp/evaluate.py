@@ -117,6 +117,7 @@ def evaluate(
     steps: int = 20,
     guidance: float = 3.0,
     draws: int = 4,
+    base_cache: Path | None = None,
 ) -> dict:
     pipe = load_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
@@ -131,7 +132,17 @@ def evaluate(
         from ncp.shapes.grammar import probe_prompts
 
         probes = probe_prompts(shapes_probes, seed=PROBE_SEED, two_object_prob=0.3)
-        base = judge_probe(pipe, None, probes, range(probe_seeds), steps=steps, guidance=guidance)
+        # The base model never changes within a deployment: its probe scores are computed once and cached.
+        key = json.dumps([str(model), shapes_probes, probe_seeds, steps, guidance, PROBE_SEED])
+        cached = json.loads(base_cache.read_text()) if base_cache is not None and base_cache.exists() else {}
+        if cached.get("key") == key:
+            base = np.asarray(cached["scores"], dtype=float)
+        else:
+            base = judge_probe(pipe, None, probes, range(probe_seeds), steps=steps, guidance=guidance)
+            if base_cache is not None:
+                tmp = base_cache.with_suffix(".tmp")
+                tmp.write_text(json.dumps({"key": key, "scores": np.asarray(base).tolist()}))
+                tmp.replace(base_cache)
         result["base_judge"] = mean_ci(base)[0]
     for name in tqdm(versions, desc="evaluate", disable=len(versions) < 2):
         row = {"implicit_acc": accuracy(margins[name]) if margins else float("nan")}
@@ -153,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=20, help="sampling steps for probe images")
     p.add_argument("--guidance", type=float, default=3.0, help="guidance scale for probe images")
     p.add_argument("--draws", type=int, default=4, help="(t, eps) draws per held-out pair")
+    p.add_argument("--base-cache", type=Path, help="JSON file caching the base model's probe scores across rounds")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--out", type=Path, required=True, help="JSON result file")
     args = p.parse_args(argv)
@@ -173,6 +185,7 @@ def main(argv: list[str] | None = None) -> None:
         steps=args.steps,
         guidance=args.guidance,
         draws=args.draws,
+        base_cache=args.base_cache,
     )
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(res, indent=2))
