@@ -34,8 +34,10 @@ HTTP API (for scripts; gradio_client or any HTTP client; all inputs are strings)
       NCP_ADMIN_TOKEN secret; returns {"ok": true, "message": ...}.
   Refusals never raise: they return {"error": code, "message": text}, and no vote or pair is stored. Codes: the
   store's vote codes (unknown_token, wrong_session, expired, conflicting_vote, invalid_outcome, invalid_reasons,
-  ...), abuse limits (rate_limited, daily_cap: per rater, see NCP_VOTES_PER_MINUTE), prompt codes (empty, too_long, control_chars, blocked, model_grammar), invalid_session, admin_denied,
-  unknown_action, invalid_value.
+  ...), abuse limits (rate_limited, daily_cap: per rater, see NCP_VOTES_PER_MINUTE), prompt codes (not_text, empty,
+  too_long, control_chars, blocked, model_grammar), invalid_session, admin_denied, unknown_action, invalid_value.
+  Malformed HTTP (a body that is not JSON, too few arguments, an unknown endpoint) is refused by Gradio itself.
+  docs/RELIABILITY.md lists 50+ hostile requests and their answers (tests/test_bad_input.py checks them).
   Speed tip for local bots on plain http: `Client(url, ssl_verify=False)`; otherwise gradio_client re-reads the CA
   bundle on every call (about 100 ms of CPU each, measured).
 """

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import secrets
 import time
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from jobs.runtime import Runtime
 ADMIN_TOKEN = "bad-input-admin-token-0123456789abcdef"
 BLOCKED = "forbiddenword"  # put on the blocklist before the cases run
 FULL = "forbiddenword\n# the benchmark's blocklist\n"
+TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{43}")  # secrets.token_urlsafe(32)
 
 
 @dataclass(frozen=True)
@@ -274,6 +276,8 @@ def shown(case: Case, req: Request) -> str:
 
 
 def _short(value: object, n: int = 40) -> str:
+    if isinstance(value, str) and TOKEN_RE.fullmatch(value):
+        return "<token>"  # a real pair token from the setup (random each run)
     text = repr(value)
     return text if len(text) <= n else text[: n - 3] + "..."
 

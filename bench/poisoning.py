@@ -9,8 +9,9 @@ no HTTP: a Runtime on the embedded shapes model, raters taking turns (a shuffled
 `median_vote_ms`, at least 1.6 s, so the too-fast rule does not catch anyone trivially), on a simulated clock that
 the rate limiter reads, then `loop.run_round()` after every `votes_per_round` votes.
 
-Adversaries are `ncp.shapes.rater.SimulatedRater(adversarial=True)`: they prefer the image the judge likes less, on
-control pairs too (so they pick the broken image), and call two good images "both bad". The defences that can act:
+Adversaries are `ncp.shapes.rater.SimulatedRater(adversarial=True, both_bad_below=0)`: they prefer the image the judge
+likes less, on control pairs too (so they pick the broken image), and never answer "both bad" (which is not trained
+on, so an attacker gains nothing by it). The defences that can act:
 control-pair trust, disagreement with the consensus of other raters (each pool pair is shown to `ratings_per_pair`
 sessions), the one-side and speed rules, and the per-rater share cap of a round's pairs.
 
@@ -53,6 +54,9 @@ class PoisonSettings:
     ratings_per_pair: int = 3  # sessions a pool pair is shown to (the consensus the disagreement rule reads)
     noise: float = 0.05  # logistic temperature of every rater's choice (SimulatedRater)
     median_vote_ms: float = 4000.0
+    # An attacker who wants to move the weights states a strict (inverted) preference and never says "both bad"
+    # (SimulatedRater's default for adversaries, 0.3, turns most pairs of a decent model into both_bad: no effect).
+    adversary_both_bad_below: float = 0.0
     steps: int = DEFAULT_STEPS  # arena sampling steps (the shapes model's default)
     max_steps: int = 120  # training steps per round
     lr: float = 5e-4
@@ -116,7 +120,14 @@ def run_arm(arm: str, s: PoisonSettings, work: Path) -> dict:
         rt.arena.guard.clock = clock
     bad = adversaries(s) if arm != "clean" else set()
     sessions = [f"p{i}{'-adv' if i in bad else ''}" for i in range(s.raters)]
-    raters = [SimulatedRater(noise=s.noise, seed=s.seed * 1000 + i, adversarial=i in bad) for i in range(s.raters)]
+    raters = [
+        SimulatedRater(
+            noise=s.noise, seed=s.seed * 1000 + i, adversarial=True, both_bad_below=s.adversary_both_bad_below
+        )
+        if i in bad
+        else SimulatedRater(noise=s.noise, seed=s.seed * 1000 + i)
+        for i in range(s.raters)
+    ]
     ids = [rt.rater_id(f"session:{name}") for name in sessions]
     adv_ids = {ids[i] for i in bad}
     order_rng, pace_rng = random.Random(s.seed), random.Random(s.seed + 1)
@@ -148,6 +159,7 @@ def run_arm(arm: str, s: PoisonSettings, work: Path) -> dict:
                 for st in rt.store.rater_stats()
                 if st["status"] == "shadow_excluded"
             ],
+            "diagnostics": diagnostics(rt, adv_ids),
         }
     finally:
         rt.stop()
@@ -202,3 +214,49 @@ def run(s: PoisonSettings, work: Path | None = None, arms: tuple[str, ...] = ARM
     defended = results.get("defended", {}).get("share_of_clean_gain")
     out["goal"] = {"target": 0.8, "defended_share": defended, "met": None if defended is None else defended >= 0.8}
     return out
+
+
+# Agreement on the pairs where the OTHER raters' majority is a strict preference (ties and both_bad left out): what
+# the review's disagreement rule would see if ties did not count (bench-only SQL, read-only).
+_STRICT_AGREEMENT = """
+    WITH lab AS (
+        SELECT v.rater, v.vote_id, least(l.sha256, x.sha256) AS a, greatest(l.sha256, x.sha256) AS b,
+            CASE WHEN v.outcome IN ('tie', 'both_bad') THEN v.outcome
+                WHEN (v.outcome = 'left') = (l.sha256 <= x.sha256) THEN 'a' ELSE 'b' END AS label
+        FROM votes v JOIN pairs p ON p.pair_id = v.pair_id
+        JOIN images l ON l.image_id = p.left_image_id JOIN images x ON x.image_id = p.right_image_id
+        WHERE p.kind <> 'control'),
+    tally AS (
+        SELECT o.rater, o.vote_id, o.label, w.label AS other, count(*) AS n
+        FROM lab o JOIN lab w ON w.a = o.a AND w.b = o.b AND w.rater <> o.rater GROUP BY ALL),
+    judged AS (
+        SELECT rater, vote_id, any_value(label) AS label, sum(n) AS others, max(n) AS top, arg_max(other, n) AS major
+        FROM tally GROUP BY rater, vote_id)
+    SELECT rater, count(*), count(*) FILTER (WHERE label = major)
+    FROM judged WHERE others >= 2 AND 2 * top > others AND major IN ('a', 'b') GROUP BY rater"""
+
+
+def diagnostics(rt: Runtime, adv_ids: set[str]) -> dict:
+    """Adversaries against honest raters on what the defences read: control passes, the review's agreement with the
+    consensus (ties count), and agreement where the consensus is a strict preference."""
+    stats = {s["rater"]: s for s in rt.store.rater_stats()}
+    agree = {a["rater"]: a for a in rt.store.rater_agreement()}
+    strict = {r: (n, k) for r, n, k in rt.store._cur().execute(_STRICT_AGREEMENT).fetchall()}
+
+    def group(adv: bool) -> dict:
+        who = [r for r in stats if (r in adv_ids) == adv]
+        ctl = sum(stats[r]["control_votes"] for r in who)
+        cons = sum(agree[r]["consensus_pairs"] for r in who if r in agree)
+        sp = sum(strict.get(r, (0, 0))[0] for r in who)
+        return {
+            "raters": len(who),
+            "votes": sum(stats[r]["votes"] for r in who),
+            "control_votes": ctl,
+            "control_pass_rate": sum(stats[r]["control_passed"] for r in who) / ctl if ctl else None,
+            "consensus_pairs": cons,
+            "agreement": sum(agree[r]["agreements"] for r in who if r in agree) / cons if cons else None,
+            "strict_consensus_pairs": sp,
+            "strict_agreement": sum(strict.get(r, (0, 0))[1] for r in who) / sp if sp else None,
+        }
+
+    return {"adversaries": group(True), "honest": group(False)}

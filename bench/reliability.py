@@ -33,8 +33,11 @@ import torch
 
 from bench import bad_input, poisoning, reliability_http
 from bench.reliability_render import render
+from jobs.registry import file_sha256
+from jobs.runtime import SHAPES_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
+SHAPES_UNET = SHAPES_MODEL / "unet" / "diffusion_pytorch_model.safetensors"
 PARTS = ("load", "crash", "bad_input", "poisoning")
 QUICK_LOOP = {"max_steps": 10, "shapes_probes": 4, "probe_seeds": 1}  # a round of about a minute here
 
@@ -46,7 +49,10 @@ FULL = {
 QUICK = {
     "load": reliability_http.LoadSettings(clients=8, votes=30, loop_overrides=QUICK_LOOP),
     "crash": reliability_http.LoadSettings(clients=8, votes=30, crash_after=0.5, loop_overrides=QUICK_LOOP),
-    "poisoning": poisoning.PoisonSettings(rounds=1, votes_per_round=120, max_steps=20, probes=8, probe_seeds=1),
+    # 5 raters (1 adversary) so each casts enough votes in one round for the review's rules to judge it.
+    "poisoning": poisoning.PoisonSettings(
+        raters=5, rounds=1, votes_per_round=150, max_steps=20, probes=8, probe_seeds=1
+    ),
 }
 
 
@@ -76,6 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--render-only", action="store_true", help="only re-render the doc from the JSON")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     torch.set_num_threads(1)
     result = json.loads(args.out.read_text()) if args.out.exists() else {"parts": {}}
     if not args.render_only:
@@ -84,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
             logging.info("reliability part %s (%s)", part, "quick" if args.quick else "full")
             result["parts"][part] = run_part(part, args.quick, work)
             result["parts"][part]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+            result["parts"][part]["shapes_unet_sha256"] = file_sha256(SHAPES_UNET)[:16]  # which shapes model ran
             result["machine"] = f"{platform.machine()} CPU, {torch.get_num_threads()} torch thread(s) here"
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(result, indent=1, default=str))  # after every part: nothing lost

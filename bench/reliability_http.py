@@ -53,6 +53,9 @@ class LoadSettings:
     swap_every_s: float = 10.0  # admin "promote" of v0001 / v0002 in turn
     round_after: float = 0.25  # admin "run_round" once this share of the votes is acknowledged
     crash_after: float | None = None  # crash part: SIGKILL the server at this share of the votes (None: no crash)
+    # Seconds a rater looks at a pair before voting: at machine speed the review's speed rule (median time to vote
+    # under 1.5 s) shadow-excludes every bot and a round finds nothing to train on.
+    pace_s: float = 1.6
     steps: int = 4  # NCP_STEPS: diffusion steps per arena image, so the generator keeps up with the raters
     ratings_per_pair: int = 4  # NCP_RATINGS_PER_PAIR
     prefetch: int = 8  # NCP_PREFETCH
@@ -221,6 +224,7 @@ def rater_thread(url: str, session: str, s: LoadSettings, rater: SimulatedRater,
             time.sleep(0.2)
             continue
         outcome = rater.vote(pair["prompt"], _image(pair["left_image"]), _image(pair["right_image"]))
+        time.sleep(s.pace_s)
         for tries in range(1, 61):  # the same vote again until acknowledged: a retry returns the same vote_id
             client = connect(url, stop, download) if client is None else client
             if client is None:
@@ -429,6 +433,16 @@ def verify_store(db: Path, logs: list[Log]) -> dict:
         by_pair.setdefault((session, pair_id), set()).add(vote_id)
     with FeedbackStore(db) as store:
         votes = {v.vote_id: v for v in store.votes()}
+        # A pool pair shown to several sessions is one pair row per session: count the distinct image pairs.
+        shown = (
+            store._cur()
+            .execute(
+                "SELECT count(*), count(DISTINCT (p.left_image_id, p.right_image_id)) FROM votes v "
+                "JOIN pairs p ON p.pair_id = v.pair_id WHERE v.session LIKE ?",
+                [f"{SESSION_PREFIX}-%"],
+            )
+            .fetchone()
+        )
         runs = store.training_runs()
         counts = store.counts()
         raters = store.rater_stats()
@@ -448,7 +462,7 @@ def verify_store(db: Path, logs: list[Log]) -> dict:
         "one_vote_id_for_two_votes": sum(1 for v in by_id.values() if len(v) > 1),
         "two_vote_ids_for_one_pair": sum(1 for v in by_pair.values() if len(v) > 1),
         "stored_not_acknowledged": len(set(ours) - set(by_id)),
-        "votes_per_pair": len(ours) / max(1, len({v.pair_id for v in ours.values()})),
+        "votes_per_image_pair": shown[0] / max(1, shown[1]),
         "flagged": dict(Counter(v.excluded_reason for v in ours.values() if v.excluded_reason)),
         "raters_shadow_excluded": sum(1 for r in raters if r["status"] == "shadow_excluded"),
         "training_runs": [

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench.reliability_http import LoadSettings, server_env
+from jobs.abuse import AbuseConfig
 
 LOAD_GOAL = (
     "32 clients x 300 votes, hot-swap every 10 s, a training round: 0 failed requests, 0 lost or duplicated acks"
@@ -86,7 +87,7 @@ def load_section(name: str, r: dict) -> list[str]:
     lat = r["latency_ms"]
     lines = [
         f"Mode **{r['mode']}**: {s['clients']} clients x {s['votes']} votes, hot-swap every {s['swap_every_s']:g} s, "
-        f"round requested at {s['round_after']:.0%} of the votes"
+        f"round requested at {s['round_after']:.0%} of the votes, raters look {s.get('pace_s', 0):g} s at each pair"
         + (f", SIGKILL at {s['crash_after']:.0%}" if s.get("crash_after") is not None else "")
         + f"; NCP_STEPS={s['steps']}, NCP_RATINGS_PER_PAIR={s['ratings_per_pair']}, NCP_PREFETCH={s['prefetch']}; "
         + (
@@ -120,8 +121,9 @@ def load_section(name: str, r: dict) -> list[str]:
         f"| one vote_id acknowledged for two votes / two vote_ids for one pair | {st['one_vote_id_for_two_votes']} / "
         f"{st['two_vote_ids_for_one_pair']} |",
         f"| votes stored but never acknowledged (ack lost) | {st['stored_not_acknowledged']} |",
-        f"| votes per pair (pair reuse) | {st['votes_per_pair']:.2f} |",
-        f"| raters shadow-excluded by the review | {st['raters_shadow_excluded']} |",
+        f"| votes per generated pair (a pool pair is shown to up to NCP_RATINGS_PER_PAIR sessions) | "
+        f"{st.get('votes_per_image_pair', 0):.2f} |",
+        f"| raters shadow-excluded by the review (votes stored, not trained on) | {st['raters_shadow_excluded']} |",
         f"| hot-swaps (admin promote) ok / sent | {r['swaps']['ok']} / {r['swaps']['count']} |",
         "| versions in the raters' reveals | "
         + ", ".join(f"{k} {v}" for k, v in sorted(r["versions_in_reveals"].items()))
@@ -180,7 +182,8 @@ def poisoning_section(r: dict) -> list[str]:
     lines = [
         f"Mode **{r['mode']}**: {s['raters']} raters ({len(s['adversary_indices'])} adversarial: indices "
         f"{s['adversary_indices']}), {s['rounds']} round(s) of {s['votes_per_round']} votes, each pool pair shown to "
-        f"{s['ratings_per_pair']} raters, rater noise {s['noise']}, median time to vote {s['median_vote_ms']:.0f} ms; "
+        f"{s['ratings_per_pair']} raters, rater noise {s['noise']}, median time to vote {s['median_vote_ms']:.0f} ms, "
+        f"adversaries say both_bad below {s.get('adversary_both_bad_below', 0.3)}; "
         f"NCP-DPO {s['max_steps']} steps per round, lr {s['lr']}, beta {s['beta']:g}; judge on {s['probes']} probe "
         f"prompts x {s['probe_seeds']} seed(s); seed {s['seed']}. Whole part {r['part_wall_s'] / 60:.1f} min.",
         "",
@@ -197,9 +200,28 @@ def poisoning_section(r: dict) -> list[str]:
             f"| {name} | {'on' if name == 'defended' else 'off'} | {a['adversaries']} | {trained} | {excl} | "
             f"{a['served'] or 'base'} | {_f(a['judge'])} | {_f(a['base_judge'])} | {_f(a['gain'], '+.3f')}{ci} | {share} |"
         )
+    lines += [
+        "",
+        "What the defences read, adversaries against honest raters, per arm (at the end of the arm): control-pair pass "
+        "rate (trust), agreement with the other raters' majority as the review computes it (ties count as labels), "
+        "and agreement on the pairs whose majority is a strict preference (bench-only diagnostic).",
+        "",
+        "| arm | who | votes | control votes | control pass rate | consensus pairs | agreement | strict-majority "
+        "pairs | strict agreement |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, a in r["arms"].items():
+        for who, d in (a.get("diagnostics") or {}).items():
+            if d["raters"]:
+                lines.append(
+                    f"| {name} | {who} ({d['raters']}) | {d['votes']} | {d['control_votes']} | "
+                    f"{_f(d['control_pass_rate'], '.0%')} | {d['consensus_pairs']} | {_f(d['agreement'], '.0%')} | "
+                    f"{d['strict_consensus_pairs']} | {_f(d['strict_agreement'], '.0%')} |"
+                )
     reasons = sorted({e["reason"] for a in r["arms"].values() for e in a["shadow_excluded"] if e["reason"]})
     if reasons:
         lines += ["", "Why raters were excluded: " + "; ".join(reasons[:6])]
+    lines += findings(r)
     goal = r["goal"]
     lines += [
         "",
@@ -236,8 +258,8 @@ def render(result: dict) -> str:
         "Full sizes: load and crash 32 clients x 300 votes through `python app.py` as is (its default round: "
         "120 training steps, 24 judge probes x 2 seeds); poisoning 10 raters, 2 rounds of 300 votes, 120 steps, "
         "48 probes x 2 seeds. Quick sizes: 8 clients x 30 votes with a 10-step round (bench/reliability_server.py "
-        "runs app.py's `main()` with only the round's LoopConfig fields replaced); poisoning 1 round of 120 votes, "
-        "20 steps, 8 probes x 1 seed. Estimated full-size time on this 2-core CPU: see the end of this page.",
+        "runs app.py's `main()` with only the round's LoopConfig fields replaced); poisoning 5 raters (1 adversary), 1 round of "
+        "150 votes, 20 steps, 8 probes x 1 seed. Estimated full-size time on this 2-core CPU: see the end of this page.",
         "",
         "The app server's environment in the load and crash parts (`bench/reliability_http.py::server_env`). The abuse "
         "defences are on, but the bots vote at machine speed, so the limits are set too generous to refuse them and "
@@ -283,3 +305,30 @@ def estimates(parts: dict) -> list[str]:
             f"- poisoning: about {total / 60:.0f} min (3 arms x 2 rounds; a coarse scaling of the quick run)."
         )
     return lines or ["- (estimates come from quick runs; none recorded)"]
+
+
+def findings(r: dict) -> list[str]:
+    """What the diagnostics say about why a defence did or did not act (data-driven, so it stays true on a rerun)."""
+    cfg, notes = AbuseConfig(), []
+    a = r["arms"].get("defended")
+    d = (a or {}).get("diagnostics", {}).get("adversaries")
+    if not d or not d["raters"]:
+        return []
+    if d["agreement"] is not None and d["agreement"] >= cfg.min_agreement:
+        strict = (
+            ""
+            if d["strict_agreement"] is None
+            else f", but {d['strict_agreement']:.0%} where it is a strict preference"
+        )
+        notes.append(
+            f"the disagreement rule (agreement < {cfg.min_agreement:g} on >= {cfg.min_consensus_pairs} pairs) did not "
+            f"fire: the adversaries agree with the majority on {d['agreement']:.0%} of {d['consensus_pairs']} pairs "
+            f"because ties count (an inverted judge still calls near-equal images a tie){strict}"
+        )
+    per_rater = d["control_votes"] / d["raters"]
+    if per_rater < cfg.min_control_votes:
+        notes.append(
+            f"control-pair trust needs {cfg.min_control_votes} control votes per rater; the adversaries cast "
+            f"{per_rater:.1f} each (pass rate {_f(d['control_pass_rate'], '.0%')})"
+        )
+    return ["", "Findings (defended arm): " + "; ".join(notes) + "."] if notes else []

@@ -60,5 +60,7 @@ def test_poisoning_arm_runs_a_round_and_reports_its_gain(tmp_path) -> None:
     (row,) = arm["rounds"]
     assert row["status"] == "promoted" and row["pairs_trained"] > 0, row  # the gate is off in this benchmark
     assert arm["base_judge"] is not None and arm["gain"] == pytest.approx(arm["judge"] - arm["base_judge"], abs=1e-6)
+    diag = arm["diagnostics"]
+    assert diag["adversaries"]["raters"] == 1 and diag["honest"]["raters"] == 4 and diag["honest"]["votes"] > 0
     doc = render({"parts": {"poisoning": out | {"mode": "test", "finished": "now", "part_wall_s": 1.0}}})
     assert "## 4. Poisoning" in doc
