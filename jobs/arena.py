@@ -12,6 +12,7 @@ a crowd larger than the generator's pace still gets a pair at once.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -95,7 +96,9 @@ class ArenaService:
         self.reuse_max_age_s = reuse_max_age_s
         self._shown: list[_Shown] = []  # newest last
         self._shown_lock = threading.Lock()
-        self.prefetcher = PairPrefetcher(generation, pool.draw, self.battle_versions, size=prefetch_size, seed=seed)
+        self.prefetcher = PairPrefetcher(
+            generation, pool.draw, self.battle_versions, size=prefetch_size, seed=seed, prepare=self._store_pool_pair
+        )
         for version in registry.versions():
             generation.register_version(version, registry.info(version).folder)
 
@@ -172,11 +175,19 @@ class ArenaService:
                     return s
         return None
 
+    def _store_pair(self, ready: ReadyPair, source: str, category: str) -> tuple[int, int, int]:
+        prompt_id = self.store.add_prompt(ready.prompt, source=source, category=category)
+        return prompt_id, self._save_image(ready.left, prompt_id), self._save_image(ready.right, prompt_id)
+
+    def _store_pool_pair(self, ready: ReadyPair) -> ReadyPair:
+        """Prefetch hook: image files and rows are written before any rater asks, so /next_pair only issues a token."""
+        return dataclasses.replace(ready, stored=self._store_pair(ready, "pool", self.pool.category(ready.prompt)))
+
     def _issue(
         self, ready: ReadyPair, session: str, source: str, category: str, reusable: bool = False
     ) -> IssuedPairView:
-        prompt_id = self.store.add_prompt(ready.prompt, source=source, category=category)
-        left_id, right_id = self._save_image(ready.left, prompt_id), self._save_image(ready.right, prompt_id)
+        ids = ready.stored if isinstance(ready.stored, tuple) else self._store_pair(ready, source, category)
+        prompt_id, left_id, right_id = ids
         view = self._issue_ids(ready, prompt_id, left_id, right_id, session)
         if reusable and self.ratings_per_pair > 1:
             with self._shown_lock:

@@ -88,6 +88,7 @@ class ReadyPair:
     broken_side: Literal["left", "right"] | None = None  # control pairs only
     made_at: float = 0.0
     epoch: int = 0  # the service's swap counter when the pair was made: pairs of an older epoch are stale
+    stored: object = None  # what the prefetcher's `prepare` hook recorded (e.g. the store's row ids), if any
 
 
 def _png(image: Image.Image) -> bytes:
@@ -288,8 +289,12 @@ class PairPrefetcher:
         mix: PairMix | None = None,
         size: int = 8,
         seed: int = 0,
+        prepare: Callable[[ReadyPair], ReadyPair] | None = None,
     ) -> None:
         self.service = service
+        # Runs in the prefetch thread on every pair before it is queued (the arena stores images and rows there, so
+        # a rater's request only issues the pair).
+        self.prepare = prepare
         self.next_prompt = next_prompt
         self.battle_versions = battle_versions
         self.mix = mix or PairMix()
@@ -329,6 +334,11 @@ class PairPrefetcher:
                 continue
             if pair.epoch != self.service.epoch:
                 continue  # made before a hot-swap: raters should see the new version
+            if self.prepare is not None:
+                try:
+                    pair = self.prepare(pair)
+                except Exception:  # the request path stores it instead
+                    logger.exception("preparing a prefetched pair failed")
             try:
                 self._queue.put(pair, timeout=1.0)
             except queue.Full:
