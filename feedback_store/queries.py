@@ -157,8 +157,9 @@ class QueryMixin:
         Votes are grouped by the unordered pair of image sha256s (a pair shown to several sessions, in either order,
         is one group) and each outcome is mapped onto that order, so side order does not matter. For each of a
         rater's non-control votes, the others are the usable votes of other raters in its group (not flagged, rater
-        active); it is judged when there are at least `min_others` of them and one outcome holds a strict majority
-        among them. Returns [{rater, consensus_pairs, agreements, agreement}] for raters with a judged vote;
+        active); it is judged when there are at least `min_others` of them and one image holds a strict majority
+        among them (a tie or both-bad majority is not judged: agreeing on "tie" says little, and an adversary who
+        inverts preferences would agree with every tie). Returns [{rater, consensus_pairs, agreements, agreement}] for raters with a judged vote;
         agreement = agreements / consensus_pairs."""
         sql = """
             WITH lab AS (
@@ -178,7 +179,8 @@ class QueryMixin:
                     arg_max(other_label, n) AS majority
                 FROM tally GROUP BY rater, vote_id)
             SELECT rater, count(*) AS consensus_pairs, count(*) FILTER (WHERE label = majority) AS agreements
-            FROM judged WHERE others >= ? AND 2 * top > others GROUP BY rater ORDER BY rater"""
+            FROM judged WHERE others >= ? AND 2 * top > others AND majority IN ('a', 'b')
+            GROUP BY rater ORDER BY rater"""
         rows = self._cur().execute(sql, [int(min_others)]).fetchall()
         return [{"rater": r, "consensus_pairs": int(n), "agreements": int(k), "agreement": k / n} for r, n, k in rows]
 

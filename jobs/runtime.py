@@ -110,13 +110,18 @@ class Runtime:
         self.arena.guard = VoteGuard(self.store, config.abuse) if config.abuse is not None else None
         review = self.arena.guard.review if self.arena.guard is not None else None
         self.loop = AlignmentLoop(
-            self.store, self.registry, data, config.loop, on_promote=self.serve, before_export=review
+            self.store,
+            self.registry,
+            data,
+            config.loop,
+            on_promote=lambda _v: self.serve_current(),
+            before_export=review,
         )
         self.scheduler = LoopScheduler(self.loop, config.loop.train_every_s)
         self.hub = HubPusher(self.store, data, config.hub_push) if config.hub_push is not None else None
         if self.hub is not None:
             self.scheduler.add_periodic("hub-push", self.hub.push, config.hub_push.every_s)
-        self._swap_lock = threading.Lock()
+        self._swap_lock = threading.RLock()
 
     # -- lifecycle ----------------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -143,6 +148,12 @@ class Runtime:
             seconds = self.generation.swap_adapter(version)
             self.arena.prefetcher.flush()
             return seconds
+
+    def serve_current(self) -> float:
+        """Serve the registry's pointer, read under the swap lock: whatever order a round's promotion and an admin's
+        promote or rollback interleave in, the served version ends equal to the pointer."""
+        with self._swap_lock:
+            return self.serve(self.registry.current())
 
     def rater_id(self, raw: str) -> str:
         return pseudonymize(raw, self.config.rater_salt)
@@ -173,11 +184,12 @@ class Runtime:
         self.check_admin(token, username)
         if version != BASE and version not in self.registry.versions():
             raise ValueError(f"Unknown version {version!r}; kept versions: {', '.join(self.registry.versions())}.")
-        previous = self.registry.current()
-        self.registry.set_current(version, reason=f"admin: {previous} -> {version}")
+        with self._swap_lock:  # pointer and served version change together (see serve_current)
+            previous = self.registry.current()
+            self.registry.set_current(version, reason=f"admin: {previous} -> {version}")
+            self.serve(version)
         if previous != BASE:
             self.store.set_adapter_status(previous, "rolled_back")
-        self.serve(version)
         return f"Now serving {version} (was {previous})."
 
     def admin_set_blocklist(self, text: str, token: str | None = None, username: str | None = None) -> str:
