@@ -71,6 +71,9 @@ class BadInputServer:
         self.config = app.config_from_env(env)
         self.runtime = Runtime(self.config)
         self.runtime.start()
+        # No background prefetch: it stores the pairs it makes (images, prompts) at any moment, and every row that
+        # appears between "before" and "after" must come from the request under test. Pairs are made on demand.
+        self.runtime.arena.prefetcher.stop()
         self.demo = app.build_demo(self.runtime)
         port = free_port()
         self.demo.launch(

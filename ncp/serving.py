@@ -346,6 +346,7 @@ class PairPrefetcher:
 
     def start(self) -> None:
         if self._thread is None:
+            self._stop.clear()  # startable again after stop()
             self._thread = threading.Thread(target=self._run, name="pair-prefetch", daemon=True)
             self._thread.start()
 
@@ -355,8 +356,12 @@ class PairPrefetcher:
             self._thread.join(timeout=30)
             self._thread = None
 
-    def get(self, timeout: float = 0.0) -> ReadyPair:
-        """A ready pair; generates one synchronously if none is ready within `timeout` seconds."""
+    def get(self, timeout: float = 30.0) -> ReadyPair:
+        """A ready pair. When the queue is empty, waits for the prefetch thread's next pair (one generator: request
+        threads generating side by side would only queue on the pipeline lock and slow every request through the
+        GIL); generates synchronously if the thread is not running or nothing arrives within `timeout` seconds."""
+        if self._thread is None or not self._thread.is_alive():
+            timeout = 0.0
         deadline = time.monotonic() + timeout
         while True:
             try:

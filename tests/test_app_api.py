@@ -99,6 +99,9 @@ def test_refusals_return_an_error_and_change_nothing(served) -> None:
     other = _pair(c, "ref-b")
     _vote(c, "ref-b", other["token"], "tie")  # ref-b is a known rater now: its refusals below must add nothing
     fresh = _pair(c, "ref-a")
+    # The prefetch thread stores the pairs it makes (images, prompts) in the background; pause it so that any row
+    # that appears below could only come from a refused request.
+    runtime.arena.prefetcher.stop()
     counts = runtime.store.counts()
     refused = {
         "unknown_token": _vote(c, "ref-a", "Z" * 43, "left"),
