@@ -40,6 +40,7 @@ def test_limits_reach_the_api_and_no_ip_or_user_agent_is_stored(tmp_path: Path) 
         for r in reveals:  # ... but it is stored flagged, and never trained on
             assert runtime.store.vote(r["vote_id"]).excluded_reason == "too_fast"
         pair = c.predict("canary-session", "", api_name="/next_pair")
+        runtime.arena.prefetcher.stop()  # it stores the pairs it makes in the background; only the refusal may act
         counts = runtime.store.counts()
         refused = c.predict("canary-session", pair["token"], "left", "", api_name="/vote")
         assert refused["error"] == "rate_limited" and "per minute" in refused["message"], refused
