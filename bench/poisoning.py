@@ -207,13 +207,21 @@ def run(s: PoisonSettings, work: Path | None = None, arms: tuple[str, ...] = ARM
     work = Path(work or tempfile.mkdtemp(prefix="ncp-poisoning-"))
     results = {arm: run_arm(arm, s, work) for arm in arms}
     out = {"settings": asdict(s) | {"adversary_indices": sorted(adversaries(s))}, "arms": results}
-    clean = results.get("clean", {}).get("gain")
-    for arm in ("poisoned", "defended"):  # a share of a gain that is not positive means nothing
-        if arm in results and clean is not None and clean > 0:
-            results[arm]["share_of_clean_gain"] = results[arm]["gain"] / clean
-    defended = results.get("defended", {}).get("share_of_clean_gain")
-    out["goal"] = {"target": 0.8, "defended_share": defended, "met": None if defended is None else defended >= 0.8}
+    out["goal"] = goal(results)
     return out
+
+
+def goal(results: dict) -> dict:
+    """Defended gain as a share of the clean gain; only measurable when the clean gain's 95% CI is above zero (a
+    share of a gain that is noise means nothing)."""
+    clean = results.get("clean", {})
+    gain, ci = clean.get("gain"), clean.get("gain_ci95") or 0.0
+    measurable = gain is not None and gain - ci > 0
+    for arm in ("poisoned", "defended"):
+        if arm in results:
+            results[arm]["share_of_clean_gain"] = results[arm]["gain"] / gain if measurable else None
+    defended = results.get("defended", {}).get("share_of_clean_gain")
+    return {"target": 0.8, "defended_share": defended, "met": None if defended is None else defended >= 0.8}
 
 
 # Agreement on the pairs where the OTHER raters' majority is a strict preference (ties and both_bad left out): what

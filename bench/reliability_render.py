@@ -77,7 +77,11 @@ def summary(parts: dict) -> list[str]:
         arms = r["arms"]
         res = ", ".join(f"{a} {_f(arms[a]['gain'], '+.3f')}" for a in arms)
         share = r["goal"]["defended_share"]
-        res += f"; defended/clean {_f(share, '.0%')} ({r['mode']})" if share is not None else " (clean gain <= 0)"
+        res += (
+            f"; defended/clean {_f(share, '.0%')} ({r['mode']})"
+            if share is not None
+            else " (clean gain within its 95% CI of zero)"
+        )
         lines.append(f"| poisoning | {POISON_GOAL} | {res} | {_yes(r['goal']['met'])} | {r['finished']} |")
     return lines
 
