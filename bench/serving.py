@@ -55,52 +55,52 @@ def pct(xs: list[float], q: float) -> float:
     return float(np.percentile(xs, q)) if xs else float("nan")
 
 
-def vote_latency(url: str, clients: int, votes: int) -> list[float]:
+def in_clients(n: int, client_fn) -> list[float]:  # noqa: ANN001 - (i, Client) -> list of latencies (ms)
+    """Run `client_fn` for n concurrent clients, each with its own gradio_client; all their latencies together."""
     out: list[float] = []
     lock = threading.Lock()
 
     def run(i: int) -> None:
-        c = Client(url, verbose=False, ssl_verify=False)
-        for _ in range(votes):
-            pair = c.predict(f"bench-{clients}-{i}", "", api_name="/next_pair")
-            t0 = time.perf_counter()
-            res = c.predict(f"bench-{clients}-{i}", pair["token"], "left", "", api_name="/vote")
-            dt = 1000 * (time.perf_counter() - t0)
-            if "error" in res:
-                raise RuntimeError(res)
-            with lock:
-                out.append(dt)
+        ms = client_fn(i)
+        with lock:
+            out.extend(ms)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     return out
+
+
+def vote_latency(url: str, clients: int, votes: int) -> list[float]:
+    def client(i: int) -> list[float]:
+        c, session, ms = Client(url, verbose=False, ssl_verify=False), f"bench-{clients}-{i}", []
+        for _ in range(votes):
+            pair = c.predict(session, "", api_name="/next_pair")
+            t0 = time.perf_counter()
+            res = c.predict(session, pair["token"], "left", "", api_name="/vote")
+            ms.append(1000 * (time.perf_counter() - t0))
+            if "error" in res:
+                raise RuntimeError(res)
+        return ms
+
+    return in_clients(clients, client)
 
 
 def next_pair_latency(url: str, raters: int, pairs: int, pace: float) -> list[float]:
-    out: list[float] = []
-    lock = threading.Lock()
-
-    def run(i: int) -> None:
-        c = Client(url, verbose=False, ssl_verify=False)
+    def client(i: int) -> list[float]:
+        c, session, ms = Client(url, verbose=False, ssl_verify=False), f"pace-{raters}-{i}", []
         time.sleep(pace * i / max(1, raters))  # raters arrive spread over one pace, not in lockstep
         for _ in range(pairs):
             t0 = time.perf_counter()
-            pair = c.predict(f"pace-{raters}-{i}", "", api_name="/next_pair")
-            dt = 1000 * (time.perf_counter() - t0)
+            pair = c.predict(session, "", api_name="/next_pair")
+            ms.append(1000 * (time.perf_counter() - t0))
             time.sleep(pace)
-            c.predict(f"pace-{raters}-{i}", pair["token"], "left", "", api_name="/vote")
-            with lock:
-                out.append(dt)
+            c.predict(session, pair["token"], "left", "", api_name="/vote")
+        return ms
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(raters)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return out
+    return in_clients(raters, client)
 
 
 def swap_stall(rt: Runtime, versions: list[str], swaps: int) -> dict:
