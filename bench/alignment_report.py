@@ -5,8 +5,8 @@ resumable state only, so a finished run can be re-reported without training:
 
 Statistics. Final judge score, win rate and held-out score: mean over training seeds with a 95% Student-t interval
 (n = seeds; none with one seed). Steps and wall time to reach latent DPO's final score: the first crossing of the
-seed-mean test curve, linearly interpolated between checkpoints; wall time is the seed-mean cumulative training time
-(steps only, no evaluation). The NCP-vs-latent difference also gets a paired interval over the test probes (each
+seed-mean test curve, linearly interpolated between checkpoints; wall time is the seed mean of steps x the run's median
+wall seconds per training step (steps only, no evaluation; the median makes it robust to pauses of the shared machine). The NCP-vs-latent difference also gets a paired interval over the test probes (each
 probe's seed-mean score), which shows how much of the gap the probe set can resolve.
 """
 
@@ -61,7 +61,10 @@ def summarize(
         curve = []
         for step in steps:
             judge, ci = t_ci([ev(s, step)["judge"] for s in specs])
-            secs = [0.0 if step == 0 else r["checkpoints"].get(str(step), {}).get("seconds", math.nan) for r in recs]
+            # Steady-pace wall time: steps x the run's median step time, so a pause or a burst of load on the shared
+            # machine during one step does not move a whole curve (the summed per-step times are in the raw JSON).
+            secs = [step * r.get("step_s", math.nan) if str(step) in r["checkpoints"] or step == 0 else math.nan
+                    for r in recs]  # fmt: skip
             curve.append({"step": float(step), "judge": judge, "ci": ci, "seconds": t_ci(secs)[0]})
         finals_ev = [ev(s, last) for s in specs]
         accuracy = {a: t_ci([e.get("accuracy", {}).get(a, math.nan) for e in finals_ev])[0]

@@ -286,7 +286,7 @@ class AlignmentLoop:
         if cfg.shapes_probes:
             ecmd += ["--shapes-probes", str(cfg.shapes_probes), "--probe-seeds", str(cfg.probe_seeds)]
             ecmd += ["--steps", str(cfg.probe_steps), "--guidance", str(cfg.probe_guidance)]
-            ecmd += ["--base-cache", str(self.rounds_dir / "base_probe_scores.json")]
+            ecmd += ["--probe-cache", str(self.rounds_dir / "probe_scores.json")]
         eres = run_child(
             ecmd, time_limit_s=cfg.eval_time_limit_s, log_path=round_dir / "eval.log", cancel=self._stop.is_set
         )

@@ -13,6 +13,7 @@ r_v(chosen) > r_v(rejected), averaged over a few shared (t, eps) draws. The base
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -117,7 +118,7 @@ def evaluate(
     steps: int = 20,
     guidance: float = 3.0,
     draws: int = 4,
-    base_cache: Path | None = None,
+    probe_cache: Path | None = None,
 ) -> dict:
     pipe = load_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
@@ -127,31 +128,72 @@ def evaluate(
     margins = reward_margins(pipe, list(versions), data, draws=draws) if data else {}
     n_pairs = len(next(iter(margins.values()))) if margins else 0
     result["eval_pairs"] = n_pairs
-    probes = None
+    probes, cache = None, ProbeCache(probe_cache)
     if shapes_probes:
         from ncp.shapes.grammar import probe_prompts
 
         probes = probe_prompts(shapes_probes, seed=PROBE_SEED, two_object_prob=0.3)
-        # The base model never changes within a deployment: its probe scores are computed once and cached.
-        key = json.dumps([str(model), shapes_probes, probe_seeds, steps, guidance, PROBE_SEED])
-        cached = json.loads(base_cache.read_text()) if base_cache is not None and base_cache.exists() else {}
-        if cached.get("key") == key:
-            base = np.asarray(cached["scores"], dtype=float)
-        else:
-            base = judge_probe(pipe, None, probes, range(probe_seeds), steps=steps, guidance=guidance)
-            if base_cache is not None:
-                tmp = base_cache.with_suffix(".tmp")
-                tmp.write_text(json.dumps({"key": key, "scores": np.asarray(base).tolist()}))
-                tmp.replace(base_cache)
+        settings = [str(model), shapes_probes, probe_seeds, steps, guidance, PROBE_SEED]
+
+        def scores(name: str | None, folder: Path | None) -> np.ndarray:
+            key = json.dumps([*settings, "base" if folder is None else adapter_identity(folder)])
+            hit = cache.get(key)
+            if hit is None:
+                hit = judge_probe(pipe, name, probes, range(probe_seeds), steps=steps, guidance=guidance)
+                cache.put(key, hit)
+            return hit
+
+        base = scores(None, None)
         result["base_judge"] = mean_ci(base)[0]
     for name in tqdm(versions, desc="evaluate", disable=len(versions) < 2):
         row = {"implicit_acc": accuracy(margins[name]) if margins else float("nan")}
         if probes is not None:
-            s = judge_probe(pipe, name, probes, range(probe_seeds), steps=steps, guidance=guidance)
+            s = scores(name, versions[name])
             row["judge"], row["judge_ci"] = mean_ci(s)
             row["judge_gain_vs_base"], row["judge_gain_ci"] = mean_ci(s - base)
         result["versions"][name] = row
     return result
+
+
+def adapter_identity(folder: Path) -> str:
+    """sha256 over an adapter folder's weight files (names and bytes; the LoRA alpha lives in their header): publishing
+    copies them unchanged and adds only lineage files, so a version's probe scores computed when it was a round's
+    candidate are reused in every later round where it is the serving version."""
+    h = hashlib.sha256()
+    files = sorted(Path(folder).rglob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"No *.safetensors adapter weights in {folder}.")
+    for f in files:
+        h.update(f.relative_to(folder).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+class ProbeCache:
+    """Probe scores by (model, probe settings, adapter identity) in one JSON file, so each round judges only its
+    candidate: the base's and the serving version's scores were computed in earlier rounds (the serving version was
+    that round's candidate). Keeps the newest `keep` entries; a missing or unreadable file is an empty cache."""
+
+    def __init__(self, path: Path | None, keep: int = 16) -> None:
+        self.path, self.keep = path, keep
+        try:
+            self.entries = json.loads(path.read_text())["entries"] if path is not None and path.exists() else {}
+        except (OSError, ValueError, KeyError, TypeError):
+            self.entries = {}
+
+    def get(self, key: str) -> np.ndarray | None:
+        hit = self.entries.get(key)
+        return None if hit is None else np.asarray(hit, dtype=float)
+
+    def put(self, key: str, scores: np.ndarray) -> None:
+        self.entries.pop(key, None)
+        self.entries[key] = np.asarray(scores).tolist()
+        base = {k: v for k, v in self.entries.items() if k.endswith('"base"]')}  # the base entry is never evicted
+        rest = [k for k in self.entries if k not in base][-self.keep :]
+        self.entries = {**base, **{k: self.entries[k] for k in rest}}
+        if self.path is not None:
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"entries": self.entries}))
+            tmp.replace(self.path)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -164,7 +206,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=20, help="sampling steps for probe images")
     p.add_argument("--guidance", type=float, default=3.0, help="guidance scale for probe images")
     p.add_argument("--draws", type=int, default=4, help="(t, eps) draws per held-out pair")
-    p.add_argument("--base-cache", type=Path, help="JSON file caching the base model's probe scores across rounds")
+    p.add_argument(
+        "--probe-cache", type=Path, help="JSON file caching probe scores of base and versions across rounds"
+    )
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--out", type=Path, required=True, help="JSON result file")
     args = p.parse_args(argv)
@@ -185,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
         steps=args.steps,
         guidance=args.guidance,
         draws=args.draws,
-        base_cache=args.base_cache,
+        probe_cache=args.probe_cache,
     )
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(res, indent=2))

@@ -1,0 +1,37 @@
+"""bench/serving.py at toy sizes: the app runs as its own process (`python app.py`), the latencies come from real
+HTTP calls, the swap stall from the denoising steps of a live Runtime, and the results land where --out/--doc say.
+
+    python -m pytest -q tests/test_bench_serving.py      # about 1.5 min (one app start, one Runtime)
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import serving
+
+
+@pytest.mark.slow
+def test_serving_bench_measures_every_part(tmp_path) -> None:
+    out, doc = tmp_path / "serving.json", tmp_path / "BENCH.md"
+    r = serving.main(
+        ["--pairs", "3", "--crowd", "2", "--votes", "4", "--pace", "0.2", "--warmup", "1",
+         "--out", str(out), "--doc", str(doc)]  # fmt: skip
+    )
+    assert json.loads(out.read_text()) == json.loads(json.dumps(r))
+    assert r["server"].startswith("python app.py")
+    assert r["next_pair_ms"]["n"] == 3 and r["next_pair_ms_crowd"]["n"] == 2 * 5
+    assert r["vote_ms_1_client"]["n"] == 4 and r["vote_ms_16_clients"]["n"] == 16 * 4
+    for part in ("next_pair_ms", "vote_ms_1_client", "vote_ms_16_clients"):
+        assert 0 < r[part]["p50"] <= max(r[part].get("p95", 0), r[part].get("p99", 0))
+    swap = r["swap"]
+    assert swap["swaps"] == 10 and 0 < swap["lock_held_ms_p50"] <= swap["lock_held_ms_max"]
+    # A swap pauses generation at least as long as it holds the lock (it happens between two denoising steps).
+    assert swap["step_gap_ms_max_during_swaps"] >= swap["step_gap_ms_median_without_swaps"] > 0
+    assert swap["stall_ms"] == pytest.approx(
+        swap["step_gap_ms_max_during_swaps"] - swap["step_gap_ms_median_without_swaps"]
+    )
+    text = doc.read_text()
+    assert "<!-- BEGIN serving -->" in text and f"{swap['stall_ms']:.0f} ms" in text
