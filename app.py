@@ -45,8 +45,8 @@ HTTP API (for scripts; gradio_client or any HTTP client; all inputs are strings)
 from __future__ import annotations
 
 import argparse
-import gc
 import functools
+import gc
 import inspect
 import json
 import logging
@@ -86,7 +86,25 @@ FRIENDLY = {
 
 # -- handler plumbing ------------------------------------------------------------------------------------------------
 class Ctx(SimpleNamespace):
-    """What handlers need: `runtime`, `clock` (views.PairClock) and the UI's components by name."""
+    """What handlers need: `runtime`, `clock` (views.PairClock), `timings` (views.HandlerTimes) and the UI's
+    components by name."""
+
+
+def timed(endpoint: str) -> Callable[[Callable], Callable]:
+    """Record the handler's own wall time under `endpoint` in ctx.timings (signature kept for Gradio)."""
+
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def run(ctx: Ctx, *args: object, **kwargs: object) -> object:
+            t0 = time.perf_counter()
+            try:
+                return fn(ctx, *args, **kwargs)
+            finally:
+                ctx.timings.record(endpoint, 1000 * (time.perf_counter() - t0))
+
+        return run
+
+    return wrap
 
 
 def bind(fn: Callable, *fixed: object) -> Callable:
@@ -131,10 +149,12 @@ def on_pair(ctx: Ctx, prompt: str, request: gr.Request) -> dict:
     return out | {ctx.reasons: [], ctx.status: ""} | _buttons(ctx, True)
 
 
+@timed("ui_next_pair")
 def on_pool_pair(ctx: Ctx, request: gr.Request) -> dict:
     return on_pair(ctx, "", request)
 
 
+@timed("ui_vote")
 def on_vote(
     ctx: Ctx, outcome: str, state: dict, reasons: list[str], request: gr.Request, profile: gr.OAuthProfile | None
 ) -> dict:
@@ -236,7 +256,7 @@ def on_export(ctx: Ctx) -> dict:
 def on_admin(ctx: Ctx, action: str, token: str, value: str, profile: gr.OAuthProfile | None) -> dict:
     username = getattr(profile, "username", None) if profile is not None else None
     try:
-        text = views.admin_action(ctx.runtime, action, value or "", token or None, username)
+        text = views.admin_action(ctx.runtime, action, value or "", token or None, username, ctx.timings)
     except AdminDenied as err:
         return {ctx.admin_out: f"⛔ {err}"}
     except (ValueError, RegistryError, KeyError) as err:
@@ -252,6 +272,7 @@ def _refusal(code: str, message: str) -> dict:
     return {"error": code, "message": message}
 
 
+@timed("next_pair")
 def api_next_pair(ctx: Ctx, session_id: str, prompt: str = "") -> dict:
     """A pair for `session_id` (pool prompt when `prompt` is empty). See the module docstring."""
     try:
@@ -274,6 +295,7 @@ def api_next_pair(ctx: Ctx, session_id: str, prompt: str = "") -> dict:
     }
 
 
+@timed("vote")
 def api_vote(ctx: Ctx, session_id: str, token: str, outcome: str, reasons: list[str] | str = "") -> dict:
     """Vote on a pair issued to `session_id`; returns the reveal or a refusal. See the module docstring."""
     if isinstance(reasons, str):
@@ -298,7 +320,10 @@ def api_vote(ctx: Ctx, session_id: str, token: str, outcome: str, reasons: list[
 def api_admin(ctx: Ctx, token: str, action: str, value: str = "") -> dict:
     """Admin actions for scripts (needs NCP_ADMIN_TOKEN). See the module docstring."""
     try:
-        return {"ok": True, "message": views.admin_action(ctx.runtime, action, value or "", token or None, None)}
+        return {
+            "ok": True,
+            "message": views.admin_action(ctx.runtime, action, value or "", token or None, None, ctx.timings),
+        }
     except AdminDenied as err:
         return _refusal("admin_denied", str(err))
     except views.UnknownAction as err:
@@ -340,7 +365,7 @@ def _schema_markdown() -> str:
 
 def build_demo(runtime: Runtime, oauth: bool = False) -> gr.Blocks:
     """The arena UI over a started Runtime. `oauth`: show the HF login button (Spaces with `hf_oauth: true`)."""
-    ctx = Ctx(runtime=runtime, clock=views.PairClock())
+    ctx = Ctx(runtime=runtime, clock=views.PairClock(), timings=views.HandlerTimes())
     with gr.Blocks(title="ncp-arena") as demo:
         with gr.Row():
             gr.Markdown("# ncp-arena\nVote for the better image. Every vote trains the next version of the model.")

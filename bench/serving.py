@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import secrets
 import tempfile
 import threading
 import time
@@ -163,12 +164,23 @@ def swap_stall(rt: Runtime, versions: list[str], swaps: int) -> dict:
     }
 
 
+def handler_times(url: str, admin_token: str) -> dict:
+    """The app's own record of the time spent inside its handlers (admin "status", views.HandlerTimes)."""
+    res = Client(url, verbose=False, ssl_verify=False, analytics_enabled=False).predict(
+        admin_token, "status", "", api_name="/admin"
+    )
+    if not res.get("ok"):
+        raise RuntimeError(f"admin status refused: {res}")
+    return json.loads(res["message"])["handler_ms"]
+
+
 def http_parts(args: argparse.Namespace, tmp: Path) -> dict:
     """Next pair and vote latency against `python app.py` in its own process."""
     settings = LoadSettings(steps=DEFAULT_STEPS, prefetch=8, ratings_per_pair=ArenaConfig.ratings_per_pair)
     port = free_port()
     (tmp / "http").mkdir()
-    env = server_env(settings, tmp / "http", port, "unused") | {"NCP_MODEL": str(args.model)}
+    admin = secrets.token_hex(16)
+    env = server_env(settings, tmp / "http", port, admin) | {"NCP_MODEL": str(args.model)}
     server = AppServer(tmp / "http", port, env, use_wrapper=False)
     server.start()
     try:
@@ -179,6 +191,7 @@ def http_parts(args: argparse.Namespace, tmp: Path) -> dict:
             "crowd": next_pair_latency(server.url, args.crowd, max(5, args.pairs // 2), args.pace),
             "v1": vote_latency(server.url, 1, args.votes),
             "v16": vote_latency(server.url, 16, args.votes),
+            "handler_ms": handler_times(server.url, admin),
         }
     finally:
         server.stop()
@@ -227,6 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
         "next_pair_ms_crowd": {"raters": args.crowd, "p50": pct(crowd, 50), "p95": pct(crowd, 95), "n": len(crowd)},
         "vote_ms_1_client": {"p50": pct(v1, 50), "p99": pct(v1, 99), "n": len(v1)},
         "vote_ms_16_clients": {"p50": pct(v16, 50), "p99": pct(v16, 99), "n": len(v16)},
+        "server_handler_ms": http["handler_ms"],
         "swap": stall,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -251,6 +265,10 @@ def main(argv: list[str] | None = None) -> dict:
             f"| vote p50 / p99, 1 client | {r['vote_ms_1_client']['p50']:.0f} / {r['vote_ms_1_client']['p99']:.0f} ms | |",
             f"| vote p50 / p99, 16 clients | {r['vote_ms_16_clients']['p50']:.0f} / "
             f"{r['vote_ms_16_clients']['p99']:.0f} ms | p99 <= 100 ms |",
+            f"| inside the server: /vote handler p50 / p99 / max, all {r['server_handler_ms']['vote']['n']} votes above "
+            f"(the rest of a round trip is Gradio's queue, the event stream and the clients' own CPU on the same 2 "
+            f"cores) | {r['server_handler_ms']['vote']['p50']:.0f} / {r['server_handler_ms']['vote']['p99']:.0f} / "
+            f"{r['server_handler_ms']['vote']['max']:.0f} ms | |",
             f"| swap: lock held, max of 10 | {r['swap']['lock_held_ms_max']:.0f} ms | |",
             f"| swap stall: longest pause between two denoising steps during the swaps minus the median step gap "
             f"({r['swap']['step_gap_ms_median_without_swaps']:.0f} ms) | {r['swap']['stall_ms']:.0f} ms | <= 200 ms |",

@@ -16,7 +16,7 @@ import math
 import shutil
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -65,6 +65,33 @@ class PairClock:
         with self._lock:
             start = self._issued.get(token_key(token))
         return None if start is None else elapsed_ms(start)
+
+
+class HandlerTimes:
+    """Wall time spent inside the app's handlers, per endpoint, over the last `window` calls: the server's share of a
+    request's round trip (the rest is Gradio's queue, the event stream and the network). Shown by the admin
+    "status" action; bench/serving.py reports it beside the client-side latencies."""
+
+    def __init__(self, window: int = 2000) -> None:
+        self.window = window
+        self._ms: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def record(self, endpoint: str, ms: float) -> None:
+        with self._lock:
+            self._ms.setdefault(endpoint, deque(maxlen=self.window)).append(float(ms))
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        with self._lock:
+            samples = {k: sorted(v) for k, v in self._ms.items()}
+        return {
+            k: {"n": len(v), "p50": _pct(v, 0.50), "p99": _pct(v, 0.99), "max": v[-1]} for k, v in samples.items() if v
+        }
+
+
+def _pct(ordered: list[float], q: float) -> float:
+    """Nearest-rank percentile of an ascending list."""
+    return round(ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))], 2)
 
 
 def token_key(token: str) -> str:
@@ -213,12 +240,23 @@ class UnknownAction(LookupError):
     """An /admin action name that does not exist."""
 
 
-def admin_action(runtime: Runtime, action: str, value: str, token: str | None, username: str | None) -> str:
+def admin_action(
+    runtime: Runtime,
+    action: str,
+    value: str,
+    token: str | None,
+    username: str | None,
+    timings: HandlerTimes | None = None,
+) -> str:
     """Run one admin action by name (the Admin tab and /admin); credentials are checked server-side first, for every
-    action (Runtime.check_admin raises AdminDenied). Returns a message for the admin."""
+    action (Runtime.check_admin raises AdminDenied). Returns a message for the admin; "status" is JSON: the round in
+    progress and, with `timings`, the handlers' server-side times (`handler_ms`)."""
     runtime.check_admin(token, username)
     if action == "status":
-        return json.dumps({k: v for k, v in round_status(runtime).items() if k != "last"}, default=str)
+        status = {k: v for k, v in round_status(runtime).items() if k != "last"}
+        if timings is not None:
+            status["handler_ms"] = timings.summary()
+        return json.dumps(status, default=str)
     if action == "run_round":
         return runtime.admin_run_round(token, username)
     if action in ("pause", "resume"):

@@ -7,6 +7,7 @@ admin credentials checked on the server, and the configuration table kept in syn
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -159,6 +160,11 @@ def test_admin_api_checks_credentials_on_the_server(served) -> None:
     assert admin("promote", BASE) == {"ok": True, "message": f"Now serving base (was {version})."}
     assert runtime.generation.serving_version == BASE
     assert runtime.store.adapter_version(version).status == "rolled_back"
+    # status reports the handlers' own server-side times: at least the 6 votes and 7 pairs of this test
+    handler = json.loads(admin("status")["message"])["handler_ms"]
+    assert handler["vote"]["n"] >= 6 and handler["next_pair"]["n"] >= 7
+    assert 0 < handler["vote"]["p50"] <= handler["vote"]["p99"] <= handler["vote"]["max"]
+    assert c.predict("wrong-token", "status", "", api_name="/admin")["error"] == "admin_denied"
 
 
 def test_control_pairs_reach_the_rater(served) -> None:

@@ -16,16 +16,17 @@ from bench import serving
 @pytest.mark.slow
 def test_serving_bench_measures_every_part(tmp_path) -> None:
     out, doc = tmp_path / "serving.json", tmp_path / "BENCH.md"
-    r = serving.main(
-        ["--pairs", "3", "--crowd", "2", "--votes", "4", "--pace", "0.2", "--warmup", "1",
-         "--out", str(out), "--doc", str(doc)]  # fmt: skip
-    )
+    args = "--pairs 3 --crowd 2 --votes 4 --pace 0.2 --warmup 1".split()
+    r = serving.main([*args, "--out", str(out), "--doc", str(doc)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(r))
     assert r["server"].startswith("python app.py")
     assert r["next_pair_ms"]["n"] == 3 and r["next_pair_ms_crowd"]["n"] == 2 * 5
     assert r["vote_ms_1_client"]["n"] == 4 and r["vote_ms_16_clients"]["n"] == 16 * 4
     for part in ("next_pair_ms", "vote_ms_1_client", "vote_ms_16_clients"):
         assert 0 < r[part]["p50"] <= max(r[part].get("p95", 0), r[part].get("p99", 0))
+    handler = r["server_handler_ms"]["vote"]  # the app's own timings, read over the admin API
+    assert handler["n"] >= 4 + 16 * 5 and 0 < handler["p50"] <= handler["p99"] <= handler["max"]
+    assert handler["p50"] < r["vote_ms_1_client"]["p50"]  # a round trip includes the handler
     swap = r["swap"]
     assert swap["swaps"] == 10 and 0 < swap["lock_held_ms_p50"] <= swap["lock_held_ms_max"]
     # A swap pauses generation at least as long as it holds the lock (it happens between two denoising steps).
