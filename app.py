@@ -285,6 +285,7 @@ def api_next_pair(ctx: Ctx, session_id: str, prompt: str = "") -> dict:
         pair = ctx.runtime.arena.next_pair(session, text or None)
     except PromptRejected as err:
         return _refusal(err.code, str(err))
+    ctx.runtime.arena.register_rater(ctx.runtime.rater_id(f"session:{session}"))  # the same id api_vote uses
     ctx.clock.issued(pair.token)
     return {
         "token": pair.token,

@@ -167,6 +167,20 @@ def test_admin_api_checks_credentials_on_the_server(served) -> None:
     assert c.predict("wrong-token", "status", "", api_name="/admin")["error"] == "admin_denied"
 
 
+def test_a_session_is_registered_when_it_gets_its_first_pair(served) -> None:
+    """The API registers a new session's rater pseudonym when it issues the pair, so the first vote is one commit;
+    a refused pair request registers nothing."""
+    runtime, url, _ = served
+    c = _client(url)
+    rater = runtime.rater_id("session:first-timer")
+    assert _pair(c, "first-timer", "x" * 5000)["error"] == "too_long"
+    assert runtime.store.rater(rater) is None
+    pair = _pair(c, "first-timer")
+    assert runtime.store.rater(rater) is not None and runtime.store.rater(rater).status == "active"
+    res = _vote(c, "first-timer", pair["token"], "right")
+    assert runtime.store.vote(res["vote_id"]).rater == rater
+
+
 def test_control_pairs_reach_the_rater(served) -> None:
     """Attention-check pairs (one deliberately broken image) are issued and voted on like any other pair."""
     runtime, url, _ = served
