@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import secrets
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -34,6 +36,7 @@ from gradio_client import Client
 from bench.docs import write_section
 from bench.net import free_port
 from bench.reliability_http import AppServer, LoadSettings, server_env
+from bench.vote_client import vote_round_trips
 from jobs.registry import BASE
 from jobs.runtime import SHAPES_MODEL, ArenaConfig, Runtime
 from ncp.adapters import LoraSettings, add_lora, save_adapter
@@ -78,28 +81,20 @@ def in_clients(n: int, client_fn) -> list[float]:  # noqa: ANN001 - (i, Client) 
     return out
 
 
-def vote_latency(url: str, clients: int, votes: int) -> list[float]:
-    """Round trips of /vote. Each client first casts one untimed vote: gradio_client opens its event stream on its
-    first call and the server registers a new rater's pseudonym on its first vote, one-off costs a browser session
-    pays once, not per vote. Every later vote is timed; the clients run unsynchronised (steady state, 16 in flight)."""
-
-    def client(i: int) -> list[float]:
-        c, session, ms = (
-            Client(url, verbose=False, ssl_verify=False, analytics_enabled=False),
-            f"bench-{clients}-{i}",
-            [],
-        )
-        for k in range(votes + 1):
-            pair = c.predict(session, "", api_name="/next_pair")
-            t0 = time.perf_counter()
-            res = c.predict(session, pair["token"], "left", "", api_name="/vote")
-            if k > 0:
-                ms.append(1000 * (time.perf_counter() - t0))
-            if "error" in res:
-                raise RuntimeError(res)
-        return ms
-
-    return in_clients(clients, client)
+def vote_latency(url: str, clients: int, votes: int, processes: bool = False) -> list[float]:
+    """Round trips of /vote (bench/vote_client.py: each client's first vote untimed); the clients run unsynchronised
+    (steady state, `clients` in flight). With `processes` each client is its own process, as real clients are: 16
+    gradio_clients in one interpreter (each with its event stream and helper threads) queue on that interpreter's GIL,
+    and their waiting counts as latency."""
+    sessions = [f"bench-{clients}-{i}-{'p' if processes else 't'}" for i in range(clients)]
+    if not processes:
+        return in_clients(clients, lambda i: vote_round_trips(url, sessions[i], votes))
+    cmd = [sys.executable, "-m", "bench.vote_client", url]
+    procs = [subprocess.Popen([*cmd, s, str(votes)], cwd=ROOT, stdout=subprocess.PIPE) for s in sessions]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    if any(p.returncode for p in procs):
+        raise RuntimeError(f"a vote client failed: exit codes {[p.returncode for p in procs]}")
+    return [ms for out in outs for ms in json.loads(out)]
 
 
 def next_pair_latency(url: str, raters: int, pairs: int, pace: float) -> list[float]:
@@ -190,7 +185,8 @@ def http_parts(args: argparse.Namespace, tmp: Path) -> dict:
             "next": next_pair_latency(server.url, 1, args.pairs, args.pace),
             "crowd": next_pair_latency(server.url, args.crowd, max(5, args.pairs // 2), args.pace),
             "v1": vote_latency(server.url, 1, args.votes),
-            "v16": vote_latency(server.url, 16, args.votes),
+            "v16": vote_latency(server.url, 16, args.votes, processes=True),
+            "v16_threads": vote_latency(server.url, 16, args.votes),
             "handler_ms": handler_times(server.url, admin),
         }
     finally:
@@ -239,7 +235,12 @@ def main(argv: list[str] | None = None) -> dict:
         "next_pair_ms": {"p50": pct(nxt, 50), "p95": pct(nxt, 95), "n": len(nxt)},
         "next_pair_ms_crowd": {"raters": args.crowd, "p50": pct(crowd, 50), "p95": pct(crowd, 95), "n": len(crowd)},
         "vote_ms_1_client": {"p50": pct(v1, 50), "p99": pct(v1, 99), "n": len(v1)},
-        "vote_ms_16_clients": {"p50": pct(v16, 50), "p99": pct(v16, 99), "n": len(v16)},
+        "vote_ms_16_clients": {"p50": pct(v16, 50), "p99": pct(v16, 99), "n": len(v16), "clients": "16 processes"},
+        "vote_ms_16_clients_one_process": {
+            "p50": pct(http["v16_threads"], 50),
+            "p99": pct(http["v16_threads"], 99),
+            "n": len(http["v16_threads"]),
+        },
         "server_handler_ms": http["handler_ms"],
         "swap": stall,
     }
@@ -263,8 +264,10 @@ def main(argv: list[str] | None = None) -> dict:
             f"each pool pair rated by up to {r['ratings_per_pair']}) | {r['next_pair_ms_crowd']['p50']:.0f} / "
             f"{r['next_pair_ms_crowd']['p95']:.0f} ms | p95 <= 150 ms |",
             f"| vote p50 / p99, 1 client | {r['vote_ms_1_client']['p50']:.0f} / {r['vote_ms_1_client']['p99']:.0f} ms | |",
-            f"| vote p50 / p99, 16 clients | {r['vote_ms_16_clients']['p50']:.0f} / "
+            f"| vote p50 / p99, 16 clients, one process each | {r['vote_ms_16_clients']['p50']:.0f} / "
             f"{r['vote_ms_16_clients']['p99']:.0f} ms | p99 <= 100 ms |",
+            f"| vote p50 / p99, 16 clients as threads of one process | "
+            f"{r['vote_ms_16_clients_one_process']['p50']:.0f} / {r['vote_ms_16_clients_one_process']['p99']:.0f} ms | |",
             f"| inside the server: /vote handler p50 / p99 / max, all {r['server_handler_ms']['vote']['n']} votes above "
             f"(the rest of a round trip is Gradio's queue, the event stream and the clients' own CPU on the same 2 "
             f"cores) | {r['server_handler_ms']['vote']['p50']:.0f} / {r['server_handler_ms']['vote']['p99']:.0f} / "

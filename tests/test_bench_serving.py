@@ -22,7 +22,8 @@ def test_serving_bench_measures_every_part(tmp_path) -> None:
     assert r["server"].startswith("python app.py")
     assert r["next_pair_ms"]["n"] == 3 and r["next_pair_ms_crowd"]["n"] == 2 * 5
     assert r["vote_ms_1_client"]["n"] == 4 and r["vote_ms_16_clients"]["n"] == 16 * 4
-    for part in ("next_pair_ms", "vote_ms_1_client", "vote_ms_16_clients"):
+    assert r["vote_ms_16_clients"]["clients"] == "16 processes" and r["vote_ms_16_clients_one_process"]["n"] == 16 * 4
+    for part in ("next_pair_ms", "vote_ms_1_client", "vote_ms_16_clients", "vote_ms_16_clients_one_process"):
         assert 0 < r[part]["p50"] <= max(r[part].get("p95", 0), r[part].get("p99", 0))
     handler = r["server_handler_ms"]["vote"]  # the app's own timings, read over the admin API
     assert handler["n"] >= 4 + 16 * 5 and 0 < handler["p50"] <= handler["p99"] <= handler["max"]
