@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +50,9 @@ def file_sha256(path: Path) -> str:
 
 
 def _atomic_write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # Unique per process AND thread: two threads promoting at once (a round and an admin) must not rename each
+    # other's temp file away (seen as FileNotFoundError in tests/test_runtime_swaps.py's interleaved promotions).
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.flush()

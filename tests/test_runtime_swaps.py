@@ -6,12 +6,15 @@ import random
 import threading
 from pathlib import Path
 
+import pytest
 import torch
 
 from jobs.registry import BASE
 from tests.app_fixtures import ADMIN_TOKEN, make_adapter_version, tiny_runtime
 
 
+# A promoting thread that raises (e.g. two threads renaming the same temp pointer file) must fail the test.
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
 def test_interleaved_promotions_end_serving_the_pointer(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     rt = tiny_runtime(tmp_path, prefetch=1)
