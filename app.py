@@ -7,39 +7,7 @@ Gradio UI only (DESIGN.md): `build_demo(runtime)` lays out the tabs (Arena, Prog
 top-level handlers that call the runtime's services (jobs/) and return dicts keyed by component; `main()` maps the
 environment (ENV_VARS) onto `ArenaConfig`, starts the runtime and stops it on exit. No SQL and no tensors here.
 
-HTTP API (for scripts; gradio_client or any HTTP client; all inputs are strings)
-
-    from gradio_client import Client
-    c = Client("http://127.0.0.1:7860")
-    pair = c.predict("my-bot-1", "", api_name="/next_pair")
-    # {"token": "...", "pair_id": 12, "prompt": "a red circle ...", "left_image": "/tmp/.../left.png",
-    #  "right_image": "/tmp/.../right.png"}     (gradio_client downloads both images to local temp files)
-    res = c.predict("my-bot-1", pair["token"], "left", "artifacts", api_name="/vote")
-    # {"vote_id": 57, "outcome": "left", "left_version": "v0003", "right_version": "base"}
-
-  /next_pair(session_id, prompt="") -> dict
-      session_id: your own stable id, [A-Za-z0-9_-]{1,128}; the pair is issued to it and only it can vote on it.
-      prompt: "" for a prompt from the curated pool (instant, from the prefetch queue), or your own prompt
-      (validated: length, control characters, blocklist, and the shapes grammar on the embedded model; generated
-      on demand). Returns token, pair_id, prompt, left_image, right_image. Versions stay hidden until the vote.
-  /vote(session_id, token, outcome, reasons="") -> dict
-      outcome: "left" | "right" | "tie" | "both_bad"; reasons: a list or a comma-separated string of short tags
-      (the UI offers "prompt following", "looks", "artifacts"). Returns vote_id, outcome, left_version,
-      right_version (the reveal). The same vote sent again returns the same vote_id (safe to retry).
-      Time to vote is measured by the server from the pair's issue. Your rater id is a salted pseudonym of
-      session_id.
-  /admin(token, action, value="") -> dict
-      action: "status" | "run_round" | "pause" | "resume" | "promote" (value: a kept version or "base") |
-      "set_blocklist" (value: the new file, one word or phrase per line) | "read_blocklist". Needs the
-      NCP_ADMIN_TOKEN secret; returns {"ok": true, "message": ...}.
-  Refusals never raise: they return {"error": code, "message": text}, and no vote or pair is stored. Codes: the
-  store's vote codes (unknown_token, wrong_session, expired, conflicting_vote, invalid_outcome, invalid_reasons,
-  ...), abuse limits (rate_limited, daily_cap: per rater, see NCP_VOTES_PER_MINUTE), prompt codes (not_text, empty,
-  too_long, control_chars, blocked, model_grammar), invalid_session, admin_denied, unknown_action, invalid_value.
-  Malformed HTTP (a body that is not JSON, too few arguments, an unknown endpoint) is refused by Gradio itself.
-  docs/RELIABILITY.md lists 50+ hostile requests and their answers (tests/test_bad_input.py checks them).
-  Speed tip for local bots on plain http: `Client(url, ssl_verify=False)`; otherwise gradio_client re-reads the CA
-  bundle on every call (about 100 ms of CPU each, measured).
+HTTP API for scripts (`/next_pair`, `/vote`, `/admin`; gradio_client or any HTTP client): docs/API.md.
 """
 
 from __future__ import annotations
@@ -183,55 +151,13 @@ def on_vote(
 
 
 # -- Progress handlers -----------------------------------------------------------------------------------------------
-def _fmt(x: float | None, spec: str = ".0f") -> str:
-    return "" if x is None else format(x, spec)
-
-
-def leaderboard_frame(rows: list[dict]) -> pd.DataFrame:
-    table = [
-        {
-            "Rank": "" if r["rank"] is None else str(r["rank"]),
-            "Version": r["version"] + (" (serving)" if r["serving"] else ""),
-            "Rating": _fmt(r["rating"]),
-            "95% CI": "" if r["ci_low"] is None else f"{r['ci_low']:.0f} to {r['ci_high']:.0f}",
-            "Votes": r["votes"],
-            "Win rate vs base": _fmt(r["win_rate_vs_base"], ".0%"),
-            "Status": f"preliminary ({r['votes']}/{views.MIN_LEADERBOARD_VOTES} votes)" if r["preliminary"] else "",
-        }
-        for r in rows
-    ]
-    return pd.DataFrame(table, columns=["Rank", "Version", "Rating", "95% CI", "Votes", "Win rate vs base", "Status"])
-
-
-def status_markdown(s: dict) -> str:
-    if s["paused"]:
-        schedule = "paused"
-    else:
-        schedule = f"every {s['every_s']:.0f} s, next check in {_fmt(s['next_run_in_s'])} s"
-    lines = [
-        f"**Serving:** {s['serving']} · **Schedule:** {schedule} · "
-        f"**New trainable votes:** {s['new_votes']} (a round needs {s['min_new_votes']})",
-    ]
-    if s["state"] == "idle":
-        lines.append("**Training round:** none running.")
-    else:
-        step = f", step {s['step']}/{s['max_steps']}" if s["step"] is not None else ""
-        loss = f", loss {s['loss']:.4f}" if isinstance(s["loss"], float) else ""
-        lines.append(f"**Training round:** {s['state']}{step}{loss} ({_fmt(s['running_s'])} s so far)")
-    last = s["last"]
-    if last:
-        made = f" → {last['version']}" if last.get("version") else ""
-        lines.append(f"**Last round:** {last['status']}{made} in {last['seconds']:.0f} s: {last['reason']}")
-    return "\n\n".join(lines)
-
-
 def on_progress(ctx: Ctx) -> dict:
     history = pd.DataFrame(views.rating_points(ctx.runtime), columns=["until", "votes", "version", "rating"])
     versions = views.gallery_versions(ctx.runtime)
     return {
-        ctx.board: leaderboard_frame(views.leaderboard_rows(ctx.runtime)),
+        ctx.board: views.leaderboard_frame(views.leaderboard_rows(ctx.runtime)),
         ctx.plot: history,
-        ctx.round_md: status_markdown(views.round_status(ctx.runtime)),
+        ctx.round_md: views.status_markdown(views.round_status(ctx.runtime)),
         ctx.probe_slider: gr.Slider(maximum=max(1, len(versions) - 1), interactive=len(versions) > 1),
     }
 
@@ -274,7 +200,7 @@ def _refusal(code: str, message: str) -> dict:
 
 @timed("next_pair")
 def api_next_pair(ctx: Ctx, session_id: str, prompt: str = "") -> dict:
-    """A pair for `session_id` (pool prompt when `prompt` is empty). See the module docstring."""
+    """A pair for `session_id` (pool prompt when `prompt` is empty). See docs/API.md."""
     try:
         session = views.check_session(session_id)
     except InputRejected as err:
@@ -298,7 +224,7 @@ def api_next_pair(ctx: Ctx, session_id: str, prompt: str = "") -> dict:
 
 @timed("vote")
 def api_vote(ctx: Ctx, session_id: str, token: str, outcome: str, reasons: list[str] | str = "") -> dict:
-    """Vote on a pair issued to `session_id`; returns the reveal or a refusal. See the module docstring."""
+    """Vote on a pair issued to `session_id`; returns the reveal or a refusal. See docs/API.md."""
     if isinstance(reasons, str):
         reasons = [r.strip() for r in reasons.split(",") if r.strip()]
     elif not isinstance(reasons, list):
@@ -319,7 +245,7 @@ def api_vote(ctx: Ctx, session_id: str, token: str, outcome: str, reasons: list[
 
 
 def api_admin(ctx: Ctx, token: str, action: str, value: str = "") -> dict:
-    """Admin actions for scripts (needs NCP_ADMIN_TOKEN). See the module docstring."""
+    """Admin actions for scripts (needs NCP_ADMIN_TOKEN). See docs/API.md."""
     try:
         return {
             "ok": True,

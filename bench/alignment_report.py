@@ -6,8 +6,9 @@ resumable state only, so a finished run can be re-reported without training:
 Statistics. Final judge score, win rate and held-out score: mean over training seeds with a 95% Student-t interval
 (n = seeds; none with one seed). Steps and wall time to reach latent DPO's final score: the first crossing of the
 seed-mean test curve, linearly interpolated between checkpoints; wall time is the seed mean of steps x the run's median
-wall seconds per training step (steps only, no evaluation; the median makes it robust to pauses of the shared machine). The NCP-vs-latent difference also gets a paired interval over the test probes (each
-probe's seed-mean score), which shows how much of the gap the probe set can resolve.
+wall seconds per training step (steps only, no evaluation; the median makes it robust to pauses of the shared
+machine). The NCP-vs-latent difference also gets a paired interval over the test probes (each probe's seed-mean
+score), which shows how much of the gap the probe set can resolve.
 """
 
 from __future__ import annotations

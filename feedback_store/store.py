@@ -245,6 +245,10 @@ class FeedbackStore(CatalogMixin, LineageMixin, QueryMixin):
     def ensure_rater(self, pseudonym: str, now: datetime | None = None) -> Rater:
         """Register a rater pseudonym (see `pseudonymize`) if new; return its record. Never pass a raw identity."""
         check_ident(pseudonym, "rater pseudonym", code="invalid_rater")
+        if pseudonym in self._rater_status:  # known (the status cache): a read, no write lock and no commit
+            row = first(self._cur().execute(f"SELECT {_RATER_COLS} FROM raters WHERE pseudonym = ?", [pseudonym]))
+            if row is not None:
+                return Rater(*row)
         with self._write() as cur:
             cur.execute(
                 "INSERT INTO raters (pseudonym, created) VALUES (?, ?) ON CONFLICT DO NOTHING",

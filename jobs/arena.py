@@ -16,7 +16,6 @@ import dataclasses
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,8 +95,6 @@ class ArenaService:
         self.ratings_per_pair = ratings_per_pair
         self.reuse_max_age_s = reuse_max_age_s
         self._shown: list[_Shown] = []  # newest last
-        self._registered: OrderedDict[str, None] = OrderedDict()  # raters known to be in the store (bounded LRU)
-        self._registered_lock = threading.Lock()
         self._shown_lock = threading.Lock()
         self.prefetcher = PairPrefetcher(
             generation, pool.draw, self.battle_versions, size=prefetch_size, seed=seed, prepare=self._store_pool_pair
@@ -221,17 +218,10 @@ class ArenaService:
 
     def register_rater(self, rater: str) -> None:
         """Make sure the rater's pseudonym is in the store before its first vote (the API calls this when it issues a
-        pair). Otherwise a new rater's first vote registers it on the way (a refused commit, the registration, the
-        vote again): three commits in the vote's round trip, 300-400 ms when 16 new raters vote at once."""
-        with self._registered_lock:
-            if rater in self._registered:
-                self._registered.move_to_end(rater)
-                return
+        pair; a known rater costs a read, FeedbackStore.ensure_rater). Otherwise a new rater's first vote registers it
+        on the way (a refused commit, the registration, the vote again): three commits in the vote's round trip,
+        300-400 ms when 16 new raters vote at once."""
         self.store.ensure_rater(rater)
-        with self._registered_lock:
-            self._registered[rater] = None
-            while len(self._registered) > 100_000:
-                self._registered.popitem(last=False)
 
     def vote(
         self,

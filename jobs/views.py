@@ -1,8 +1,9 @@
 """Read-side helpers for the UI: plain data (dicts, lists, paths) built from the runtime's services.
 
 app.py's handlers call these so that they hold no SQL, no tensors and no statistics: the leaderboard and rating
-history (feedback_store.stats), the round in progress (jobs.loop), the fixed-seed probe gallery (cached per version
-on disk), the latest export as a zip, admin-only reads, and the server-side clock that times API votes.
+history (feedback_store.stats), the round in progress (jobs.loop), the Progress tab's table and text, the fixed-seed
+probe gallery (cached per version on disk), the latest export as a zip, admin-only reads, the server-side clock that
+times API votes, and the handlers' own timings.
 
 Nothing here imports gradio (DESIGN.md import rules); run the app (`python app.py`) to see these in use.
 """
@@ -20,6 +21,8 @@ from collections import OrderedDict, deque
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import pandas as pd
 
 from feedback_store.records import MAX_TIME_TO_VOTE_MS, check_ident
 from feedback_store.stats import leaderboard, rating_history
@@ -270,3 +273,48 @@ def admin_action(
     raise UnknownAction(
         f"Unknown action {action!r}; use status, run_round, pause, resume, promote, set_blocklist or read_blocklist."
     )
+
+
+# -- Progress tab text ----------------------------------------------------------------------------------------------
+def _fmt(x: float | None, spec: str = ".0f") -> str:
+    return "" if x is None else format(x, spec)
+
+
+def leaderboard_frame(rows: list[dict]) -> pd.DataFrame:
+    """The Progress tab's leaderboard table, one row per version (`leaderboard_rows`)."""
+    table = [
+        {
+            "Rank": "" if r["rank"] is None else str(r["rank"]),
+            "Version": r["version"] + (" (serving)" if r["serving"] else ""),
+            "Rating": _fmt(r["rating"]),
+            "95% CI": "" if r["ci_low"] is None else f"{r['ci_low']:.0f} to {r['ci_high']:.0f}",
+            "Votes": r["votes"],
+            "Win rate vs base": _fmt(r["win_rate_vs_base"], ".0%"),
+            "Status": f"preliminary ({r['votes']}/{MIN_LEADERBOARD_VOTES} votes)" if r["preliminary"] else "",
+        }
+        for r in rows
+    ]
+    return pd.DataFrame(table, columns=["Rank", "Version", "Rating", "95% CI", "Votes", "Win rate vs base", "Status"])
+
+
+def status_markdown(s: dict) -> str:
+    """The Progress tab's schedule, round in progress and last round (`round_status`), as Markdown."""
+    if s["paused"]:
+        schedule = "paused"
+    else:
+        schedule = f"every {s['every_s']:.0f} s, next check in {_fmt(s['next_run_in_s'])} s"
+    lines = [
+        f"**Serving:** {s['serving']} · **Schedule:** {schedule} · "
+        f"**New trainable votes:** {s['new_votes']} (a round needs {s['min_new_votes']})",
+    ]
+    if s["state"] == "idle":
+        lines.append("**Training round:** none running.")
+    else:
+        step = f", step {s['step']}/{s['max_steps']}" if s["step"] is not None else ""
+        loss = f", loss {s['loss']:.4f}" if isinstance(s["loss"], float) else ""
+        lines.append(f"**Training round:** {s['state']}{step}{loss} ({_fmt(s['running_s'])} s so far)")
+    last = s["last"]
+    if last:
+        made = f" → {last['version']}" if last.get("version") else ""
+        lines.append(f"**Last round:** {last['status']}{made} in {last['seconds']:.0f} s: {last['reason']}")
+    return "\n\n".join(lines)
