@@ -23,6 +23,7 @@ import numpy as np
 
 T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23}
 ORDER = ("latent-dpo", "ncp-dpo", "latent-cpo", "ncp-cpo", "latent-sft", "ncp-sft")
+WALL_BUDGET_MIN = 90  # the whole full run must fit in 90 minutes of the 2-core CPU (issue 7)
 
 
 def t_ci(values: Any) -> tuple[float, float]:
@@ -194,6 +195,17 @@ def conclusion(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _wall_line(state: dict[str, Any]) -> str:
+    """The run's own wall time (all phases, summed over resumes) against the 90-minute budget of issue 7."""
+    phases = state.get("phase_s") or {}
+    if not phases:
+        return ""
+    total = sum(phases.values()) / 60
+    parts = ", ".join(f"{k} {v / 60:.1f}" for k, v in phases.items())
+    verdict = "within" if total <= WALL_BUDGET_MIN else "OVER"
+    return f"Whole benchmark: **{total:.1f} min** of wall time ({parts} min), {verdict} the {WALL_BUDGET_MIN}-minute budget."
+
+
 def markdown(state: dict[str, Any], summary: dict[str, Any]) -> str:
     s, b, m = state["settings"], state["settings"]["budget"], summary["methods"]
     data = state.get("data", {})
@@ -207,7 +219,7 @@ def markdown(state: dict[str, Any], summary: dict[str, Any]) -> str:
         f"validation prompts. Test: {b['test_prompts']} probe prompts x {b['probe_seeds']} seed(s) "
         f"(PROBE_SEED, disjoint from training); held-out: {b['heldout_prompts']} prompts with held-out colour-shape "
         f"combinations. {state.get('threads')} torch thread(s), load average at the end "
-        f"{_f((state.get('loadavg_at_end') or [math.nan])[0], '.1f')}. Rerun: `python bench/alignment.py"
+        f"{_f((state.get('loadavg_at_end') or [math.nan])[0], '.1f')}. {_wall_line(state)} Rerun: `python bench/alignment.py"
         f"{'' if s['mode'] == 'full' else ' --' + s['mode']}`; raw numbers in `docs/benchmarks/alignment.json`.",
         "",
         "| method | lr | beta | final judge (95% CI) | win vs base | held-out judge | step s wall / cpu | peak MB "
