@@ -1,11 +1,13 @@
-"""Serving latency of the live app on the shapes model, over real HTTP (gradio_client).
+"""Serving latency of the live app on the shapes model, over real HTTP (gradio_client and a browser-like client).
 
     python -m bench.serving [--pairs 40] [--votes 20]
 
 - next pair: p50/p95 of `/next_pair` at a human pace (`--pace` s looking at each pair before voting, the abuse
   defences' minimum vote time), for 1 rater and for a crowd of `--crowd` raters, served from the prefetch queue and
   the reuse of pool pairs across sessions (NCP_RATINGS_PER_PAIR);
-- vote round trip: p50/p99 of `/vote` with 1 and 16 concurrent clients;
+- vote round trip: p50/p99 of `/vote` with 1 and 16 concurrent clients (one process each), called as a browser calls
+  (bench/queue_client.py: Gradio's queue protocol on a reused connection) and through gradio_client, whose new HTTP
+  client per request is measured on its own (`client_overhead`);
 - swap stall: 10 hot-swaps between two LoRA versions while a thread generates continuously (prefetch paused, so the
   gaps are the swaps' alone): the longest pause of generation, i.e. the longest gap between two consecutive denoising
   steps (UNet forward passes) during the swaps minus the median gap without swaps; also the longest time a swap held
@@ -29,6 +31,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import torch
 from gradio_client import Client
@@ -36,7 +39,6 @@ from gradio_client import Client
 from bench.docs import write_section
 from bench.net import free_port
 from bench.reliability_http import AppServer, LoadSettings, server_env
-from bench.vote_client import vote_round_trips
 from jobs.registry import BASE
 from jobs.runtime import SHAPES_MODEL, ArenaConfig, Runtime
 from ncp.adapters import LoraSettings, add_lora, save_adapter
@@ -81,16 +83,14 @@ def in_clients(n: int, client_fn) -> list[float]:  # noqa: ANN001 - (i, Client) 
     return out
 
 
-def vote_latency(url: str, clients: int, votes: int, processes: bool = False) -> list[float]:
-    """Round trips of /vote (bench/vote_client.py: each client's first vote untimed); the clients run unsynchronised
-    (steady state, `clients` in flight). With `processes` each client is its own process, as real clients are: 16
-    gradio_clients in one interpreter (each with its event stream and helper threads) queue on that interpreter's GIL,
-    and their waiting counts as latency."""
-    sessions = [f"bench-{clients}-{i}-{'p' if processes else 't'}" for i in range(clients)]
-    if not processes:
-        return in_clients(clients, lambda i: vote_round_trips(url, sessions[i], votes))
+def vote_latency(url: str, clients: int, votes: int, client: str = "gradio") -> list[float]:
+    """Round trips of /vote (bench/vote_client.py: each client's first vote untimed), each client its own process
+    as real clients are (16 clients in one interpreter queue on its GIL, and that waiting counts as latency); they
+    run unsynchronised, so `clients` are in flight in the steady state. `client`: gradio (gradio_client) or browser
+    (bench/queue_client.py, the page's keep-alive protocol)."""
     cmd = [sys.executable, "-m", "bench.vote_client", url]
-    procs = [subprocess.Popen([*cmd, s, str(votes)], cwd=ROOT, stdout=subprocess.PIPE) for s in sessions]
+    sessions = [f"bench-{clients}-{client}-{i}" for i in range(clients)]
+    procs = [subprocess.Popen([*cmd, s, str(votes), client], cwd=ROOT, stdout=subprocess.PIPE) for s in sessions]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     if any(p.returncode for p in procs):
         raise RuntimeError(f"a vote client failed: exit codes {[p.returncode for p in procs]}")
@@ -185,9 +185,11 @@ def http_parts(args: argparse.Namespace, tmp: Path) -> dict:
             "next": next_pair_latency(server.url, 1, args.pairs, args.pace),
             "crowd": next_pair_latency(server.url, args.crowd, max(5, args.pairs // 2), args.pace),
             "v1": vote_latency(server.url, 1, args.votes),
-            "v16": vote_latency(server.url, 16, args.votes, processes=True),
-            "v16_threads": vote_latency(server.url, 16, args.votes),
+            "v16": vote_latency(server.url, 16, args.votes),
+            "v1_browser": vote_latency(server.url, 1, args.votes, "browser"),
+            "v16_browser": vote_latency(server.url, 16, args.votes, "browser"),
             "handler_ms": handler_times(server.url, admin),
+            "client_overhead": client_overhead(server.url),
         }
     finally:
         server.stop()
@@ -207,6 +209,26 @@ def swap_part(args: argparse.Namespace, tmp: Path) -> dict:
         return swap_stall(rt, [*versions, BASE], 10)
     finally:
         rt.stop()
+
+
+def _pp(r: dict) -> str:
+    return f"{r['p50']:.0f} / {r['p99']:.0f} ms"
+
+
+def client_overhead(url: str) -> dict:
+    """What gradio_client pays per call before the server sees it: it sends each request with a module-level
+    `httpx.post`, i.e. a new httpx client (connection pool, TLS context) per request. Median of 20 plain GETs."""
+    times = {"new_client": [], "reused_client": []}
+    with httpx.Client(trust_env=False) as reused:
+        reused.get(f"{url}/config")
+        for _ in range(20):
+            t0 = time.perf_counter()
+            httpx.get(f"{url}/config", verify=False)
+            times["new_client"].append(1000 * (time.perf_counter() - t0))
+            t0 = time.perf_counter()
+            reused.get(f"{url}/config")
+            times["reused_client"].append(1000 * (time.perf_counter() - t0))
+    return {k: float(np.median(v)) for k, v in times.items()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -234,13 +256,21 @@ def main(argv: list[str] | None = None) -> dict:
         "server": "python app.py, its own process",
         "next_pair_ms": {"p50": pct(nxt, 50), "p95": pct(nxt, 95), "n": len(nxt)},
         "next_pair_ms_crowd": {"raters": args.crowd, "p50": pct(crowd, 50), "p95": pct(crowd, 95), "n": len(crowd)},
-        "vote_ms_1_client": {"p50": pct(v1, 50), "p99": pct(v1, 99), "n": len(v1)},
-        "vote_ms_16_clients": {"p50": pct(v16, 50), "p99": pct(v16, 99), "n": len(v16), "clients": "16 processes"},
-        "vote_ms_16_clients_one_process": {
-            "p50": pct(http["v16_threads"], 50),
-            "p99": pct(http["v16_threads"], 99),
-            "n": len(http["v16_threads"]),
+        "vote_ms_1_client": {"p50": pct(v1, 50), "p99": pct(v1, 99), "n": len(v1), "client": "gradio_client"},
+        "vote_ms_16_clients": {"p50": pct(v16, 50), "p99": pct(v16, 99), "n": len(v16), "client": "gradio_client"},
+        "vote_ms_1_client_browser": {
+            "p50": pct(http["v1_browser"], 50),
+            "p99": pct(http["v1_browser"], 99),
+            "n": len(http["v1_browser"]),
+            "client": "keep-alive queue client",
         },
+        "vote_ms_16_clients_browser": {
+            "p50": pct(http["v16_browser"], 50),
+            "p99": pct(http["v16_browser"], 99),
+            "n": len(http["v16_browser"]),
+            "client": "keep-alive queue client",
+        },
+        "gradio_client_overhead_ms": http["client_overhead"],
         "server_handler_ms": http["handler_ms"],
         "swap": stall,
     }
@@ -263,11 +293,15 @@ def main(argv: list[str] | None = None) -> dict:
             f"| next pair p50 / p95 ({r['next_pair_ms_crowd']['raters']} raters, {r['pace_s']:g} s per pair, "
             f"each pool pair rated by up to {r['ratings_per_pair']}) | {r['next_pair_ms_crowd']['p50']:.0f} / "
             f"{r['next_pair_ms_crowd']['p95']:.0f} ms | p95 <= 150 ms |",
-            f"| vote p50 / p99, 1 client | {r['vote_ms_1_client']['p50']:.0f} / {r['vote_ms_1_client']['p99']:.0f} ms | |",
-            f"| vote p50 / p99, 16 clients, one process each | {r['vote_ms_16_clients']['p50']:.0f} / "
-            f"{r['vote_ms_16_clients']['p99']:.0f} ms | p99 <= 100 ms |",
-            f"| vote p50 / p99, 16 clients as threads of one process | "
-            f"{r['vote_ms_16_clients_one_process']['p50']:.0f} / {r['vote_ms_16_clients_one_process']['p99']:.0f} ms | p99 <= 100 ms |",
+            f"| vote p50 / p99, 1 client, as a browser calls (keep-alive queue client) | "
+            f"{_pp(r['vote_ms_1_client_browser'])} | |",
+            f"| vote p50 / p99, 16 clients, one process each, as a browser calls | "
+            f"{_pp(r['vote_ms_16_clients_browser'])} | p99 <= 100 ms |",
+            f"| vote p50 / p99, 1 client, gradio_client | {_pp(r['vote_ms_1_client'])} | |",
+            f"| vote p50 / p99, 16 clients, one process each, gradio_client | {_pp(r['vote_ms_16_clients'])} | |",
+            f"| gradio_client's own cost per call: a new httpx client per request vs a reused one, plain GET of "
+            f"`/config` | {r['gradio_client_overhead_ms']['new_client']:.0f} vs "
+            f"{r['gradio_client_overhead_ms']['reused_client']:.0f} ms | |",
             f"| inside the server: /vote handler p50 / p99 / max, all {r['server_handler_ms']['vote']['n']} votes above "
             f"(the rest of a round trip is Gradio's queue, the event stream and the clients' own CPU on the same 2 "
             f"cores) | {r['server_handler_ms']['vote']['p50']:.0f} / {r['server_handler_ms']['vote']['p99']:.0f} / "

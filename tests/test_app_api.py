@@ -251,3 +251,21 @@ def test_config_from_env_maps_every_variable(tmp_path: Path) -> None:
     ]:
         with pytest.raises(ValueError, match=match):
             app.config_from_env(bad)
+
+
+def test_the_browser_protocol_client_reaches_the_same_handlers(served) -> None:
+    """bench/queue_client.py (the serving bench's keep-alive client) goes through Gradio's queue like the page: the
+    vote is stored for the session's rater, refusals come back as the same error dicts, unknown endpoints raise."""
+    from bench.queue_client import QueueClient, QueueError
+
+    runtime, url, _ = served
+    q = QueueClient(url)
+    try:
+        pair = q.call("next_pair", "queue-client", "")
+        res = q.call("vote", "queue-client", pair["token"], "left", "")
+        assert runtime.store.vote(res["vote_id"]).rater == runtime.rater_id("session:queue-client")
+        assert q.call("vote", "queue-client", "forged", "left", "")["error"] == "unknown_token"
+        with pytest.raises(QueueError, match="No endpoint 'nope'"):
+            q.call("nope")
+    finally:
+        q.close()
