@@ -105,7 +105,8 @@ def run_all(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     for w in range(args.workers):
         work = root / f"w{w}"
         shutil.copytree(root / "base", work)
-        share = [i for i in range(len(CONFIGS)) if i % args.workers == w][: args.max_per_worker]
+        chosen = [int(i) for i in args.configs.split(",")] if args.configs else list(range(len(CONFIGS)))
+        share = [i for k, i in enumerate(chosen) if k % args.workers == w][: args.max_per_worker]
         cmd = [sys.executable, __file__, "--worker", ",".join(map(str, share)), "--work", str(work),
                "--result", str(out.with_name(f"{out.stem}-w{w}.json")), *args.passthrough]  # fmt: skip
         procs.append((out.with_name(f"{out.stem}-w{w}.json"), subprocess.Popen(cmd)))
@@ -217,6 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sample-steps", type=int, default=12)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--configs", default="", help="comma-separated indices into CONFIGS (default: all, in order)")
     p.add_argument("--max-per-worker", type=int, default=len(CONFIGS))
     p.add_argument("--out", type=Path, help="where the sweep's JSON goes")
     p.add_argument("--render", type=Path, help="render a sweep JSON into docs/ and stop")

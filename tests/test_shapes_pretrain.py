@@ -55,3 +55,44 @@ def test_pretrain_writes_a_loadable_pipeline_and_resumes(tmp_path: Path) -> None
     assert max(abs(m) for m in done["channel_means_after"]) < 0.1, done
     scheduler = json.loads((tmp_path / "out" / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["beta_schedule"] == "scaled_linear", "the shipped recipe's noise schedule"
+
+
+def test_caption_noise_names_random_values_at_its_rate() -> None:
+    """Noisy captions (`--caption-noise`): each listed attribute is redrawn uniformly with its probability, the rest
+    of the prompt is untouched, p=0 is the clean prompt, and unknown attributes or bad probabilities are refused."""
+    import random
+
+    from ncp.shapes.grammar import COLORS, parse, random_scene
+    from ncp.shapes.pretrain import noisy_caption, parse_caption_noise
+
+    assert parse_caption_noise("color=0.7, background=0.5") == {"color": 0.7, "background": 0.5}
+    for bad in ("shape=0.5", "color=1.5", "color"):
+        with pytest.raises(ValueError, match="caption noise"):
+            parse_caption_noise(bad)
+    rng = random.Random(0)
+    scenes = [random_scene(rng, 0.0) for _ in range(3000)]
+    assert all(noisy_caption(s, {}, rng) == s.prompt for s in scenes[:50])
+    noisy = [parse(noisy_caption(s, {"color": 0.6}, rng)) for s in scenes]
+    wrong = sum(n.objects[0].color != s.objects[0].color for n, s in zip(noisy, scenes, strict=True)) / len(scenes)
+    assert wrong == pytest.approx(0.6 * (1 - 1 / len(COLORS)), abs=0.03)  # a redraw can land on the true colour
+    assert all(
+        (n.objects[0].shape, n.objects[0].size, n.objects[0].position, n.background)
+        == (s.objects[0].shape, s.objects[0].size, s.objects[0].position, s.background)
+        for n, s in zip(noisy, scenes, strict=True)
+    )
+
+
+def test_pretrain_continues_from_a_model_with_noisy_captions(tmp_path: Path) -> None:
+    """`--init-model` starts from a trained pipeline (its VAE copied unchanged, no VAE training) and trains on."""
+    cmd = [sys.executable, "-m", "ncp.shapes.pretrain", "--init-model", str(ROOT / "models" / "shapes-tiny"),
+           "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--unet-steps", "2", "--batch", "2",
+           "--ckpt-every", "2", "--caption-noise", "color=1.0"]  # fmt: skip
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=600)
+    shipped = (ROOT / "models" / "shapes-tiny" / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert (tmp_path / "out" / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == shipped
+    log = [json.loads(x) for x in (tmp_path / "work" / "log.jsonl").read_text().splitlines()]
+    assert not any(r.get("stage") == "vae" for r in log), "no VAE stage when continuing from a model"
+    new = DiffusionPipeline.from_pretrained(tmp_path / "out", local_files_only=True).unet.state_dict()
+    old = DiffusionPipeline.from_pretrained(ROOT / "models" / "shapes-tiny", local_files_only=True).unet.state_dict()
+    drift = max((new[k] - old[k]).abs().max().item() for k in old)
+    assert 0 < drift < 0.05, f"two small steps from the shipped UNet, not a fresh one (max change {drift})"

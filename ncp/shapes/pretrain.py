@@ -11,6 +11,7 @@ pipeline is written with `save_pretrained` to `--out`. Progress: a tqdm bar and 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import random
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ncp.shapes.grammar import random_scene
+from ncp.shapes.grammar import BACKGROUNDS, COLORS, SIZES, Scene, random_scene
 from ncp.shapes.model import (
     IMAGE_SIZE,
     assemble_pipeline,
@@ -35,13 +36,49 @@ from ncp.shapes.model import (
 )
 from ncp.shapes.render import render
 
+NOISY = {
+    "color": list(COLORS),
+    "size": list(SIZES),
+    "background": list(BACKGROUNDS),
+}  # attributes a caption can get wrong
 
-def render_batch(rng: random.Random, n: int, two_object_prob: float) -> tuple[list[str], torch.Tensor]:
-    """n random held-in scenes -> prompts and images in [-1, 1], shape (n, 3, 32, 32)."""
+
+def parse_caption_noise(spec: str) -> dict[str, float]:
+    """'color=0.7,background=0.5' -> {attribute: probability that the caption names a random value instead}."""
+    out: dict[str, float] = {}
+    for part in filter(None, (x.strip() for x in spec.split(","))):
+        name, _, value = part.partition("=")
+        if name not in NOISY or not value:
+            raise ValueError(f"caption noise {part!r}: use ATTRIBUTE=P with ATTRIBUTE in {sorted(NOISY)}")
+        p = float(value)
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"caption noise {part!r}: the probability must be in [0, 1]")
+        out[name] = p
+    return out
+
+
+def noisy_caption(scene: Scene, noise: dict[str, float], rng: random.Random) -> str:
+    """The scene's prompt with each noisy attribute replaced, with its probability, by a value drawn uniformly (so
+    sometimes the right one): web alt-text that often names the wrong colour. The image stays the true scene."""
+
+    def pick(attr: str, value: str) -> str:
+        return rng.choice(NOISY[attr]) if rng.random() < noise.get(attr, 0.0) else value
+
+    objects = tuple(
+        dataclasses.replace(o, color=pick("color", o.color), size=pick("size", o.size)) for o in scene.objects
+    )
+    return dataclasses.replace(scene, objects=objects, background=pick("background", scene.background)).prompt
+
+
+def render_batch(
+    rng: random.Random, n: int, two_object_prob: float, caption_noise: dict[str, float] | None = None
+) -> tuple[list[str], torch.Tensor]:
+    """n random held-in scenes -> prompts (noisy with `caption_noise`) and images in [-1, 1], shape (n, 3, 32, 32)."""
     scenes = [random_scene(rng, two_object_prob, held_out=False) for _ in range(n)]
     imgs = np.stack([render(s, IMAGE_SIZE, rng, jitter=1.5) for s in scenes])
     x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    return [s.prompt for s in scenes], x
+    prompts = [noisy_caption(s, caption_noise, rng) if caption_noise else s.prompt for s in scenes]
+    return prompts, x
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int = 200) -> float:
@@ -52,6 +89,9 @@ def lr_at(step: int, total: int, peak: float, warmup: int = 200) -> float:
 
 def train_vae(args: argparse.Namespace, work: Path, log) -> None:
     if (work / "vae").exists():
+        return
+    if args.init_model is not None:  # the pipeline's own (already centred) VAE, unchanged
+        shutil.copytree(args.init_model / "vae", work / "vae")
         return
     if args.init_vae is not None:  # reuse a trained autoencoder (e.g. the shipped model's) and only re-centre it
         from diffusers import AutoencoderTiny
@@ -145,7 +185,15 @@ def train_unet(args: argparse.Namespace, work: Path, out: Path, log) -> None:
     vae = AutoencoderTiny.from_pretrained(work / "vae").eval().requires_grad_(False).to(dev)
     tokenizer = write_tokenizer(work / "tokenizer")
     torch.manual_seed(args.seed)
-    text_encoder, unet = build_text_encoder(tokenizer).to(dev), build_unet().to(dev)
+    if args.init_model is not None:  # continue from a trained pipeline (its VAE was copied by train_vae)
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        text_encoder = CLIPTextModel.from_pretrained(args.init_model / "text_encoder").to(dev)
+        unet = UNet2DConditionModel.from_pretrained(args.init_model / "unet").to(dev)
+    else:
+        text_encoder, unet = build_text_encoder(tokenizer).to(dev), build_unet().to(dev)
+    noise = parse_caption_noise(args.caption_noise)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
     sched = train_scheduler(args.beta_schedule)
@@ -164,7 +212,7 @@ def train_unet(args: argparse.Namespace, work: Path, out: Path, log) -> None:
     while step < args.unet_steps:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.unet_steps, args.lr)
-        prompts, x = render_batch(rng, args.batch, args.two_object_prob)
+        prompts, x = render_batch(rng, args.batch, args.two_object_prob, noise)
         # Classifier-free guidance needs an unconditional model: drop 10% of prompts.
         prompts = ["" if rng.random() < 0.1 else p for p in prompts]
         with torch.no_grad():
@@ -224,6 +272,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--work", type=Path, default=Path("runs/shapes-pretrain"), help="checkpoints and log")
     p.add_argument("--vae-steps", type=int, default=600, help="VAE training steps")
     p.add_argument("--init-vae", type=Path, help="start from this trained AutoencoderTiny folder instead (re-centred)")
+    p.add_argument("--init-model", type=Path, help="continue from this pipeline folder (its VAE, UNet, text encoder)")
+    p.add_argument(
+        "--caption-noise",
+        default="",
+        help="noisy captions, e.g. 'color=0.7,background=0.7': with that probability the caption names a random "
+        "value of the attribute (a base model that often ignores those words; the headroom preference tuning fixes)",
+    )
     p.add_argument("--decoder-steps", type=int, default=400, help="decoder refit steps after centring the latents")
     p.add_argument("--beta-schedule", default="scaled_linear", choices=["scaled_linear", "squaredcos_cap_v2"])
     p.add_argument("--noise-offset", type=float, default=0.1, help="offset-noise strength (0 = off)")
