@@ -49,6 +49,7 @@ FRIENDLY = {
     "expired": "This pair expired before your vote.",
     "conflicting_vote": "You already voted differently on this pair.",
     "unknown_token": "This pair is no longer known to the server.",
+    "address_rate_limited": "Too many votes are coming from your network right now; wait a minute.",
 }
 
 
@@ -137,6 +138,7 @@ def on_vote(
             rater_key(ctx, request.session_hash, profile),
             reasons=tuple(reasons or ()),
             time_to_vote_ms=views.elapsed_ms(state["shown_at"]),
+            address=_address(ctx, request),
         )
     except VoteRejected as err:
         text = f"⚠️ Your vote was not counted. {FRIENDLY.get(err.reason_code, err.message)} Here is a new pair."
@@ -194,6 +196,14 @@ def on_admin(ctx: Ctx, action: str, token: str, value: str, profile: gr.OAuthPro
 
 
 # -- API (gr.api endpoints: plain JSON in and out) ------------------------------------------------------------------
+def _address(ctx: Ctx, request: gr.Request | None) -> str | None:
+    """The client address for the per-address vote limit (None when it is off, or without a request)."""
+    if request is None:
+        return None
+    peer = request.client.host if request.client else None
+    return views.vote_address(ctx.runtime, peer, request.headers.get("x-forwarded-for"))
+
+
 def _refusal(code: str, message: str) -> dict:
     return {"error": code, "message": message}
 
@@ -223,7 +233,9 @@ def api_next_pair(ctx: Ctx, session_id: str, prompt: str = "") -> dict:
 
 
 @timed("vote")
-def api_vote(ctx: Ctx, session_id: str, token: str, outcome: str, reasons: list[str] | str = "") -> dict:
+def api_vote(
+    ctx: Ctx, session_id: str, token: str, outcome: str, reasons: list[str] | str = "", request: gr.Request = None
+) -> dict:
     """Vote on a pair issued to `session_id`; returns the reveal or a refusal. See docs/API.md."""
     if isinstance(reasons, str):
         reasons = [r.strip() for r in reasons.split(",") if r.strip()]
@@ -233,7 +245,13 @@ def api_vote(ctx: Ctx, session_id: str, token: str, outcome: str, reasons: list[
         session = views.check_session(session_id)
         rater = ctx.runtime.rater_id(f"session:{session}")
         res = ctx.runtime.arena.vote(
-            session, token, outcome, rater, reasons=reasons, time_to_vote_ms=ctx.clock.elapsed_ms(token)
+            session,
+            token,
+            outcome,
+            rater,
+            reasons=reasons,
+            time_to_vote_ms=ctx.clock.elapsed_ms(token),
+            address=_address(ctx, request),
         )
     except InputRejected as err:  # VoteRejected included
         return _refusal(err.reason_code, err.message)

@@ -10,6 +10,13 @@ What each defence does (DESIGN.md "Abuse"; issue 8):
   shows): more than `votes_per_minute` (token bucket of `burst` votes) or more than `daily_cap` votes in a UTC day.
   The daily count is read back from the store the first time a rater is seen each day, so a restart does not reset
   it; an identical retry of an accepted vote counts again (conservative).
+- Per client address (off unless `address_votes_per_minute` is set): a token bucket of `address_burst` votes per
+  network address, counted over ALL vote attempts from it, so a bot that rotates session ids (new pseudonyms, fresh
+  per-rater limits) still hits it; refused with code "address_rate_limited". The address is never stored: the
+  limiter keys an HMAC of it under a random per-process salt, in memory. Which address is the client's is
+  `client_address` (behind a proxy, the entry the nearest `trusted_proxy_hops` proxies appended to X-Forwarded-For;
+  a client can forge the rest of that header). Shared addresses (offices, mobile carriers) share the bucket, so the
+  rate is per network, not per person: set it several times the per-rater rate.
 - Accepted but stored flagged "too_fast" (never trained on): a vote sooner than `min_vote_ms` after its pair was
   issued (time_to_vote_ms is measured by the server).
 - Trust: each control (attention-check) vote updates the rater's trust to the posterior mean of its pass rate under
@@ -24,8 +31,11 @@ votes, earlier ones included, stay stored but leave training, statistics and the
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import math
+import secrets
 import threading
 import time
 from collections import OrderedDict
@@ -37,7 +47,7 @@ from feedback_store import FeedbackStore, InputRejected, VoteReceipt, VoteReject
 
 logger = logging.getLogger(__name__)
 
-ABUSE_REJECTION_CODES = ("rate_limited", "daily_cap")
+ABUSE_REJECTION_CODES = ("rate_limited", "daily_cap", "address_rate_limited")
 DAY_S = 86400
 
 
@@ -59,12 +69,17 @@ class AbuseConfig:
     min_consensus_pairs: int = 10  # pairs with a majority of >= 2 other raters before agreement is judged
     min_agreement: float = 0.3  # disagreement: agreement with the others' majority under this
     max_tracked_raters: int = 100_000  # in-memory limiter entries (the oldest are forgotten, then re-read)
+    address_votes_per_minute: float = 0.0  # sustained vote attempts per client address (0: no address limit)
+    address_burst: int = 60  # attempts an address may make back to back before its rate applies
+    trusted_proxy_hops: int = 0  # proxies in front of the app that append to X-Forwarded-For (Spaces: 1)
 
     def __post_init__(self) -> None:
         if self.votes_per_minute < 0 or self.daily_cap < 0 or self.min_vote_ms < 0 or self.review_every_votes < 0:
             raise ValueError("votes_per_minute, daily_cap, min_vote_ms and review_every_votes must be >= 0 (0: off).")
-        if self.burst < 1:
-            raise ValueError(f"burst must be >= 1 (votes a rater may cast back to back), got {self.burst}.")
+        if self.burst < 1 or self.address_burst < 1:
+            raise ValueError(f"burst and address_burst must be >= 1, got {self.burst} and {self.address_burst}.")
+        if self.address_votes_per_minute < 0 or self.trusted_proxy_hops < 0:
+            raise ValueError("address_votes_per_minute (0: off) and trusted_proxy_hops must be >= 0.")
         if min(self.trust_prior) <= 0:
             raise ValueError(
                 f"trust_prior must be two positive Beta parameters, e.g. (2.0, 1.0); got {self.trust_prior}"
@@ -126,6 +141,17 @@ def detect(stats: list[dict], agreement: list[dict], cfg: AbuseConfig) -> list[F
     return flags
 
 
+def client_address(peer: str | None, forwarded_for: str | None, trusted_hops: int) -> str:
+    """The client's address: with `trusted_hops` proxies in front, the entry the outermost trusted one appended to
+    X-Forwarded-For (counted from the right; entries further left come from the client and can be forged); else, or
+    when the header is shorter than that, the socket peer."""
+    if trusted_hops > 0 and forwarded_for:
+        hops = [h.strip() for h in forwarded_for.split(",") if h.strip()]
+        if len(hops) >= trusted_hops:
+            return hops[-trusted_hops]
+    return peer or "unknown"
+
+
 @dataclass
 class _Limit:
     tokens: float
@@ -141,6 +167,8 @@ class VoteGuard:
     def __init__(self, store: FeedbackStore, config: AbuseConfig, clock: Callable[[], float] = time.time) -> None:
         self.store, self.config, self.clock = store, config, clock
         self._limits: OrderedDict[str, _Limit] = OrderedDict()
+        self._addresses: OrderedDict[str, _Limit] = OrderedDict()  # HMAC(address) -> bucket; never persisted
+        self._address_salt = secrets.token_bytes(32)  # per process: keys cannot be linked across restarts
         self._lock = threading.Lock()
         self._since_review = 0
         self._review_lock = threading.Lock()
@@ -148,9 +176,16 @@ class VoteGuard:
 
     # -- the vote path ----------------------------------------------------------------------------------------------
     def vote(
-        self, rater: str, time_to_vote_ms: int | None, record: Callable[[str | None], VoteReceipt]
+        self,
+        rater: str,
+        time_to_vote_ms: int | None,
+        record: Callable[[str | None], VoteReceipt],
+        address: str | None = None,
     ) -> VoteReceipt:
-        """Admit (or refuse) the vote, record it through `record(excluded_reason)`, then update trust."""
+        """Admit (or refuse) the vote, record it through `record(excluded_reason)`, then update trust. `address`: the
+        client's network address (`client_address`), for the per-address limit; None skips that limit."""
+        if address is not None and self.config.address_votes_per_minute:
+            self._admit_address(address)
         self._admit(rater)
         fast = time_to_vote_ms is not None and time_to_vote_ms < self.config.min_vote_ms
         try:
@@ -198,6 +233,29 @@ class VoteGuard:
                     )
                 limit.tokens -= 1.0
             limit.day_votes += 1  # reserved now, so concurrent votes cannot overshoot the cap
+
+    def _admit_address(self, address: str) -> None:
+        """The per-address token bucket; every attempt counts (refused and retried ones too)."""
+        cfg, now = self.config, self.clock()
+        key = hmac.new(self._address_salt, address.encode(), hashlib.sha256).hexdigest()
+        rate = cfg.address_votes_per_minute / 60.0
+        with self._lock:
+            limit = self._addresses.get(key)
+            if limit is None:
+                limit = self._addresses[key] = _Limit(float(cfg.address_burst), now, 0, 0)
+            self._addresses.move_to_end(key)
+            while len(self._addresses) > cfg.max_tracked_raters:
+                self._addresses.popitem(last=False)
+            limit.tokens = min(float(cfg.address_burst), limit.tokens + max(0.0, now - limit.last) * rate)
+            limit.last = now
+            if limit.tokens < 1.0:
+                wait = math.ceil((1.0 - limit.tokens) / rate)
+                raise VoteRejected(
+                    "address_rate_limited",
+                    f"Too many votes from your network: at most {cfg.address_votes_per_minute:g} per minute. "
+                    f"Wait {wait} s and vote again.",
+                )
+            limit.tokens -= 1.0
 
     def _refund(self, rater: str) -> None:
         with self._lock:
@@ -258,4 +316,4 @@ class VoteGuard:
             thread.join(timeout)
 
 
-__all__ = ["ABUSE_REJECTION_CODES", "AbuseConfig", "Flag", "VoteGuard", "detect"]
+__all__ = ["ABUSE_REJECTION_CODES", "AbuseConfig", "Flag", "VoteGuard", "client_address", "detect"]

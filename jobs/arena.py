@@ -231,9 +231,11 @@ class ArenaService:
         rater: str,
         reasons: tuple[str, ...] = (),
         time_to_vote_ms: int | None = None,
+        address: str | None = None,
     ) -> VoteResult:
-        """Record a vote (raises VoteRejected with a reason) and return the reveal. With a guard: rate limits and
-        daily caps refuse before anything is stored, too-fast votes are stored flagged, control votes update trust."""
+        """Record a vote (raises VoteRejected with a reason) and return the reveal. With a guard: rate limits (per
+        rater, and per client `address` when configured) and daily caps refuse before anything is stored, too-fast
+        votes are stored flagged, control votes update trust."""
 
         def record(excluded_reason: str | None) -> VoteReceipt:
             kw = {"reasons": tuple(reasons), "time_to_vote_ms": time_to_vote_ms, "excluded_reason": excluded_reason}
@@ -246,7 +248,7 @@ class ArenaService:
                 self.store.ensure_rater(rater)
                 return self.store.record_vote(token, session, outcome, rater, **kw)
 
-        receipt = record(None) if self.guard is None else self.guard.vote(rater, time_to_vote_ms, record)
+        receipt = record(None) if self.guard is None else self.guard.vote(rater, time_to_vote_ms, record, address)
         return VoteResult(
             receipt.vote_id, receipt.outcome, receipt.left_version, receipt.right_version, receipt.control_passed
         )

@@ -64,6 +64,18 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("NCP_VOTE_BURST", str(_ABUSE.burst), "votes a rater may cast back to back before the rate limit applies"),
     EnvVar("NCP_DAILY_VOTE_CAP", str(_ABUSE.daily_cap), "votes per rater per UTC day (0: no cap)"),
     EnvVar(
+        "NCP_ADDRESS_VOTES_PER_MINUTE",
+        f"{_ABUSE.address_votes_per_minute:g}",
+        "vote attempts per minute per client network address, whatever session they use (0: off; the address is "
+        "kept only as an in-memory salted hash); a public Space: several times NCP_VOTES_PER_MINUTE, e.g. 120",
+    ),
+    EnvVar("NCP_ADDRESS_BURST", str(_ABUSE.address_burst), "attempts an address may make back to back"),
+    EnvVar(
+        "NCP_TRUSTED_PROXY_HOPS",
+        "1 on a Space (SPACE_ID set), else 0",
+        "proxies in front of the app that append the client's address to X-Forwarded-For (which entry to trust)",
+    ),
+    EnvVar(
         "NCP_MIN_VOTE_MS",
         str(_ABUSE.min_vote_ms),
         "a vote sooner after its pair was shown is stored flagged `too_fast` and never trained on",
@@ -135,6 +147,11 @@ def config_from_env(env: Mapping[str, str]) -> ArenaConfig:
         min_vote_ms=int(env_value(env, "NCP_MIN_VOTE_MS", int, _ABUSE.min_vote_ms)),
         min_trust=float(env_value(env, "NCP_MIN_TRUST", float, _ABUSE.min_trust)),
         review_every_votes=int(env_value(env, "NCP_REVIEW_EVERY_VOTES", int, _ABUSE.review_every_votes)),
+        address_votes_per_minute=float(
+            env_value(env, "NCP_ADDRESS_VOTES_PER_MINUTE", float, _ABUSE.address_votes_per_minute)
+        ),
+        address_burst=int(env_value(env, "NCP_ADDRESS_BURST", int, _ABUSE.address_burst)),
+        trusted_proxy_hops=int(env_value(env, "NCP_TRUSTED_PROXY_HOPS", int, 1 if env.get("SPACE_ID") else 0)),
     )
     repo = env.get("NCP_HUB_DATASET_REPO", "").strip()
     hub = None

@@ -26,6 +26,7 @@ import pandas as pd
 
 from feedback_store.records import MAX_TIME_TO_VOTE_MS, check_ident
 from feedback_store.stats import leaderboard, rating_history
+from jobs.abuse import client_address
 from jobs.registry import BASE
 
 if TYPE_CHECKING:
@@ -318,3 +319,12 @@ def status_markdown(s: dict) -> str:
         made = f" → {last['version']}" if last.get("version") else ""
         lines.append(f"**Last round:** {last['status']}{made} in {last['seconds']:.0f} s: {last['reason']}")
     return "\n\n".join(lines)
+
+
+def vote_address(runtime: Runtime, peer: str | None, forwarded_for: str | None) -> str | None:
+    """The client address the per-address vote limit counts (jobs.abuse.client_address), or None when that limit is
+    off (no address is then even computed)."""
+    guard = runtime.arena.guard
+    if guard is None or not guard.config.address_votes_per_minute:
+        return None
+    return client_address(peer, forwarded_for, guard.config.trusted_proxy_hops)

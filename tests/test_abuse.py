@@ -18,7 +18,7 @@ from store_fixtures import table_state
 
 from feedback_store import FeedbackStore, VoteRejected
 from feedback_store.export import export_snapshot
-from jobs.abuse import AbuseConfig, VoteGuard, detect
+from jobs.abuse import AbuseConfig, VoteGuard, client_address, detect
 from jobs.arena import ArenaService
 from jobs.prompts import Blocklist, PoolPrompt, PromptPool
 from jobs.registry import AdapterRegistry
@@ -107,6 +107,35 @@ def test_rate_limit_refuses_with_a_code_and_stores_nothing(world) -> None:
     with pytest.raises(VoteRejected, match="rate_limited"):
         w.vote("r_burst")
     w.vote("r_other")  # limits are per rater
+
+
+def test_address_limit_spans_raters_refills_and_stores_nothing(world) -> None:
+    """The per-address bucket counts every attempt from an address whatever rater (session) it claims; refused
+    attempts store nothing; it refills at its rate; other addresses and address-less calls are not affected."""
+    w = world(address_votes_per_minute=6, address_burst=2)
+    for rater in ("r_a", "r_b"):
+        w.arena.vote(rater, w.issue(rater), "left", rater, time_to_vote_ms=3000, address="198.51.100.1")
+    token = w.issue("r_c")
+    before = table_state(w.store)
+    with pytest.raises(VoteRejected) as err:
+        w.arena.vote("r_c", token, "left", "r_c", time_to_vote_ms=3000, address="198.51.100.1")
+    assert err.value.reason_code == "address_rate_limited" and "Wait 10 s" in err.value.message
+    assert table_state(w.store) == before
+    assert w.arena.vote("r_c", token, "left", "r_c", time_to_vote_ms=3000, address="198.51.100.2").vote_id
+    w.vote("r_d")  # no address (e.g. a local script path): only the per-rater limits apply
+    w.clock.t += 10
+    w.arena.vote("r_e", w.issue("r_e"), "left", "r_e", time_to_vote_ms=3000, address="198.51.100.1")
+    assert "198.51.100.1" not in repr(w.guard._addresses)  # keyed by an HMAC, not the address
+
+
+def test_client_address_trusts_only_the_proxy_appended_entries() -> None:
+    assert client_address("10.0.0.5", None, 0) == "10.0.0.5"
+    assert client_address("10.0.0.5", "203.0.113.9", 0) == "10.0.0.5"  # no proxy: the header is the client's
+    assert client_address("10.0.0.5", "203.0.113.9", 1) == "203.0.113.9"
+    assert client_address("10.0.0.5", "6.6.6.6, 203.0.113.9", 1) == "203.0.113.9"  # forged left part ignored
+    assert client_address("10.0.0.5", "6.6.6.6, 203.0.113.9, 10.1.1.1", 2) == "203.0.113.9"
+    assert client_address("10.0.0.5", "203.0.113.9", 2) == "10.0.0.5"  # shorter than the proxy chain: the peer
+    assert client_address(None, None, 1) == "unknown"
 
 
 def test_daily_cap_counts_stored_votes_survives_a_restart_and_resets_next_utc_day(world) -> None:
