@@ -35,6 +35,7 @@ def default_data_dir() -> Path:
 
 
 _LOOP, _SAMPLING, _ABUSE = LoopConfig(), SamplingConfig(), AbuseConfig()
+SPACE_ADDRESS_VOTES_PER_MINUTE = 120.0  # default per-address limit on a public Space: 4x the per-rater rate
 ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("NCP_DATA_DIR", "/data/ncp-arena if /data is writable, else ./data", "DuckDB store, images, adapters"),
     EnvVar("NCP_MODEL", "models/shapes-tiny (embedded)", "diffusers pipeline folder or hub id (SDXL or SD1.5)"),
@@ -65,9 +66,9 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("NCP_DAILY_VOTE_CAP", str(_ABUSE.daily_cap), "votes per rater per UTC day (0: no cap)"),
     EnvVar(
         "NCP_ADDRESS_VOTES_PER_MINUTE",
-        f"{_ABUSE.address_votes_per_minute:g}",
+        f"{SPACE_ADDRESS_VOTES_PER_MINUTE:g} on a Space (SPACE_ID set), else 0",
         "vote attempts per minute per client network address, whatever session they use (0: off; the address is "
-        "kept only as an in-memory salted hash); a public Space: several times NCP_VOTES_PER_MINUTE, e.g. 120",
+        "kept only as an in-memory salted hash); several times NCP_VOTES_PER_MINUTE, as a network can hold many raters",
     ),
     EnvVar("NCP_ADDRESS_BURST", str(_ABUSE.address_burst), "attempts an address may make back to back"),
     EnvVar(
@@ -140,6 +141,7 @@ def config_from_env(env: Mapping[str, str]) -> ArenaConfig:
     defences = str(env_value(env, "NCP_ABUSE_DEFENCES", str, "1"))
     if defences not in ("0", "1"):
         raise ValueError(f"NCP_ABUSE_DEFENCES must be 0 or 1, got {defences!r}.")
+    space = bool(env.get("SPACE_ID"))  # on a Hugging Face Space: public, behind one proxy
     abuse = AbuseConfig(
         votes_per_minute=float(env_value(env, "NCP_VOTES_PER_MINUTE", float, _ABUSE.votes_per_minute)),
         burst=int(env_value(env, "NCP_VOTE_BURST", int, _ABUSE.burst)),
@@ -148,10 +150,10 @@ def config_from_env(env: Mapping[str, str]) -> ArenaConfig:
         min_trust=float(env_value(env, "NCP_MIN_TRUST", float, _ABUSE.min_trust)),
         review_every_votes=int(env_value(env, "NCP_REVIEW_EVERY_VOTES", int, _ABUSE.review_every_votes)),
         address_votes_per_minute=float(
-            env_value(env, "NCP_ADDRESS_VOTES_PER_MINUTE", float, _ABUSE.address_votes_per_minute)
+            env_value(env, "NCP_ADDRESS_VOTES_PER_MINUTE", float, SPACE_ADDRESS_VOTES_PER_MINUTE if space else 0.0)
         ),
         address_burst=int(env_value(env, "NCP_ADDRESS_BURST", int, _ABUSE.address_burst)),
-        trusted_proxy_hops=int(env_value(env, "NCP_TRUSTED_PROXY_HOPS", int, 1 if env.get("SPACE_ID") else 0)),
+        trusted_proxy_hops=int(env_value(env, "NCP_TRUSTED_PROXY_HOPS", int, 1 if space else 0)),
     )
     repo = env.get("NCP_HUB_DATASET_REPO", "").strip()
     hub = None

@@ -120,8 +120,9 @@ def test_config_from_env_maps_the_abuse_variables() -> None:
     assert abuse == AbuseConfig(votes_per_minute=12.0, burst=4, daily_cap=200, min_vote_ms=900, min_trust=0.6,
                                 review_every_votes=0, address_votes_per_minute=90.0, address_burst=20,
                                 trusted_proxy_hops=2)  # fmt: skip
-    assert app.config_from_env({}).abuse.trusted_proxy_hops == 0
-    assert app.config_from_env({"SPACE_ID": "alice/arena"}).abuse.trusted_proxy_hops == 1  # behind the Space proxy
+    local, space = app.config_from_env({}).abuse, app.config_from_env({"SPACE_ID": "alice/arena"}).abuse
+    assert (local.address_votes_per_minute, local.trusted_proxy_hops) == (0.0, 0)  # scripts and benches on one host
+    assert (space.address_votes_per_minute, space.trusted_proxy_hops) == (120.0, 1)  # public, behind the Space proxy
     assert app.config_from_env({}).abuse == AbuseConfig()  # on by default in the deployed app
     assert app.config_from_env({"NCP_ABUSE_DEFENCES": "0"}).abuse is None
     for bad, match in [({"NCP_ABUSE_DEFENCES": "yes"}, "NCP_ABUSE_DEFENCES"), ({"NCP_VOTE_BURST": "0"}, "burst"),
