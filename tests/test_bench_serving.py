@@ -21,12 +21,14 @@ def test_serving_bench_measures_every_part(tmp_path) -> None:
     assert json.loads(out.read_text()) == json.loads(json.dumps(r))
     assert r["server"].startswith("python app.py")
     assert r["next_pair_ms"]["n"] == 3 and r["next_pair_ms_crowd"]["n"] == 2 * 5
-    votes = ("vote_ms_1_client", "vote_ms_16_clients", "vote_ms_1_client_browser", "vote_ms_16_clients_browser")
-    assert [r[part]["n"] for part in votes] == [4, 16 * 4, 4, 16 * 4]
+    votes = ("vote_ms_1_client", "vote_ms_16_clients", "vote_ms_1_client_browser", "vote_ms_16_clients_browser",
+             "vote_ms_16_raters_paced", "vote_ms_16_raters_paced_browser")  # fmt: skip
+    assert [r[part]["n"] for part in votes] == [4, 16 * 4, 4, 16 * 4, 16 * 4, 16 * 4]
+    assert r["vote_ms_16_raters_paced"]["pace_s"] == 0.2
     for part in ("next_pair_ms", *votes):
         assert 0 < r[part]["p50"] <= max(r[part].get("p95", 0), r[part].get("p99", 0))
     handler = r["server_handler_ms"]["vote"]  # the app's own timings, read over the admin API
-    assert handler["n"] >= 2 * (4 + 16 * 5) and 0 < handler["p50"] <= handler["p99"] <= handler["max"]
+    assert handler["n"] >= 4 * (4 + 16 * 5) and 0 < handler["p50"] <= handler["p99"] <= handler["max"]
     assert handler["p50"] < min(r["vote_ms_1_client"]["p50"], r["vote_ms_1_client_browser"]["p50"])
     overhead = r["gradio_client_overhead_ms"]  # a fresh httpx client per request costs more than a reused one
     assert overhead["new_client"] > overhead["reused_client"] > 0
