@@ -24,6 +24,7 @@ import numpy as np
 T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23}
 ORDER = ("latent-dpo", "ncp-dpo", "latent-cpo", "ncp-cpo", "latent-sft", "ncp-sft")
 WALL_BUDGET_MIN = 90  # the whole full run must fit in 90 minutes of the 2-core CPU (issue 7)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def t_ci(values: Any) -> tuple[float, float]:
@@ -195,6 +196,16 @@ def conclusion(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _model_name(source: str) -> str:
+    """The model folder relative to the repository when it is inside it (no machine-specific absolute path)."""
+    path = Path(source)
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else source
+
+
+def _step_note(step: int | None) -> str:
+    return "" if step is None else f" (pretraining step {step})"
+
+
 def _wall_line(state: dict[str, Any]) -> str:
     """The run's own wall time (all phases, summed over resumes) against the 90-minute budget of issue 7."""
     phases = state.get("phase_s") or {}
@@ -212,7 +223,7 @@ def markdown(state: dict[str, Any], summary: dict[str, Any]) -> str:
     lines = [
         "## Alignment: NCP vs latent-space DPO, CPO and SFT (`bench/alignment.py`)",
         "",
-        f"Mode **{s['mode']}**; model `{s['source']}` (pretraining step {state.get('model_step')}); "
+        f"Mode **{s['mode']}**; model `{_model_name(s['source'])}`{_step_note(state.get('model_step'))}; "
         f"{data.get('loaded:all', {}).get('kept', '?')} training pairs (on-policy, judge-labelled, ties dropped) from "
         f"{b['train_prompts']} held-in prompts; LoRA rank 8 / alpha 8 on attention; batch {b['batch']} pairs, "
         f"{b['steps']} steps, {b['seeds']} seed(s) at the best setting; lr x beta grid ranked on {b['val_prompts']} "
