@@ -6,8 +6,8 @@
   defences' minimum vote time), for 1 rater and for a crowd of `--crowd` raters, served from the prefetch queue and
   the reuse of pool pairs across sessions (NCP_RATINGS_PER_PAIR);
 - vote round trip: p50/p99 of `/vote` with 1 and 16 concurrent clients (one process each), called as a browser calls
-  (bench/queue_client.py: Gradio's queue protocol on a reused connection) and through gradio_client, whose new HTTP
-  client per request is measured on its own (`client_overhead`);
+  (bench/queue_client.py: Gradio's queue protocol on a reused connection) and through gradio_client (whose reader
+  polls for the result every 50 ms, `gradio_client.utils.stream_sse_v1plus`: ~25 ms per call on average);
 - swap stall: 10 hot-swaps between two LoRA versions while a thread generates continuously (prefetch paused, so the
   gaps are the swaps' alone): the longest pause of generation, i.e. the longest gap between two consecutive denoising
   steps (UNet forward passes) during the swaps minus the median gap without swaps; also the longest time a swap held
@@ -31,7 +31,6 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import torch
 from gradio_client import Client
@@ -207,7 +206,6 @@ def http_parts(args: argparse.Namespace, tmp: Path) -> dict:
             "v16_paced": vote_latency(server.url, 16, args.votes, "gradio", args.pace),
             "v16_paced_browser": vote_latency(server.url, 16, args.votes, "browser", args.pace),
             "handler_ms": handler_times(server.url, admin),
-            "client_overhead": client_overhead(server.url),
         }
     finally:
         server.stop()
@@ -231,22 +229,6 @@ def swap_part(args: argparse.Namespace, tmp: Path) -> dict:
 
 def _pp(r: dict) -> str:
     return f"{r['p50']:.0f} / {r['p99']:.0f} ms"
-
-
-def client_overhead(url: str) -> dict:
-    """What gradio_client pays per call before the server sees it: it sends each request with a module-level
-    `httpx.post`, i.e. a new httpx client (connection pool, TLS context) per request. Median of 20 plain GETs."""
-    times = {"new_client": [], "reused_client": []}
-    with httpx.Client(trust_env=False) as reused:
-        reused.get(f"{url}/config")
-        for _ in range(20):
-            t0 = time.perf_counter()
-            httpx.get(f"{url}/config", verify=False)
-            times["new_client"].append(1000 * (time.perf_counter() - t0))
-            t0 = time.perf_counter()
-            reused.get(f"{url}/config")
-            times["reused_client"].append(1000 * (time.perf_counter() - t0))
-    return {k: float(np.median(v)) for k, v in times.items()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -302,7 +284,6 @@ def main(argv: list[str] | None = None) -> dict:
             "client": "keep-alive queue client",
             "pace_s": args.pace,
         },
-        "gradio_client_overhead_ms": http["client_overhead"],
         "server_handler_ms": http["handler_ms"],
         "swap": stall,
     }
@@ -314,9 +295,11 @@ def main(argv: list[str] | None = None) -> dict:
             "## Serving latency (`python -m bench.serving`)",
             "",
             f"Shapes model (Euler-a {r['steps']} steps), 2-core CPU. Next pair and vote: `python app.py` in its own "
-            "process (its prefetch thread generating alongside), real HTTP via gradio_client from the benchmark's "
-            "process. Swap: a Runtime in the benchmark's process, one thread generating continuously, 10 hot-swaps "
-            "0.5 s apart.",
+            "process (its prefetch thread generating alongside), real HTTP from the benchmark's process (next pair) "
+            "and from one process per vote client (gradio_client, or bench/queue_client.py: Gradio's queue protocol "
+            "on a reused connection, as the page calls); every vote client votes once untimed, then all start "
+            "together. All clients share the server's 2 cores. Swap: a Runtime in the benchmark's process, one "
+            "thread generating continuously, 10 hot-swaps 0.5 s apart.",
             "",
             "| measure | value | goal |",
             "|---|---|---|",
@@ -334,9 +317,6 @@ def main(argv: list[str] | None = None) -> dict:
             f"| stress: 16 clients voting back to back at machine speed (bots; the defences flag votes under 1.5 s), "
             f"as a browser calls | {_pp(r['vote_ms_16_clients_browser'])} | |",
             f"| stress, through gradio_client | {_pp(r['vote_ms_16_clients'])} | |",
-            f"| gradio_client's own cost per call: a new httpx client per request vs a reused one, plain GET of "
-            f"`/config` | {r['gradio_client_overhead_ms']['new_client']:.0f} vs "
-            f"{r['gradio_client_overhead_ms']['reused_client']:.0f} ms | |",
             f"| inside the server: /vote handler p50 / p99 / max, all {r['server_handler_ms']['vote']['n']} votes above "
             f"(the rest of a round trip is Gradio's queue, the event stream and the clients' own CPU on the same 2 "
             f"cores) | {r['server_handler_ms']['vote']['p50']:.0f} / {r['server_handler_ms']['vote']['p99']:.0f} / "

@@ -30,8 +30,7 @@ def test_serving_bench_measures_every_part(tmp_path) -> None:
     handler = r["server_handler_ms"]["vote"]  # the app's own timings, read over the admin API
     assert handler["n"] >= 4 * (4 + 16 * 5) and 0 < handler["p50"] <= handler["p99"] <= handler["max"]
     assert handler["p50"] < min(r["vote_ms_1_client"]["p50"], r["vote_ms_1_client_browser"]["p50"])
-    overhead = r["gradio_client_overhead_ms"]  # a fresh httpx client per request costs more than a reused one
-    assert overhead["new_client"] > overhead["reused_client"] > 0
+    assert r["vote_ms_1_client_browser"]["p50"] < r["vote_ms_1_client"]["p50"]  # gradio_client polls every 50 ms
     swap = r["swap"]
     assert swap["swaps"] == 10 and 0 < swap["lock_held_ms_p50"] <= swap["lock_held_ms_max"]
     # A swap pauses generation at least as long as it holds the lock (it happens between two denoising steps).
