@@ -227,6 +227,14 @@ def swap_part(args: argparse.Namespace, tmp: Path) -> dict:
         rt.stop()
 
 
+BROWSER = "keep-alive queue client"
+
+
+def vote_stats(ms: list[float], client: str, **extra: float) -> dict:
+    """p50/p99 of one vote test, with the client that made it (and e.g. the raters' pace)."""
+    return {"p50": pct(ms, 50), "p99": pct(ms, 99), "n": len(ms), "client": client, **extra}
+
+
 def _pp(r: dict) -> str:
     return f"{r['p50']:.0f} / {r['p99']:.0f} ms"
 
@@ -256,34 +264,12 @@ def main(argv: list[str] | None = None) -> dict:
         "server": "python app.py, its own process",
         "next_pair_ms": {"p50": pct(nxt, 50), "p95": pct(nxt, 95), "n": len(nxt)},
         "next_pair_ms_crowd": {"raters": args.crowd, "p50": pct(crowd, 50), "p95": pct(crowd, 95), "n": len(crowd)},
-        "vote_ms_1_client": {"p50": pct(v1, 50), "p99": pct(v1, 99), "n": len(v1), "client": "gradio_client"},
-        "vote_ms_16_clients": {"p50": pct(v16, 50), "p99": pct(v16, 99), "n": len(v16), "client": "gradio_client"},
-        "vote_ms_1_client_browser": {
-            "p50": pct(http["v1_browser"], 50),
-            "p99": pct(http["v1_browser"], 99),
-            "n": len(http["v1_browser"]),
-            "client": "keep-alive queue client",
-        },
-        "vote_ms_16_clients_browser": {
-            "p50": pct(http["v16_browser"], 50),
-            "p99": pct(http["v16_browser"], 99),
-            "n": len(http["v16_browser"]),
-            "client": "keep-alive queue client",
-        },
-        "vote_ms_16_raters_paced": {
-            "p50": pct(http["v16_paced"], 50),
-            "p99": pct(http["v16_paced"], 99),
-            "n": len(http["v16_paced"]),
-            "client": "gradio_client",
-            "pace_s": args.pace,
-        },
-        "vote_ms_16_raters_paced_browser": {
-            "p50": pct(http["v16_paced_browser"], 50),
-            "p99": pct(http["v16_paced_browser"], 99),
-            "n": len(http["v16_paced_browser"]),
-            "client": "keep-alive queue client",
-            "pace_s": args.pace,
-        },
+        "vote_ms_1_client": vote_stats(v1, "gradio_client"),
+        "vote_ms_16_clients": vote_stats(v16, "gradio_client"),
+        "vote_ms_1_client_browser": vote_stats(http["v1_browser"], BROWSER),
+        "vote_ms_16_clients_browser": vote_stats(http["v16_browser"], BROWSER),
+        "vote_ms_16_raters_paced": vote_stats(http["v16_paced"], "gradio_client", pace_s=args.pace),
+        "vote_ms_16_raters_paced_browser": vote_stats(http["v16_paced_browser"], BROWSER, pace_s=args.pace),
         "server_handler_ms": http["handler_ms"],
         "swap": stall,
     }

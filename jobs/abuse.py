@@ -159,6 +159,17 @@ class _Limit:
     day: int
     day_votes: int
 
+    def take(self, now: float, per_minute: float, burst: int) -> int:
+        """Token bucket: refill at `per_minute`, capped at `burst`, then take one token. Returns 0 when taken, else
+        the whole seconds until one is available (nothing taken)."""
+        rate = per_minute / 60.0
+        self.tokens = min(float(burst), self.tokens + max(0.0, now - self.last) * rate)
+        self.last = now
+        if self.tokens < 1.0:
+            return math.ceil((1.0 - self.tokens) / rate)
+        self.tokens -= 1.0
+        return 0
+
 
 class VoteGuard:
     """The abuse defences around one store (see the module docstring). Thread-safe; `clock` (epoch seconds) is
@@ -221,24 +232,17 @@ class VoteGuard:
                     "daily_cap",
                     f"You reached today's limit of {cfg.daily_cap} votes. Thank you! Voting reopens at 00:00 UTC.",
                 )
-            if cfg.votes_per_minute:
-                rate = cfg.votes_per_minute / 60.0
-                limit.tokens = min(float(cfg.burst), limit.tokens + max(0.0, now - limit.last) * rate)
-                limit.last = now
-                if limit.tokens < 1.0:
-                    wait = math.ceil((1.0 - limit.tokens) / rate)
-                    raise VoteRejected(
-                        "rate_limited",
-                        f"Too many votes: at most {cfg.votes_per_minute:g} per minute. Wait {wait} s and vote again.",
-                    )
-                limit.tokens -= 1.0
+            if cfg.votes_per_minute and (wait := limit.take(now, cfg.votes_per_minute, cfg.burst)):
+                raise VoteRejected(
+                    "rate_limited",
+                    f"Too many votes: at most {cfg.votes_per_minute:g} per minute. Wait {wait} s and vote again.",
+                )
             limit.day_votes += 1  # reserved now, so concurrent votes cannot overshoot the cap
 
     def _admit_address(self, address: str) -> None:
         """The per-address token bucket; every attempt counts (refused and retried ones too)."""
         cfg, now = self.config, self.clock()
         key = hmac.new(self._address_salt, address.encode(), hashlib.sha256).hexdigest()
-        rate = cfg.address_votes_per_minute / 60.0
         with self._lock:
             limit = self._addresses.get(key)
             if limit is None:
@@ -246,16 +250,12 @@ class VoteGuard:
             self._addresses.move_to_end(key)
             while len(self._addresses) > cfg.max_tracked_raters:
                 self._addresses.popitem(last=False)
-            limit.tokens = min(float(cfg.address_burst), limit.tokens + max(0.0, now - limit.last) * rate)
-            limit.last = now
-            if limit.tokens < 1.0:
-                wait = math.ceil((1.0 - limit.tokens) / rate)
+            if wait := limit.take(now, cfg.address_votes_per_minute, cfg.address_burst):
                 raise VoteRejected(
                     "address_rate_limited",
                     f"Too many votes from your network: at most {cfg.address_votes_per_minute:g} per minute. "
                     f"Wait {wait} s and vote again.",
                 )
-            limit.tokens -= 1.0
 
     def _refund(self, rater: str) -> None:
         with self._lock:
