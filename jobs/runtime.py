@@ -13,6 +13,8 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from feedback_store import FeedbackStore, pseudonymize
 from feedback_store.export import export_snapshot
 from jobs.abuse import AbuseConfig, VoteGuard
@@ -23,6 +25,7 @@ from jobs.prompts import Blocklist, PoolPrompt, PromptPool, load_pool
 from jobs.registry import BASE, AdapterRegistry
 from jobs.schedule import LoopScheduler
 from ncp.adapters import LoraSettings
+from ncp.generation_worker import GenerationWorker, pick_device
 from ncp.pipelines import load_pipeline
 from ncp.serving import GenerationService, PairMix, SamplingConfig
 
@@ -53,6 +56,10 @@ class ArenaConfig:
     # None: off, for in-process tests and simulations; app.py's entry point turns them on (NCP_ABUSE_DEFENCES).
     abuse: AbuseConfig | None = None
     hub_push: HubPushConfig | None = None  # periodic push of the export to a HF dataset repo (jobs/hub_push.py)
+    # Generate in a child process (ncp/generation_worker.py), off the HTTP handlers' GIL; app.py's entry point turns
+    # it on (NCP_GENERATION_WORKER). Off: the pipeline runs in this process (in-process tests pass their own pipe).
+    generation_worker: bool = False
+    device: str = "auto"  # where the arena's pipeline runs: "auto" (CUDA when available), "cpu", "cuda", "cuda:1"
 
     @property
     def is_shapes(self) -> bool:
@@ -77,14 +84,18 @@ class Runtime:
         data.mkdir(parents=True, exist_ok=True)
         self.store = FeedbackStore(data / "arena.duckdb")
         self.registry = AdapterRegistry(data / "adapters", keep=config.loop.keep_versions)
-        pipe = pipe if pipe is not None else load_pipeline(config.model)
-        pipe.set_progress_bar_config(disable=True)
-        self.generation = GenerationService(
-            pipe,
-            config.model if not config.is_shapes else "shapes-tiny",
-            config.sampling,
-            lora_rank=config.loop.lora_rank,
-        )
+        base_model = config.model if not config.is_shapes else "shapes-tiny"
+        if pipe is None and config.generation_worker:
+            self.generation = GenerationWorker(
+                config.model, base_model, config.sampling, lora_rank=config.loop.lora_rank, device=config.device
+            )
+        else:
+            if pipe is None:
+                device = pick_device(config.device)
+                dtype = torch.float16 if device.startswith("cuda") else torch.float32
+                pipe = load_pipeline(config.model, dtype=dtype, device=device)
+            pipe.set_progress_bar_config(disable=True)
+            self.generation = GenerationService(pipe, base_model, config.sampling, lora_rank=config.loop.lora_rank)
         model_check = None
         if config.is_shapes:
             from ncp.shapes.grammar import parse
@@ -137,6 +148,7 @@ class Runtime:
         self.arena.stop()
         if self.arena.guard is not None:
             self.arena.guard.join(timeout=30)  # a rater review in progress finishes before the store closes
+        self.generation.close()
         self.store.close()
 
     # -- serving ------------------------------------------------------------------------------------------------------

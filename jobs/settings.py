@@ -56,6 +56,12 @@ ENV_VARS: tuple[EnvVar, ...] = (
         "sessions a pool pair is shown to (several ratings give a consensus; 1 = every pair fresh)",
     ),
     EnvVar(
+        "NCP_GENERATION_WORKER",
+        "1",
+        "1: generate in a child process (keeps diffusion off the HTTP handlers' GIL); 0: in the app process",
+    ),
+    EnvVar("NCP_DEVICE", "auto (CUDA when available)", "where the arena's pipeline runs: auto, cpu, cuda, cuda:1"),
+    EnvVar(
         "NCP_HUB_DATASET_REPO", "unset (no push)", "HF dataset repo (user/name) the export is pushed to periodically"
     ),
     EnvVar("NCP_HUB_TOKEN", "unset (falls back to HF_TOKEN)", "write token for NCP_HUB_DATASET_REPO"),
@@ -163,6 +169,12 @@ def config_from_env(env: Mapping[str, str]) -> ArenaConfig:
             token=(env.get("NCP_HUB_TOKEN") or env.get("HF_TOKEN") or "").strip(),
             every_s=float(env_value(env, "NCP_HUB_PUSH_EVERY_S", float, 3600.0)),
         )
+    worker = str(env_value(env, "NCP_GENERATION_WORKER", str, "1"))
+    if worker not in ("0", "1"):
+        raise ValueError(f"NCP_GENERATION_WORKER must be 0 or 1, got {worker!r}.")
+    device = env.get("NCP_DEVICE", "").strip() or "auto"
+    if device not in ("auto", "cpu") and not device.startswith("cuda"):
+        raise ValueError(f"NCP_DEVICE must be auto, cpu, cuda or cuda:N, got {device!r}.")
     base = ArenaConfig()
     return ArenaConfig(
         data_dir=Path(env.get("NCP_DATA_DIR", "").strip() or default_data_dir()),
@@ -177,4 +189,6 @@ def config_from_env(env: Mapping[str, str]) -> ArenaConfig:
         rater_salt=salt,
         abuse=abuse if defences == "1" else None,
         hub_push=hub,
+        generation_worker=worker == "1",
+        device=device,
     )

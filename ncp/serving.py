@@ -118,7 +118,50 @@ def corrupt(image: Image.Image, seed: int) -> Image.Image:
 ZERO_ADAPTER = "<zero>"  # what a warmed slot holds before its first real version
 
 
-class GenerationService:
+class PairMaker:
+    """make_pair for any service with `generate`, `serving_version` and `epoch` (in process or in a worker process)."""
+
+    serving_version: str
+    epoch: int
+
+    def generate(self, prompt: str, seeds: Sequence[int], version: str | None = None) -> list[GeneratedImage]:
+        raise NotImplementedError
+
+    def make_pair(
+        self, prompt: str, kind: PairKind, rng: random.Random, battle_versions: Sequence[str] = ()
+    ) -> ReadyPair:
+        """Generate one pair of `kind`; sides are shuffled so raters cannot learn a position.
+
+        The serving version is read once and passed explicitly to every generate call, so a hot-swap in the middle
+        cannot turn a cross-version pair into a pair of one version (the store would refuse it)."""
+        serving = self.serving_version
+        seeds = [rng.randrange(2**31), rng.randrange(2**31)]
+        broken: Literal["left", "right"] | None = None
+        others = [v for v in battle_versions if v != serving]
+        if kind == "cross_version" and not others:
+            kind = "on_policy"
+        if kind == "cross_version":
+            imgs = [
+                self.generate(prompt, seeds[:1], version=serving)[0],
+                self.generate(prompt, seeds[1:], version=rng.choice(others))[0],
+            ]
+        elif kind == "on_policy":
+            imgs = self.generate(prompt, seeds, version=serving)
+        else:  # control: an attention check with one deliberately broken image (same version, so only quality differs)
+            good = self.generate(prompt, seeds[:1], version=serving)[0]
+            bad_img = corrupt(good.image, seeds[1])
+            png = _png(bad_img)
+            bad = dataclasses.replace(good, image=bad_img, png=png, sha256=hashlib.sha256(png).hexdigest())
+            imgs = [good, bad]
+        swapped = rng.random() < 0.5
+        if swapped:
+            imgs.reverse()
+        if kind == "control":
+            broken = "left" if swapped else "right"
+        return ReadyPair(prompt, imgs[0], imgs[1], kind, broken, time.time(), self.epoch)
+
+
+class GenerationService(PairMaker):
     """Owns a pipeline; generates batches under one lock; swaps LoRA versions in place."""
 
     def __init__(self, pipe, base_model: str, sampling: SamplingConfig | None = None, lora_rank: int = 64) -> None:
@@ -240,38 +283,8 @@ class GenerationService:
             )
         return out
 
-    def make_pair(
-        self, prompt: str, kind: PairKind, rng: random.Random, battle_versions: Sequence[str] = ()
-    ) -> ReadyPair:
-        """Generate one pair of `kind`; sides are shuffled so raters cannot learn a position.
-
-        The serving version is read once and passed explicitly to every generate call, so a hot-swap in the middle
-        cannot turn a cross-version pair into a pair of one version (the store would refuse it)."""
-        serving = self._serving
-        seeds = [rng.randrange(2**31), rng.randrange(2**31)]
-        broken: Literal["left", "right"] | None = None
-        others = [v for v in battle_versions if v != serving]
-        if kind == "cross_version" and not others:
-            kind = "on_policy"
-        if kind == "cross_version":
-            imgs = [
-                self.generate(prompt, seeds[:1], version=serving)[0],
-                self.generate(prompt, seeds[1:], version=rng.choice(others))[0],
-            ]
-        elif kind == "on_policy":
-            imgs = self.generate(prompt, seeds, version=serving)
-        else:  # control: an attention check with one deliberately broken image (same version, so only quality differs)
-            good = self.generate(prompt, seeds[:1], version=serving)[0]
-            bad_img = corrupt(good.image, seeds[1])
-            png = _png(bad_img)
-            bad = dataclasses.replace(good, image=bad_img, png=png, sha256=hashlib.sha256(png).hexdigest())
-            imgs = [good, bad]
-        swapped = rng.random() < 0.5
-        if swapped:
-            imgs.reverse()
-        if kind == "control":
-            broken = "left" if swapped else "right"
-        return ReadyPair(prompt, imgs[0], imgs[1], kind, broken, time.time(), self.epoch)
+    def close(self) -> None:
+        """Nothing to release in process (the worker-process service stops its process here)."""
 
 
 class PairPrefetcher:
