@@ -174,41 +174,62 @@ def swap_stall(rt: Runtime, versions: list[str], swaps: int) -> dict:
     }
 
 
-def handler_times(url: str, admin_token: str) -> dict:
-    """The app's own record of the time spent inside its handlers (admin "status", views.HandlerTimes)."""
+def server_status(url: str, admin_token: str) -> dict:
+    """The app's admin "status": its own handler timings (views.HandlerTimes) and its pair counters."""
     res = Client(url, verbose=False, ssl_verify=False, analytics_enabled=False).predict(
         admin_token, "status", "", api_name="/admin"
     )
     if not res.get("ok"):
         raise RuntimeError(f"admin status refused: {res}")
-    return json.loads(res["message"])["handler_ms"]
+    return json.loads(res["message"])
 
 
-def http_parts(args: argparse.Namespace, tmp: Path) -> dict:
-    """Next pair and vote latency against `python app.py` in its own process."""
+# Server set-ups compared side by side on the contended measures (the default, `python app.py` as is, first).
+VARIANTS = {
+    "generation process, nice 10 (default)": {},
+    "generation process, nice 0": {"NCP_GENERATION_NICE": "0"},
+    "generation thread in the app process": {"NCP_GENERATION_WORKER": "0"},
+}
+
+
+def http_parts(args: argparse.Namespace, tmp: Path, variant: str, full: bool) -> dict:
+    """Next pair and vote latency against `python app.py` in its own process, set up as VARIANTS[variant]; `full`:
+    every measure, else only the contended ones (a crowd, 16 paced raters)."""
     settings = LoadSettings(steps=DEFAULT_STEPS, prefetch=8, ratings_per_pair=ArenaConfig.ratings_per_pair)
     port = free_port()
-    (tmp / "http").mkdir()
+    data = tmp / f"http-{len(list(tmp.glob('http-*')))}"
+    data.mkdir()
     admin = secrets.token_hex(16)
-    env = server_env(settings, tmp / "http", port, admin) | {"NCP_MODEL": str(args.model)}
-    server = AppServer(tmp / "http", port, env, use_wrapper=False)
+    env = server_env(settings, data, port, admin) | {"NCP_MODEL": str(args.model)} | VARIANTS[variant]
+    server = AppServer(data, port, env, use_wrapper=False)
     server.start()
     try:
         server.wait_ready(300)
         time.sleep(args.warmup)  # the prefetch queue fills (8 pairs at ~1 s each)
-        return {
-            "next": next_pair_latency(server.url, 1, args.pairs, args.pace),
-            "crowd": next_pair_latency(server.url, args.crowd, max(5, args.pairs // 2), args.pace),
-            "v1": vote_latency(server.url, 1, args.votes),
-            "v16": vote_latency(server.url, 16, args.votes),
-            "v1_browser": vote_latency(server.url, 1, args.votes, "browser"),
-            "v16_browser": vote_latency(server.url, 16, args.votes, "browser"),
-            "v16_paced": vote_latency(server.url, 16, args.votes, "gradio", args.pace),
-            "v16_paced_browser": vote_latency(server.url, 16, args.votes, "browser", args.pace),
-            "handler_ms": handler_times(server.url, admin),
-        }
+        out = {"crowd": next_pair_latency(server.url, args.crowd, max(5, args.pairs // 2), args.pace)}
+        if full:
+            out |= {
+                "next": next_pair_latency(server.url, 1, args.pairs, args.pace),
+                "v1": vote_latency(server.url, 1, args.votes),
+                "v16": vote_latency(server.url, 16, args.votes),
+                "v1_browser": vote_latency(server.url, 1, args.votes, "browser"),
+                "v16_browser": vote_latency(server.url, 16, args.votes, "browser"),
+                "v16_paced": vote_latency(server.url, 16, args.votes, "gradio", args.pace),
+            }
+        out["v16_paced_browser"] = vote_latency(server.url, 16, args.votes, "browser", args.pace)
+        status = server_status(server.url, admin)
+        return out | {"handler_ms": status["handler_ms"], "pairs": status["pairs"]}
     finally:
         server.stop()
+
+
+def variant_row(http: dict, pace: float, crowd: int) -> dict:
+    return {
+        "next_pair_ms_crowd": {"raters": crowd, "p50": pct(http["crowd"], 50), "p95": pct(http["crowd"], 95)},
+        "vote_ms_16_raters_paced_browser": vote_stats(http["v16_paced_browser"], BROWSER, pace_s=pace),
+        "server_vote_handler_ms": http["handler_ms"]["vote"],
+        "overflow_showings": http["pairs"]["overflow_showings"],
+    }
 
 
 def swap_part(args: argparse.Namespace, tmp: Path) -> dict:
@@ -239,6 +260,27 @@ def _pp(r: dict) -> str:
     return f"{r['p50']:.0f} / {r['p99']:.0f} ms"
 
 
+def variants_markdown(r: dict) -> str:
+    rows = [
+        f"| {name} | {v['next_pair_ms_crowd']['p95']:.0f} ms | {v['vote_ms_16_raters_paced_browser']['p99']:.0f} ms | "
+        f"{v['server_vote_handler_ms']['p99']:.0f} ms | {v['overflow_showings']} |"
+        for name, v in r["variants"].items()
+    ]
+    return "\n".join(
+        [
+            "Server set-ups side by side, same run, the contended measures only (each its own `python app.py`, the "
+            'crowd test then the 16 paced raters; "nice": the generation process\'s CPU priority, '
+            "NCP_GENERATION_NICE). Overflow showings: pairs shown beyond ratings_per_pair because no fresh pair was "
+            "ready within 50 ms (at most twice the planned ratings; jobs/arena.py).",
+            "",
+            f"| server | next pair p95, {r['next_pair_ms_crowd']['raters']} raters | vote p99, 16 paced raters "
+            "(browser-like) | /vote handler p99 | overflow showings |",
+            "|---|---|---|---|---|",
+            *rows,
+        ]
+    )
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pairs", type=int, default=40, help="pairs per rater in the next-pair test")
@@ -249,10 +291,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "serving.json", help="results JSON")
     p.add_argument("--doc", type=Path, default=ROOT / "docs" / "BENCHMARKS.md", help="markdown page to update")
     p.add_argument("--warmup", type=float, default=15.0, help="seconds for the prefetch queue to fill before timing")
+    p.add_argument("--no-compare", dest="compare", action="store_false", help="only the default server set-up")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="ncp-serving-"))
-    http = http_parts(args, tmp)
+    default, *others = VARIANTS
+    http = http_parts(args, tmp, default, full=True)
+    compared = {default: variant_row(http, args.pace, args.crowd)}
+    for name in others if args.compare else ():
+        compared[name] = variant_row(http_parts(args, tmp, name, full=False), args.pace, args.crowd)
     nxt, crowd, v1, v16 = http["next"], http["crowd"], http["v1"], http["v16"]
     stall = swap_part(args, tmp)
     result = {
@@ -271,6 +318,8 @@ def main(argv: list[str] | None = None) -> dict:
         "vote_ms_16_raters_paced": vote_stats(http["v16_paced"], "gradio_client", pace_s=args.pace),
         "vote_ms_16_raters_paced_browser": vote_stats(http["v16_paced_browser"], BROWSER, pace_s=args.pace),
         "server_handler_ms": http["handler_ms"],
+        "overflow_showings": http["pairs"]["overflow_showings"],
+        "variants": compared,
         "swap": stall,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -281,7 +330,7 @@ def main(argv: list[str] | None = None) -> dict:
             "## Serving latency (`python -m bench.serving`)",
             "",
             f"Shapes model (Euler-a {r['steps']} steps), 2-core CPU. Next pair and vote: `python app.py` in its own "
-            "process (its prefetch thread generating alongside), real HTTP from the benchmark's process (next pair) "
+            "process (as deployed: pairs generated in its generation process, ncp/generation_worker.py), real HTTP from the benchmark's process (next pair) "
             "and from one process per vote client (gradio_client, or bench/queue_client.py: Gradio's queue protocol "
             "on a reused connection, as the page calls); every vote client votes once untimed, then all start "
             "together. All clients share the server's 2 cores. Swap: a Runtime in the benchmark's process, one "
@@ -314,6 +363,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"({r['swap']['image_gap_ms_median_without_swaps']:.0f} ms) | {r['swap']['image_slowdown_ms']:.0f} ms | |",
         ]
     )
+    md += "\n\n" + variants_markdown(r)
     write_section(args.doc, "serving", md)
     print(json.dumps(result, indent=2))
     return result

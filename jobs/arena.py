@@ -78,6 +78,7 @@ class ArenaService:
         ratings_per_pair: int = 3,
         reuse_max_age_s: float = 600.0,
         guard: VoteGuard | None = None,
+        overflow_wait_s: float | None = 0.05,
     ) -> None:
         if ratings_per_pair < 1:
             raise ValueError(f"ratings_per_pair must be >= 1, got {ratings_per_pair}")
@@ -94,6 +95,10 @@ class ArenaService:
         self.guard = guard  # abuse defences of the vote path (jobs/abuse.py); None: none
         self.ratings_per_pair = ratings_per_pair
         self.reuse_max_age_s = reuse_max_age_s
+        # When the crowd outpaces the generator: wait this long for a fresh pair, then show a pair once more beyond
+        # ratings_per_pair (at most twice as many showings) rather than make the rater wait for diffusion. None: off.
+        self.overflow_wait_s = overflow_wait_s
+        self.overflow_issued = 0  # showings beyond ratings_per_pair (admin status reports it)
         self._shown: list[_Shown] = []  # newest last
         self._shown_lock = threading.Lock()
         self.prefetcher = PairPrefetcher(
@@ -152,14 +157,22 @@ class ArenaService:
             source, category = "typed", "typed"
             return self._issue(ready, session, source, category)
         shown = self._take_shown(session)
+        if shown is None and self.overflow_wait_s is not None and self.ratings_per_pair > 1:
+            ready = self.prefetcher.try_get(self.overflow_wait_s)
+            if ready is not None:
+                return self._issue(ready, session, "pool", self.pool.category(ready.prompt), reusable=True)
+            shown = self._take_shown(session, overflow=True)
+            self.overflow_issued += shown is not None
         if shown is not None:
             return self._issue_ids(shown.ready, shown.prompt_id, shown.left_id, shown.right_id, session)
         ready = self.prefetcher.get()
         category = self.pool.category(ready.prompt)
         return self._issue(ready, session, "pool", category, reusable=True)
 
-    def _take_shown(self, session: str) -> _Shown | None:
-        """The newest pool pair this session has not seen that may be shown once more (None if there is none)."""
+    def _take_shown(self, session: str, overflow: bool = False) -> _Shown | None:
+        """The newest pool pair this session has not seen that may be shown once more (None if there is none);
+        `overflow`: also pairs shown ratings_per_pair times already, up to twice that."""
+        floor = -self.ratings_per_pair if overflow else 0
         now, epoch = time.time(), self.generation.epoch
         with self._shown_lock:
             # Drop pairs of an older serving version (raters should see the new one) and pairs too old to reuse.
@@ -167,10 +180,10 @@ class ArenaService:
                 s for s in self._shown if s.ready.epoch == epoch and now - s.ready.made_at < self.reuse_max_age_s
             ]
             for s in reversed(self._shown):
-                if session not in s.sessions and s.left_to_show > 0:
+                if session not in s.sessions and s.left_to_show > floor:
                     s.left_to_show -= 1
                     s.sessions.add(session)
-                    if s.left_to_show == 0:
+                    if s.left_to_show <= -self.ratings_per_pair:
                         self._shown.remove(s)
                     return s
         return None

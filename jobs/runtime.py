@@ -59,6 +59,7 @@ class ArenaConfig:
     # Generate in a child process (ncp/generation_worker.py), off the HTTP handlers' GIL; app.py's entry point turns
     # it on (NCP_GENERATION_WORKER). Off: the pipeline runs in this process (in-process tests pass their own pipe).
     generation_worker: bool = False
+    generation_nice: int = 10  # the worker's niceness (0-19): under contention HTTP handlers get the CPU first
     device: str = "auto"  # where the arena's pipeline runs: "auto" (CUDA when available), "cpu", "cuda", "cuda:1"
 
     @property
@@ -87,7 +88,12 @@ class Runtime:
         base_model = config.model if not config.is_shapes else "shapes-tiny"
         if pipe is None and config.generation_worker:
             self.generation = GenerationWorker(
-                config.model, base_model, config.sampling, lora_rank=config.loop.lora_rank, device=config.device
+                config.model,
+                base_model,
+                config.sampling,
+                lora_rank=config.loop.lora_rank,
+                device=config.device,
+                nice=config.generation_nice,
             )
         else:
             if pipe is None:

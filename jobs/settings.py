@@ -60,6 +60,11 @@ ENV_VARS: tuple[EnvVar, ...] = (
         "1",
         "1: generate in a child process (keeps diffusion off the HTTP handlers' GIL); 0: in the app process",
     ),
+    EnvVar(
+        "NCP_GENERATION_NICE",
+        str(ArenaConfig().generation_nice),
+        "CPU priority of the generation process (0-19, higher yields more to HTTP handlers)",
+    ),
     EnvVar("NCP_DEVICE", "auto (CUDA when available)", "where the arena's pipeline runs: auto, cpu, cuda, cuda:1"),
     EnvVar(
         "NCP_HUB_DATASET_REPO", "unset (no push)", "HF dataset repo (user/name) the export is pushed to periodically"
@@ -172,6 +177,9 @@ def config_from_env(env: Mapping[str, str]) -> ArenaConfig:
     worker = str(env_value(env, "NCP_GENERATION_WORKER", str, "1"))
     if worker not in ("0", "1"):
         raise ValueError(f"NCP_GENERATION_WORKER must be 0 or 1, got {worker!r}.")
+    nice = int(env_value(env, "NCP_GENERATION_NICE", int, base_nice := ArenaConfig().generation_nice))
+    if not 0 <= nice <= 19:
+        raise ValueError(f"NCP_GENERATION_NICE must be in 0..19, got {nice} (default {base_nice}).")
     device = env.get("NCP_DEVICE", "").strip() or "auto"
     if device not in ("auto", "cpu") and not device.startswith("cuda"):
         raise ValueError(f"NCP_DEVICE must be auto, cpu, cuda or cuda:N, got {device!r}.")
@@ -190,5 +198,6 @@ def config_from_env(env: Mapping[str, str]) -> ArenaConfig:
         abuse=abuse if defences == "1" else None,
         hub_push=hub,
         generation_worker=worker == "1",
+        generation_nice=nice,
         device=device,
     )

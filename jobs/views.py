@@ -258,6 +258,8 @@ def admin_action(
     runtime.check_admin(token, username)
     if action == "status":
         status = {k: v for k, v in round_status(runtime).items() if k != "last"}
+        arena = runtime.arena
+        status["pairs"] = {"queued": arena.prefetcher.qsize(), "overflow_showings": arena.overflow_issued}
         if timings is not None:
             status["handler_ms"] = timings.summary()
         return json.dumps(status, default=str)

@@ -19,7 +19,9 @@ import dataclasses
 import io
 import logging
 import multiprocessing.connection as mpc
+import os
 import pickle
+import signal
 import subprocess
 import sys
 import threading
@@ -39,7 +41,7 @@ class WorkerDied(RuntimeError):
 
 
 def pick_device(requested: str = "auto") -> str:
-    """"auto": CUDA when this torch build sees a GPU (a Space on GPU hardware), else the CPU."""
+    """ "auto": CUDA when this torch build sees a GPU (a Space on GPU hardware), else the CPU."""
     if requested != "auto":
         return requested
     import torch
@@ -58,11 +60,12 @@ class GenerationWorker(PairMaker):
         lora_rank: int = 64,
         device: str = "auto",
         threads: int = 1,
+        nice: int = 0,
         start_timeout_s: float = 600.0,
     ) -> None:
         self.model, self.base_model = str(model), base_model
         self.sampling = sampling or SamplingConfig()
-        self._lora_rank, self._device, self._threads = lora_rank, device, threads
+        self._lora_rank, self._device, self._threads, self._nice = lora_rank, device, threads, nice
         self._start_timeout_s = start_timeout_s
         self._lock = threading.Lock()
         self._folders: dict[str, Path] = {}
@@ -73,6 +76,7 @@ class GenerationWorker(PairMaker):
         self.restarts = 0
         self._proc: subprocess.Popen | None = None
         self._conn: mpc.Connection | None = None
+        self._closed = False
         with self._lock:
             self._start()
 
@@ -86,6 +90,7 @@ class GenerationWorker(PairMaker):
             "lora_rank": self._lora_rank,
             "device": self._device,
             "threads": self._threads,
+            "nice": self._nice,
         }
         cmd = [sys.executable, "-m", "ncp.generation_worker", "--fd", str(theirs.fileno())]
         # No stdin: the child must not read the app's terminal; its logs go to the app's stderr.
@@ -95,7 +100,9 @@ class GenerationWorker(PairMaker):
         ours.send(spec)
         if not ours.poll(self._start_timeout_s):
             self._kill()
-            raise RuntimeError(f"the generation process did not load {self.model} within {self._start_timeout_s:.0f} s")
+            raise RuntimeError(
+                f"the generation process did not load {self.model} within {self._start_timeout_s:.0f} s"
+            )
         self._receive()  # "ready", or the child's load error (e.g. a missing model folder) raised here
 
     def _kill(self) -> None:
@@ -139,6 +146,8 @@ class GenerationWorker(PairMaker):
         return self._receive()
 
     def _call(self, op: str, *args):  # noqa: ANN202 - call with the lock held
+        if self._closed:
+            raise RuntimeError("the generation service is closed (the app is shutting down).")
         if self._conn is None:
             self._restart()
         return self._request(op, *args)
@@ -186,6 +195,7 @@ class GenerationWorker(PairMaker):
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True  # a prefetch call after this must not start a fresh child
             if self._conn is not None:
                 try:
                     self._conn.send(("stop", ()))
@@ -216,7 +226,15 @@ def serve(conn: mpc.Connection) -> None:
     from ncp.pipelines import load_pipeline
     from ncp.serving import GenerationService
 
+    # The parent owns this process's life: a SIGTERM or Ctrl-C sent to the whole process group (docker stop, a
+    # terminal) must not kill it under a running app, which would restart it during its own shutdown. It exits when
+    # the parent says stop or its socket closes (the parent exited, even by SIGKILL).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     spec = conn.recv()
+    # A lower CPU priority: when request handling and diffusion compete for the cores, the rater's request goes first
+    # and generation takes what is left (the prefetch queue absorbs the slowdown). Idle cores still go to diffusion.
+    os.nice(spec["nice"])
     try:
         torch.set_num_threads(spec["threads"])
         device = pick_device(spec["device"])

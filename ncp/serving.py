@@ -385,6 +385,19 @@ class PairPrefetcher:
             if pair.epoch == self.service.epoch:
                 return pair
 
+    def try_get(self, timeout: float) -> ReadyPair | None:
+        """A ready pair of the current version if one is queued or arrives within `timeout` seconds; None otherwise
+        (never generates: the caller decides what a rater gets instead of waiting)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                pair = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                return None
+            if pair.epoch == self.service.epoch:
+                return pair
+
     def flush(self) -> int:
         n = 0
         while True:

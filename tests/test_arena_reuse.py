@@ -26,6 +26,7 @@ def images(rt, view) -> tuple[int, int]:  # noqa: ANN001
 
 def test_a_pair_is_rated_by_three_sessions_each_with_its_own_token(runtime) -> None:
     runtime.arena.ratings_per_pair = 3
+    runtime.arena.overflow_wait_s = None  # the plain rule; overflow showings are tested below
     first = runtime.arena.next_pair("s-a")
     others = [runtime.arena.next_pair(s) for s in ("s-b", "s-c")]
     assert all(images(runtime, v) == images(runtime, first) for v in others)
@@ -63,6 +64,40 @@ def test_no_reuse_across_a_hot_swap(runtime, tmp_path: Path) -> None:
 
 
 def test_one_rating_per_pair_means_every_pair_is_fresh(runtime) -> None:
-    runtime.arena.ratings_per_pair = 1
+    runtime.arena.ratings_per_pair = 1  # no overflow showings either: the operator asked for fresh pairs only
     seen = {images(runtime, runtime.arena.next_pair(f"s-{i}")) for i in range(4)}
     assert len(seen) == 4
+
+
+def test_when_no_fresh_pair_is_ready_a_pair_is_shown_beyond_its_ratings_rather_than_wait(runtime) -> None:
+    """The crowd outpaces the generator (here: no generator thread, an empty queue): a pair already shown
+    ratings_per_pair times goes to one more session at once, up to twice as many showings, never twice to a session;
+    then a fresh pair is generated."""
+    arena = runtime.arena
+    arena.prefetcher.stop()
+    arena.prefetcher.flush()
+    arena.ratings_per_pair = 2
+    first = arena.next_pair("s-a")  # generated now (no thread)
+    assert images(runtime, arena.next_pair("s-b")) == images(runtime, first)  # the planned second rating
+    assert arena.overflow_issued == 0
+    extra = [arena.next_pair(s) for s in ("s-c", "s-d")]
+    assert all(images(runtime, v) == images(runtime, first) for v in extra)
+    assert arena.overflow_issued == 2
+    assert images(runtime, arena.next_pair("s-e")) != images(runtime, first), "4 showings = twice 2: used up"
+    assert images(runtime, arena.next_pair("s-a")) != images(runtime, first), "never twice to one session"
+    for view, session in zip([first, *extra], ["s-a", "s-c", "s-d"], strict=True):
+        runtime.arena.vote(session, view.token, "left", runtime.rater_id(session), time_to_vote_ms=3000)
+    assert runtime.store.counts()["votes"] == 3
+
+
+def test_a_fresh_pair_in_the_queue_beats_an_overflow_showing(runtime) -> None:
+    arena = runtime.arena
+    arena.prefetcher.stop()
+    arena.prefetcher.flush()
+    arena.ratings_per_pair = 2
+    first = arena.next_pair("s-a")
+    arena.next_pair("s-b")
+    arena.prefetcher.start()  # the queue refills; the next session waits up to overflow_wait_s for a fresh pair
+    arena.overflow_wait_s = 30.0
+    assert images(runtime, arena.next_pair("s-c")) != images(runtime, first)
+    assert arena.overflow_issued == 0

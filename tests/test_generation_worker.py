@@ -89,9 +89,16 @@ def test_worker_matches_the_in_process_service_and_restarts_after_a_crash(model:
         assert np.array_equal(pixels(worker, None), served)
         assert worker.pid != first and worker.restarts == 1 and worker.serving_version == "v1"
         assert np.array_equal(pixels(worker, BASE), base)
+        # A SIGTERM to the whole process group (docker stop) is the app's to handle: the child keeps serving.
+        os.kill(worker.pid, signal.SIGTERM)
+        assert np.array_equal(pixels(worker, None), served) and worker.restarts == 1
+        second = worker.pid
     finally:
         worker.close()
-    assert worker.pid is None and not alive(first)
+    assert worker.pid is None and not alive(first) and not alive(second)
+    with pytest.raises(RuntimeError, match="closed"):  # no fresh child during the app's shutdown
+        worker.generate(PROMPT, [7])
+    assert worker.pid is None
 
 
 def test_a_bad_model_is_a_clear_start_error(tmp_path: Path) -> None:
