@@ -4,7 +4,7 @@
 
 - next pair: p50/p95 of `/next_pair` at a human pace (`--pace` s looking at each pair before voting, the abuse
   defences' minimum vote time), for 1 rater and for a crowd of `--crowd` raters, served from the prefetch queue and
-  the reuse of pool pairs across sessions (NCP_RATINGS_PER_PAIR);
+  the reuse of pool pairs across sessions (NCP_RATINGS_PER_PAIR), each rater its own process (bench/vote_client.py);
 - vote round trip: p50/p99 of `/vote` with 1 and 16 concurrent clients (one process each), called as a browser calls
   (bench/queue_client.py: Gradio's queue protocol on a reused connection) and through gradio_client (whose reader
   polls for the result every 50 ms, `gradio_client.utils.stream_sse_v1plus`: ~25 ms per call on average);
@@ -14,8 +14,10 @@
   the pipeline lock, and the slowdown of whole images (a swap's Python work shares the GIL with the sampling loop).
 
 The HTTP parts run the app as it is deployed: `python app.py` in its own process (bench/reliability_http.AppServer,
-defences on with bot-sized rate limits, the shipped sampler), the clients in this one, so client threads do not
-compete with the server for its GIL. The swap part drives a Runtime in this process (no HTTP).
+defences on with bot-sized rate limits, the shipped sampler, pairs made in its generation process), each client in a
+process of its own. Beside the default, the contended measures are repeated for other server set-ups in the same run
+(VARIANTS: the generation process at nice 0, the generation thread in the app's process); `--no-compare` skips them.
+The swap part drives a Runtime in this process (no HTTP).
 Writes docs/benchmarks/serving.json and the `serving` section of docs/BENCHMARKS.md.
 """
 
@@ -64,26 +66,8 @@ def pct(xs: list[float], q: float) -> float:
     return float(np.percentile(xs, q)) if xs else float("nan")
 
 
-def in_clients(n: int, client_fn) -> list[float]:  # noqa: ANN001 - (i, Client) -> list of latencies (ms)
-    """Run `client_fn` for n concurrent clients, each with its own gradio_client; all their latencies together."""
-    out: list[float] = []
-    lock = threading.Lock()
-
-    def run(i: int) -> None:
-        ms = client_fn(i)
-        with lock:
-            out.extend(ms)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return out
-
-
-def vote_latency(url: str, clients: int, votes: int, client: str = "gradio", pace: float = 0.0) -> list[float]:
-    """Round trips of /vote (bench/vote_client.py: each client's first vote untimed), each client its own process
+def latency(url: str, clients: int, votes: int, client: str = "gradio", pace: float = 0.0) -> dict[str, list[float]]:
+    """Round trips of /next_pair and /vote (bench/vote_client.py: each client's first round untimed), each client its own process
     as real clients are (16 clients in one interpreter queue on its GIL, and that waiting counts as latency); they
     run unsynchronised, so `clients` are in flight in the steady state. `client`: gradio (gradio_client) or browser
     (bench/queue_client.py, the page's keep-alive protocol)."""
@@ -109,26 +93,18 @@ def vote_latency(url: str, clients: int, votes: int, client: str = "gradio", pac
     outs = [p.communicate(timeout=600)[0] for p in procs]
     if any(p.returncode for p in procs):
         raise RuntimeError(f"a vote client failed: exit codes {[p.returncode for p in procs]}")
-    return [ms for out in outs for ms in json.loads(out)]
+    runs = [json.loads(out) for out in outs]
+    return {api: [ms for run in runs for ms in run[api]] for api in ("next_pair", "vote")}
+
+
+def vote_latency(url: str, clients: int, votes: int, client: str = "gradio", pace: float = 0.0) -> list[float]:
+    return latency(url, clients, votes, client, pace)["vote"]
 
 
 def next_pair_latency(url: str, raters: int, pairs: int, pace: float) -> list[float]:
-    def client(i: int) -> list[float]:
-        c, session, ms = (
-            Client(url, verbose=False, ssl_verify=False, analytics_enabled=False),
-            f"pace-{raters}-{i}",
-            [],
-        )
-        time.sleep(pace * i / max(1, raters))  # raters arrive spread over one pace, not in lockstep
-        for _ in range(pairs):
-            t0 = time.perf_counter()
-            pair = c.predict(session, "", api_name="/next_pair")
-            ms.append(1000 * (time.perf_counter() - t0))
-            time.sleep(pace)
-            c.predict(session, pair["token"], "left", "", api_name="/vote")
-        return ms
-
-    return in_clients(raters, client)
+    """/next_pair round trips of `raters` gradio_client raters (one process each) who look `pace` s at each pair,
+    vote, and ask for the next one at once, as the page does."""
+    return latency(url, raters, pairs, "gradio", pace)["next_pair"]
 
 
 def swap_stall(rt: Runtime, versions: list[str], swaps: int) -> dict:
@@ -330,10 +306,10 @@ def main(argv: list[str] | None = None) -> dict:
             "## Serving latency (`python -m bench.serving`)",
             "",
             f"Shapes model (Euler-a {r['steps']} steps), 2-core CPU. Next pair and vote: `python app.py` in its own "
-            "process (as deployed: pairs generated in its generation process, ncp/generation_worker.py), real HTTP from the benchmark's process (next pair) "
-            "and from one process per vote client (gradio_client, or bench/queue_client.py: Gradio's queue protocol "
-            "on a reused connection, as the page calls); every vote client votes once untimed, then all start "
-            "together. All clients share the server's 2 cores. Swap: a Runtime in the benchmark's process, one "
+            "process (as deployed: pairs generated in its generation process, ncp/generation_worker.py), real HTTP from one process per client (gradio_client, or "
+            "bench/queue_client.py: Gradio's queue protocol on a reused connection, as the page calls), each rater "
+            "asking for its next pair right after each vote, as the page does; every client makes one untimed round, "
+            "then all start together. All clients share the server's 2 cores. Swap: a Runtime in the benchmark's process, one "
             "thread generating continuously, 10 hot-swaps 0.5 s apart.",
             "",
             "| measure | value | goal |",

@@ -1,8 +1,8 @@
 """One voting client in its own process, for bench/serving.py (real clients do not share an interpreter).
 
-    python -m bench.vote_client URL SESSION VOTES [gradio|browser] [PACE_S]   # prints the vote round trips (ms, JSON)
+    python -m bench.vote_client URL SESSION VOTES [gradio|browser] [PACE_S]   # prints the round trips (ms, JSON)
 
-It casts VOTES + 1 (next pair, vote) rounds and times every vote after the first: a client opens its connections
+It casts VOTES + 1 (next pair, vote) rounds and times every next pair and vote after the first: a client opens its connections
 and event stream on its first call, a one-off cost a browser session pays once, not per vote. After that first
 vote it prints `ready` and waits for a line on stdin, so the parent starts the timed votes of all clients together
 (otherwise the first clients are timed while the others still import gradio_client on the same cores). `gradio` calls through
@@ -36,23 +36,27 @@ def _caller(url: str, client: str) -> Callable[..., Any]:
     raise ValueError(f"client must be one of {CLIENTS}, got {client!r}")
 
 
-def vote_round_trips(
+def round_trips(
     url: str, session: str, votes: int, client: str = "gradio", pace_s: float = 0.0, ready: Callable | None = None
-) -> list[float]:
-    """`ready()`, if given, is called after the first (untimed) vote and returns when all clients may go on: the
-    start barrier, so no client is timed while others still import and connect."""
-    call, ms = _caller(url, client), []
+) -> dict[str, list[float]]:
+    """{"next_pair": ms, "vote": ms}, a rater's rounds as the page makes them: the next pair right after each vote.
+    `ready()`, if given, is called after the first (untimed) round and returns when all clients may go on: the start
+    barrier, so no client is timed while others still import and connect."""
+    call, ms = _caller(url, client), {"next_pair": [], "vote": []}
     for k in range(votes + 1):
         if k == 1 and ready is not None:
             ready()
+        t0 = time.perf_counter()
         pair = call("next_pair", session, "")
+        t1 = time.perf_counter()
         if "error" in pair:
             raise RuntimeError(pair)
         time.sleep(pace_s)
-        t0 = time.perf_counter()
+        t2 = time.perf_counter()
         res = call("vote", session, pair["token"], "left", "")
         if k > 0:
-            ms.append(1000 * (time.perf_counter() - t0))
+            ms["next_pair"].append(1000 * (t1 - t0))
+            ms["vote"].append(1000 * (time.perf_counter() - t2))
         if "error" in res:
             raise RuntimeError(res)
     return ms
@@ -67,4 +71,4 @@ def _barrier() -> None:
 if __name__ == "__main__":
     kind = sys.argv[4] if len(sys.argv) > 4 else "gradio"
     pace = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
-    print(json.dumps(vote_round_trips(sys.argv[1], sys.argv[2], int(sys.argv[3]), kind, pace, _barrier)))
+    print(json.dumps(round_trips(sys.argv[1], sys.argv[2], int(sys.argv[3]), kind, pace, _barrier)))
