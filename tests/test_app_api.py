@@ -232,9 +232,13 @@ def test_config_from_env_maps_every_variable(tmp_path: Path) -> None:
         "NCP_HUB_DATASET_REPO": "alice/prefs",
         "HF_TOKEN": "hf_x",
         "NCP_HUB_PUSH_EVERY_S": "600",
+        "NCP_GENERATION_WORKER": "0",
+        "NCP_GENERATION_NICE": "5",
+        "NCP_DEVICE": "cuda:1",
     }
     cfg = app.config_from_env(env)
     assert cfg.ratings_per_pair == 2
+    assert (cfg.generation_worker, cfg.generation_nice, cfg.device) == (False, 5, "cuda:1")
     assert (cfg.hub_push.repo_id, cfg.hub_push.token, cfg.hub_push.every_s) == ("alice/prefs", "hf_x", 600.0)
     assert cfg.data_dir == tmp_path / "d" and cfg.model == str(tmp_path / "m") and cfg.loop.model == cfg.model
     assert (cfg.admin_token, cfg.admin_users, cfg.rater_salt) == ("tok", ("alice", "bob"), "0123456789abcdef0123")
@@ -242,12 +246,16 @@ def test_config_from_env_maps_every_variable(tmp_path: Path) -> None:
     assert (cfg.sampling.steps, cfg.sampling.guidance, cfg.schedule, cfg.prefetch) == (7, 1.5, False, 3)
     default = app.config_from_env({})
     assert default.schedule and default.admin_token is None and default.is_shapes and default.hub_push is None
+    assert default.generation_worker and default.device == "auto"  # the app generates in its own process
     for bad, match in [
         ({"NCP_STEPS": "many"}, "NCP_STEPS"),
         ({"NCP_SCHEDULE": "yes"}, "NCP_SCHEDULE"),
         ({"NCP_RATER_SALT": "short"}, "NCP_RATER_SALT"),
         ({"NCP_STEPS": "0"}, "steps"),
         ({"NCP_HUB_DATASET_REPO": "alice/prefs"}, "token"),
+        ({"NCP_GENERATION_WORKER": "yes"}, "NCP_GENERATION_WORKER"),
+        ({"NCP_GENERATION_NICE": "20"}, "NCP_GENERATION_NICE"),
+        ({"NCP_DEVICE": "tpu"}, "NCP_DEVICE"),
     ]:
         with pytest.raises(ValueError, match=match):
             app.config_from_env(bad)
