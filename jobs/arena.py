@@ -162,7 +162,6 @@ class ArenaService:
             if ready is not None:
                 return self._issue(ready, session, "pool", self.pool.category(ready.prompt), reusable=True)
             shown = self._take_shown(session, overflow=True)
-            self.overflow_issued += shown is not None
         if shown is not None:
             return self._issue_ids(shown.ready, shown.prompt_id, shown.left_id, shown.right_id, session)
         ready = self.prefetcher.get()
@@ -183,6 +182,7 @@ class ArenaService:
                 if session not in s.sessions and s.left_to_show > floor:
                     s.left_to_show -= 1
                     s.sessions.add(session)
+                    self.overflow_issued += s.left_to_show < 0  # counted under the lock: handlers run concurrently
                     if s.left_to_show <= -self.ratings_per_pair:
                         self._shown.remove(s)
                     return s
