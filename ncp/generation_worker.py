@@ -103,7 +103,11 @@ class GenerationWorker(PairMaker):
             raise RuntimeError(
                 f"the generation process did not load {self.model} within {self._start_timeout_s:.0f} s"
             )
-        self._receive()  # "ready", or the child's load error (e.g. a missing model folder) raised here
+        try:
+            self._receive()  # "ready", or the child's load error (e.g. a missing model folder) raised here
+        except Exception:
+            self._kill()
+            raise
 
     def _kill(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
@@ -130,7 +134,10 @@ class GenerationWorker(PairMaker):
         try:
             status, value = self._conn.recv()
         except (EOFError, OSError) as err:
-            code = self._proc.wait(timeout=30) if self._proc is not None else None
+            try:
+                code = self._proc.wait(timeout=5) if self._proc is not None else None
+            except subprocess.TimeoutExpired:  # its socket closed but it lives on: end it
+                code = "still running, killed"
             self._kill()
             raise WorkerDied(f"the generation process exited (code {code}) during a call") from err
         if status == "error":
