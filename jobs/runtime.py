@@ -13,8 +13,6 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from feedback_store import FeedbackStore, pseudonymize
 from feedback_store.export import export_snapshot
 from jobs.abuse import AbuseConfig, VoteGuard
@@ -25,8 +23,7 @@ from jobs.prompts import Blocklist, PoolPrompt, PromptPool, load_pool
 from jobs.registry import BASE, AdapterRegistry
 from jobs.schedule import LoopScheduler
 from ncp.adapters import LoraSettings
-from ncp.generation_worker import GenerationWorker, pick_device
-from ncp.pipelines import load_pipeline
+from ncp.generation_worker import GenerationWorker, load_serving_pipeline
 from ncp.serving import GenerationService, PairMix, SamplingConfig
 
 logger = logging.getLogger(__name__)
@@ -97,9 +94,7 @@ class Runtime:
             )
         else:
             if pipe is None:
-                device = pick_device(config.device)
-                dtype = torch.float16 if device.startswith("cuda") else torch.float32
-                pipe = load_pipeline(config.model, dtype=dtype, device=device)
+                pipe = load_serving_pipeline(config.model, config.device)
             pipe.set_progress_bar_config(disable=True)
             self.generation = GenerationService(pipe, base_model, config.sampling, lora_rank=config.loop.lora_rank)
         model_check = None

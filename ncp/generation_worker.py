@@ -1,7 +1,8 @@
-"""The generation service in its own process, so diffusion never competes with HTTP handlers for the GIL.
+"""The generation service in its own process: diffusion off the HTTP handlers' GIL, at a CPU priority of its own,
+and its faults (and GPU memory) out of the app's process.
 
-A diffusers sampling loop on a small model is Python-bound: in the app's process it holds the GIL most of the time,
-and every vote handler waits for it (bench/serving.py measured the vote tail this way). `GenerationWorker` has the
+A diffusers sampling loop on a small model is Python-bound: in the app's process it holds the GIL much of the time,
+and vote handlers wait for it (bench/serving.py compares this with the in-process thread in one run). `GenerationWorker` has the
 interface of `ncp.serving.GenerationService` (generate, make_pair, swap_adapter, warm_slots, register_version, ...)
 and forwards each call to a `GenerationService` in a child process (`python -m ncp.generation_worker --fd N`) over
 a socket pair. Calls are serialised by one lock, exactly like the in-process pipeline lock, so the lineage rules are
@@ -40,13 +41,19 @@ class WorkerDied(RuntimeError):
     """The generation process exited during a call (the next call restarts it)."""
 
 
-def pick_device(requested: str = "auto") -> str:
-    """ "auto": CUDA when this torch build sees a GPU (a Space on GPU hardware), else the CPU."""
-    if requested != "auto":
-        return requested
+def load_serving_pipeline(model: str, device: str = "auto"):  # noqa: ANN201 - a diffusers pipeline
+    """The arena's pipeline, in either mode: on CUDA in fp16 when `device` is "auto" and torch sees a GPU (a Space on
+    GPU hardware; the SDXL VAE upcasts itself to decode), else float32 on the CPU; no progress bars."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    from ncp.pipelines import load_pipeline
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    pipe = load_pipeline(model, dtype=dtype, device=device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 class GenerationWorker(PairMaker):
@@ -230,7 +237,6 @@ def serve(conn: mpc.Connection) -> None:
     """Load the pipeline, then answer calls until the parent says stop or goes away."""
     import torch
 
-    from ncp.pipelines import load_pipeline
     from ncp.serving import GenerationService
 
     # The parent owns this process's life: a SIGTERM or Ctrl-C sent to the whole process group (docker stop, a
@@ -244,10 +250,7 @@ def serve(conn: mpc.Connection) -> None:
     os.nice(spec["nice"])
     try:
         torch.set_num_threads(spec["threads"])
-        device = pick_device(spec["device"])
-        dtype = torch.float16 if device.startswith("cuda") else torch.float32
-        pipe = load_pipeline(spec["model"], dtype=dtype, device=device)
-        pipe.set_progress_bar_config(disable=True)
+        pipe = load_serving_pipeline(spec["model"], spec["device"])
         service = GenerationService(pipe, spec["base_model"], SamplingConfig(**spec["sampling"]), spec["lora_rank"])
     except Exception as err:  # the parent raises it: a clear start-up error, not a hang
         conn.send(("error", picklable(err)))
