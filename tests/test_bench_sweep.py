@@ -1,0 +1,48 @@
+"""bench/alignment_sweep.py: the real sweep at its `--smoke` budget on a copy of the shipped model (so it counts as
+"another base"), rendered under a name into a temporary docs folder; and the headroom finding computed from a
+sweep on another base against the shipped model's published sweep.
+
+    python -m pytest -q tests/test_bench_sweep.py      # about 1.5 min on 2 CPU cores
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from bench import alignment_sweep as sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_sweep_on_another_base_renders_its_own_section(tmp_path: Path) -> None:
+    model = tmp_path / "other-base"
+    shutil.copytree(ROOT / "models" / "shapes-tiny", model)
+    out, docs = tmp_path / "r.json", tmp_path / "docs"
+    sweep.main(["--smoke", "--model", str(model), "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert len(res["runs"]) == 2 and all(len(r["curve"]) == 3 for r in res["runs"].values())  # step 0 + 2 checkpoints
+    sweep.render(out, "headroom", docs=docs)
+    text = (docs / "BENCHMARKS.md").read_text()
+    assert "<!-- BEGIN alignment-sweep-headroom -->" in text and "<!-- BEGIN alignment-sweep -->" not in text
+    assert f"move `{model}`?" in text  # a base outside the repo is named by its path, not as the shipped model
+    assert f"Base built by `{sweep.HEADROOM_RECIPE}`" in text
+    assert f"--model {model} --pairs 12 --val 4 --steps 4" in text and "--render r.json --name headroom`" in text
+    assert (docs / "alignment_sweep_headroom.png").stat().st_size > 0
+    assert json.loads((docs / "benchmarks" / "alignment_sweep_headroom.json").read_text()) == res
+
+
+def test_headroom_share_is_measured_against_the_shipped_sweep(tmp_path: Path) -> None:
+    shipped = json.loads((ROOT / "docs" / "benchmarks" / "alignment_sweep.json").read_text())
+    top = shipped["base_val"]["judge"]
+    res = {"settings": {"model": str(tmp_path), "val": shipped["settings"]["val"]}}
+    base, best = top - 0.10, top - 0.075
+    (line,) = sweep._headroom(res, base, best)
+    assert f"{top - base:.3f} of headroom" in line and "closes 25% of it" in line
+    assert sweep._headroom({"settings": {"model": str(tmp_path), "val": 7}}, base, best) == []  # other prompts
+    on_shipped = {"settings": {"model": str(ROOT / "models" / "shapes-tiny"), "val": shipped["settings"]["val"]}}
+    assert sweep._headroom(on_shipped, base, best) == []
