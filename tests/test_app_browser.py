@@ -1,6 +1,6 @@
 """A real browser on the real app: headless Chromium (Debian's /usr/bin/chromium, driven by Playwright) votes by mouse
 and by keyboard, sees the reveal and the next pair, and the votes land in the store with full image lineage.
-Saves docs/screenshots/arena.png and docs/screenshots/progress.png.
+Screenshots of both tabs go to the test's temporary folder (the README's come from bench/screenshot.py).
 
     apt-get install -y chromium      # never `playwright install` (no network for it)
     python -m pytest -q -m browser tests/test_app_browser.py
@@ -21,8 +21,6 @@ from jobs import views
 from ncp.serving import PairMix
 
 pytestmark = pytest.mark.browser
-ROOT = Path(__file__).resolve().parents[1]
-SHOTS = ROOT / "docs" / "screenshots"
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -87,7 +85,7 @@ def _browser_votes(runtime) -> list:
     return [v for v in runtime.store.votes() if v.session != "seed-session"]
 
 
-def test_vote_by_mouse_and_keyboard_with_reveal_and_lineage(served, page: Page) -> None:
+def test_vote_by_mouse_and_keyboard_with_reveal_and_lineage(served, page: Page, tmp_path: Path) -> None:
     runtime, url, version = served
     page.goto(url)
     page.wait_for_selector("#arena-left img")
@@ -111,8 +109,7 @@ def test_vote_by_mouse_and_keyboard_with_reveal_and_lineage(served, page: Page) 
     page.keyboard.press("t")
     expect(page.locator("#arena-reveal")).to_contain_text("You chose: Tie")
     _wait_next_pair(page, src)
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SHOTS / "arena.png"), full_page=True)
+    assert page.screenshot(path=str(tmp_path / "arena.png"), full_page=True).startswith(b"\x89PNG")
 
     # keys typed into the prompt box are text, not votes; a refused prompt shows why
     runtime.blocklist.write("dragon\n")
@@ -145,7 +142,7 @@ def test_vote_by_mouse_and_keyboard_with_reveal_and_lineage(served, page: Page) 
             assert isinstance(img.seed, int) and (img.width, img.height) == (64, 64)
 
 
-def test_progress_tab_and_admin_refusal(served, page: Page) -> None:
+def test_progress_tab_and_admin_refusal(served, page: Page, tmp_path: Path) -> None:
     runtime, url, version = served
     page.goto(url)
     page.get_by_role("tab", name="Progress").click()
@@ -153,7 +150,7 @@ def test_progress_tab_and_admin_refusal(served, page: Page) -> None:
     expect(page.locator("#round-status")).to_contain_text(f"Serving: {version}")
     page.wait_for_function("document.querySelectorAll('#probe-gallery img').length >= 8")  # fixed-seed probes
     expect(page.locator("#probe-gallery")).to_contain_text(views.probe_prompts(runtime)[0][:20])
-    page.screenshot(path=str(SHOTS / "progress.png"), full_page=True)
+    assert page.screenshot(path=str(tmp_path / "progress.png"), full_page=True).startswith(b"\x89PNG")
     assert len(list((Path(runtime.config.data_dir) / "probes" / "base").glob("*.png"))) == views.PROBE_COUNT
 
     page.get_by_role("tab", name="Data").click()
