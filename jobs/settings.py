@@ -8,6 +8,7 @@ writes it into docs/CONFIG.md and the README.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,7 +182,7 @@ def config_from_env(env: Mapping[str, str]) -> ArenaConfig:
     if not 0 <= nice <= 19:
         raise ValueError(f"NCP_GENERATION_NICE must be in 0..19, got {nice} (default {base_nice}).")
     device = env.get("NCP_DEVICE", "").strip() or "auto"
-    if device not in ("auto", "cpu") and not device.startswith("cuda"):
+    if device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", device):
         raise ValueError(f"NCP_DEVICE must be auto, cpu, cuda or cuda:N, got {device!r}.")
     base = ArenaConfig()
     return ArenaConfig(

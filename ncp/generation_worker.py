@@ -50,6 +50,13 @@ def load_serving_pipeline(model: str, device: str = "auto"):  # noqa: ANN201 - a
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device.startswith("cuda"):  # fail at start-up with the reason, not in the first generation's stack trace
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ValueError(
+                f"NCP_DEVICE={device!r} but torch sees {torch.cuda.device_count()} CUDA device(s) (CUDA build: "
+                f"{torch.version.cuda or 'none'}); use NCP_DEVICE=auto or cpu, or a GPU Space with CUDA torch."
+            )
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     pipe = load_pipeline(model, dtype=dtype, device=device)
     pipe.set_progress_bar_config(disable=True)

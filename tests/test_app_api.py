@@ -256,6 +256,7 @@ def test_config_from_env_maps_every_variable(tmp_path: Path) -> None:
         ({"NCP_GENERATION_WORKER": "yes"}, "NCP_GENERATION_WORKER"),
         ({"NCP_GENERATION_NICE": "20"}, "NCP_GENERATION_NICE"),
         ({"NCP_DEVICE": "tpu"}, "NCP_DEVICE"),
+        ({"NCP_DEVICE": "cuda:first"}, "NCP_DEVICE"),
     ]:
         with pytest.raises(ValueError, match=match):
             app.config_from_env(bad)

@@ -17,7 +17,7 @@ import torch
 
 from jobs.registry import BASE
 from ncp.adapters import LoraSettings
-from ncp.generation_worker import GenerationWorker, WorkerDied
+from ncp.generation_worker import GenerationWorker, WorkerDied, load_serving_pipeline
 from ncp.pipelines import build_tiny_sd15, load_pipeline
 from ncp.serving import GenerationService, SamplingConfig
 from tests.test_serving_slots import adapter
@@ -104,6 +104,17 @@ def test_worker_matches_the_in_process_service_and_restarts_after_a_crash(model:
 def test_a_bad_model_is_a_clear_start_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no model_index.json"):
         GenerationWorker(str(tmp_path), "tiny", SAMPLING, device="cpu")
+
+
+def test_a_cuda_device_torch_cannot_see_is_a_clear_start_error(model: Path) -> None:
+    """NCP_DEVICE=cuda on CPU hardware (or cuda:N past the last GPU) names the setting at start-up, in the app's
+    process and, through the child's start-up reply, in the worker's."""
+    with pytest.raises(ValueError, match=r"NCP_DEVICE='cuda:99' but torch sees \d+ CUDA device"):
+        load_serving_pipeline(str(model), "cuda:99")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="use NCP_DEVICE=auto or cpu"):
+            GenerationWorker(str(model), "tiny", SAMPLING, device="cuda")
+    assert load_serving_pipeline(str(model), "auto").device.type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def test_the_child_exits_when_the_app_is_killed(model: Path) -> None:
