@@ -225,7 +225,7 @@ def poisoning_section(r: dict) -> list[str]:
     reasons = sorted({e["reason"] for a in r["arms"].values() for e in a["shadow_excluded"] if e["reason"]})
     if reasons:
         lines += ["", "Why raters were excluded: " + "; ".join(reasons[:6])]
-    lines += findings(r)
+    lines += findings(r) + training_data(r)
     goal = r["goal"]
     lines += [
         "",
@@ -309,6 +309,26 @@ def estimates(parts: dict) -> list[str]:
             f"- poisoning: about {total / 60:.0f} min (3 arms x 2 rounds; a coarse scaling of the quick run)."
         )
     return lines or ["- (estimates come from quick runs; none recorded)"]
+
+
+def training_data(r: dict) -> list[str]:
+    """What reached the trainer in each arm: the direct measure of the defences, which stays readable when the judge
+    gains are too small for their ratio to mean anything."""
+    arms = r["arms"]
+    if not {"clean", "poisoned", "defended"} <= set(arms):
+        return []
+
+    def total(arm: str, key: str) -> int:
+        return sum(x[key] for x in arms[arm]["rounds"])
+
+    honest = {a: total(a, "pairs_trained") - total(a, "adversary_pairs_trained") for a in arms}
+    return [
+        "",
+        f"Training data (all rounds): the poisoned arm trained on {total('poisoned', 'adversary_pairs_trained')} "
+        f"adversarial pairs of {total('poisoned', 'pairs_trained')}, the defended arm on "
+        f"{total('defended', 'adversary_pairs_trained')} of {total('defended', 'pairs_trained')}; the defended arm kept "
+        f"{honest['defended']} honest pairs where the clean arm had {honest['clean']} (all its pairs are honest).",
+    ]
 
 
 def findings(r: dict) -> list[str]:

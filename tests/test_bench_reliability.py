@@ -13,7 +13,7 @@ import pytest
 
 from bench import poisoning
 from bench.reliability_http import LoadSettings, run
-from bench.reliability_render import load_ok, render
+from bench.reliability_render import load_ok, render, training_data
 from bench.reliability_server import with_loop_overrides
 from jobs.runtime import ArenaConfig
 
@@ -64,3 +64,20 @@ def test_poisoning_arm_runs_a_round_and_reports_its_gain(tmp_path) -> None:
     assert diag["adversaries"]["raters"] == 1 and diag["honest"]["raters"] == 4 and diag["honest"]["votes"] > 0
     doc = render({"parts": {"poisoning": out | {"mode": "test", "finished": "now", "part_wall_s": 1.0}}})
     assert "## 4. Poisoning" in doc
+
+
+def test_training_data_line_counts_what_reached_the_trainer_per_arm() -> None:
+    def arm(*rounds: tuple[int, int]) -> dict:
+        return {"rounds": [{"pairs_trained": n, "adversary_pairs_trained": a} for n, a in rounds]}
+
+    r = {
+        "arms": {
+            "clean": arm((60, 0), (70, 0)),
+            "poisoned": arm((60, 12), (70, 15)),
+            "defended": arm((48, 0), (55, 1)),
+        }
+    }
+    (_, line) = training_data(r)
+    assert "poisoned arm trained on 27 adversarial pairs of 130, the defended arm on 1 of 103" in line
+    assert "kept 102 honest pairs where the clean arm had 130" in line
+    assert training_data({"arms": {"defended": r["arms"]["defended"]}}) == []  # needs all three arms
