@@ -263,7 +263,8 @@ def render(result: dict) -> str:
         "120 training steps, 24 judge probes x 2 seeds); poisoning 10 raters, 2 rounds of 300 votes, 120 steps, "
         "48 probes x 2 seeds. Quick sizes: 8 clients x 30 votes with a 10-step round (bench/reliability_server.py "
         "runs app.py's `main()` with only the round's LoopConfig fields replaced); poisoning 5 raters (1 adversary), 1 round of "
-        "150 votes, 20 steps, 8 probes x 1 seed. Estimated full-size time on this 2-core CPU: see the end of this page.",
+        "150 votes, 20 steps, 8 probes x 1 seed. A part last run at quick size gets a full-size time estimate at the end "
+        "of this page.",
         "",
         "The app server's environment in the load and crash parts (`bench/reliability_http.py::server_env`). The abuse "
         "defences are on, but the bots vote at machine speed, so the limits are set too generous to refuse them and "
@@ -281,7 +282,8 @@ def render(result: dict) -> str:
         out += ["## 3. Bad input", "", *bad_input_section(parts["bad_input"]), ""]
     if "poisoning" in parts:
         out += ["## 4. Poisoning", "", *poisoning_section(parts["poisoning"]), ""]
-    out += ["## Full-size estimates", "", *estimates(parts), ""]
+    if est := estimates(parts):  # only quick runs of the sized parts (load, crash, poisoning) give estimates
+        out += ["## Full-size estimates", "", *est, ""]
     return "\n".join(out)
 
 
@@ -308,7 +310,7 @@ def estimates(parts: dict) -> list[str]:
         lines.append(
             f"- poisoning: about {total / 60:.0f} min (3 arms x 2 rounds; a coarse scaling of the quick run)."
         )
-    return lines or ["- (estimates come from quick runs; none recorded)"]
+    return lines
 
 
 def training_data(r: dict) -> list[str]:
