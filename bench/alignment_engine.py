@@ -92,6 +92,7 @@ class RunSpec:
     data: str = "all"  # all | pool-all | pool-aw
     include_mid: bool = False
     targets: str = "attn"
+    rank: int = LORA_RANK  # LoRA rank = alpha (the deployment's unless a sweep config asks for another)
 
     @property
     def method(self) -> str:
@@ -101,13 +102,14 @@ class RunSpec:
     def key(self) -> str:
         beta = "-" if self.beta is None else f"{self.beta:g}"
         return (f"{self.method}|lr={self.lr:g}|beta={beta}|seed={self.seed}|data={self.data}"
-                f"|mid={int(self.include_mid)}|lora={self.targets}")  # fmt: skip
+                f"|mid={int(self.include_mid)}|lora={self.targets}"
+                + ("" if self.rank == LORA_RANK else f"|r={self.rank}"))  # fmt: skip
 
     def config(self, budget: Budget) -> TrainConfig:
         return TrainConfig(
             objective=self.objective, space=self.space, beta=self.beta or 1.0, lr=self.lr, seed=self.seed,
             sft_weight=CPO_LAMBDA if self.objective == "cpo" else 0.0, batch_size=budget.batch,
-            max_steps=budget.steps, lora_rank=LORA_RANK, lora_alpha=LORA_ALPHA, lora_targets=TARGETS[self.targets],
+            max_steps=budget.steps, lora_rank=self.rank, lora_alpha=self.rank, lora_targets=TARGETS[self.targets],
             include_mid=self.include_mid,
         )  # fmt: skip
 
@@ -225,7 +227,7 @@ class Bench:
     def _unet(self, spec: RunSpec) -> torch.nn.Module:
         torch.manual_seed(spec.seed)  # the LoRA init (A Gaussian, B zero: the run starts at the base model)
         unet = copy.deepcopy(self.base_unet)
-        add_lora(unet, LoraSettings(rank=LORA_RANK, alpha=LORA_ALPHA, target_modules=TARGETS[spec.targets]))
+        add_lora(unet, LoraSettings(rank=spec.rank, alpha=spec.rank, target_modules=TARGETS[spec.targets]))
         return unet
 
     def train(self, spec: RunSpec) -> dict[str, Any]:

@@ -34,8 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-# (objective, space, lr, beta, targets), in priority order: a budget cut drops the last ones.
-CONFIGS: list[tuple[str, str, float, float | None, str]] = [
+# (objective, space, lr, beta, targets[, LoRA rank = alpha, default 8]), in priority order: a budget cut drops the last
+# ones. 12-15: wider LoRA (convs too, rank 32) for a base with headroom.
+CONFIGS: list[tuple] = [
     ("dpo", "latent", 1e-3, 5e3, "attn"),
     ("dpo", "ncp", 1e-3, 5e5, "attn"),
     ("dpo", "latent", 3e-3, 5e3, "attn"),
@@ -48,6 +49,10 @@ CONFIGS: list[tuple[str, str, float, float | None, str]] = [
     ("dpo", "ncp", 1e-3, 5e5, "attn+conv"),
     ("cpo", "latent", 1e-3, 1e2, "attn"),
     ("dpo", "latent", 3e-4, 5e3, "attn"),
+    ("dpo", "latent", 1e-3, 5e2, "attn+conv"),
+    ("dpo", "ncp", 1e-3, 5e5, "attn+conv", 32),
+    ("dpo", "latent", 1e-3, 5e2, "attn+conv", 32),
+    ("dpo", "ncp", 3e-3, 5e5, "attn+conv", 32),
 ]
 
 
@@ -74,15 +79,15 @@ def prepare(args: argparse.Namespace, work: Path) -> None:
 
 def worker(args: argparse.Namespace, work: Path, configs: list[int], result: Path) -> dict[str, Any]:
     """Train and judge `configs` in turn; `result` is rewritten after each one, so a cut-off sweep keeps its runs."""
-    from bench.alignment_engine import RunSpec
+    from bench.alignment_engine import LORA_RANK, RunSpec
 
     bench = _bench(args, work)
     bench.make_data()
     bench.base_eval("val")
     out: dict[str, Any] = {}
     for i in configs:
-        o, s, lr, beta, targets = CONFIGS[i]
-        spec = RunSpec(o, s, lr, beta, seed=0, targets=targets)
+        o, s, lr, beta, targets, *rank = CONFIGS[i]
+        spec = RunSpec(o, s, lr, beta, seed=0, targets=targets, rank=rank[0] if rank else LORA_RANK)
         t0 = time.perf_counter()
         run = bench.train(spec)
         curve = [[0, bench.state["evals"]["base@0@val"]["judge"]]]
@@ -125,6 +130,11 @@ def run_all(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             "wall_s": time.perf_counter() - t0}  # fmt: skip
 
 
+def lora(config: list) -> str:
+    """The LoRA column: targets, and the rank when a config sets one (else the deployment's 8)."""
+    return config[4] + (f" r{config[5]}" if len(config) > 5 else "")
+
+
 def _se(evaluation: dict[str, Any]) -> float:
     """Standard error of a probe set's mean judge score (per-image scores in `overall`)."""
     import numpy as np
@@ -162,13 +172,13 @@ def render(path: Path, name: str = "", docs: Path = ROOT / "docs") -> None:
     rows = []
     for key, r in sorted(res["runs"].items(), key=lambda kv: -max(j for _, j in kv[1]["curve"])):
         steps, judge = zip(*r["curve"], strict=True)
-        ax.plot(steps, judge, marker=".", label=key.split("|seed")[0].replace("|", " ") + f" {r['config'][4]}")
+        ax.plot(steps, judge, marker=".", label=key.split("|seed")[0].replace("|", " ") + f" {lora(r['config'])}")
         best = max(range(len(judge)), key=judge.__getitem__)
         method = f"{r['config'][1]}-{r['config'][0]}"
         cpu_step = cpu.get(method, {}).get("step_s") or float("nan")
         rows.append(
             f"| {method} | {r['config'][2]:g} | {'-' if r['config'][3] is None else format(r['config'][3], 'g')} "
-            f"| {r['config'][4]} | {judge[-1]:.3f} ({judge[-1] - base:+.3f}) | {judge[best]:.3f} at {steps[best]} "
+            f"| {lora(r['config'])} | {judge[-1]:.3f} ({judge[-1] - base:+.3f}) | {judge[best]:.3f} at {steps[best]} "
             f"({judge[best] - base:+.3f}) | {steps[best] * cpu_step / 60:.0f} | "
             f"{(r.get('final_metrics') or {}).get('implicit_acc', float('nan')):.2f} |"
         )

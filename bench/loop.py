@@ -2,6 +2,7 @@
 rounds gated by the judge, hot-swapped while the raters keep voting.
 
     python -m bench.loop --raters 8 --votes 2000 --minutes 30
+    python -m bench.loop --render docs/benchmarks/loop.json     # rewrite the doc section and plot from the JSON
 
 For every round: its status, wall time, the candidate's judge score on the fixed probe set (prompts x seeds,
 disjoint from the raters' prompt pool) against the base model's, with a 95% CI of the paired gain; at the end the
@@ -83,7 +84,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default=str(SHAPES_MODEL))
     p.add_argument("--data-dir", type=Path, default=None)
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "loop.json")
+    p.add_argument("--render", type=Path, help="only rewrite the plot and the doc section from this result file")
     args = p.parse_args(argv)
+    if args.render:
+        result = json.loads(args.render.read_text())
+        plot(result, ROOT / "docs" / "loop.png")
+        write_section(ROOT / "docs" / "BENCHMARKS.md", "loop", markdown(result))
+        return
     torch.set_num_threads(1)
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="ncp-loop-"))
     loop = LoopConfig(
@@ -217,8 +224,35 @@ def markdown(result: dict) -> str:
         lines.append(
             f"| {r['version']} | {r['rating']:.0f} | {r['ci_low']:.0f}..{r['ci_high']:.0f} | {r['votes']} | {wr} |"
         )
-    lines += ["", "![loop](loop.png)", ""]
+    lines += ["", "![loop](loop.png)", "", *goals(result)]
     return "\n".join(lines)
+
+
+ROUND_GOAL_S, GAIN_GOAL, WITHIN_S = 300.0, 0.10, 1800.0  # issue goals: round <= 5 min; +0.10 judge within 30 min
+
+
+def goals(result: dict) -> list[str]:
+    """The loop's two goals, judged from the rounds (generated, so a rerun cannot leave a stale verdict)."""
+    times = [r["round_s"] for r in result["rounds"] if r.get("round_s")]
+    served = None  # the served version's gain at 30 min: the last promotion finished within the window
+    for r in result["rounds"]:
+        if r["status"] == "promoted" and r.get("finished_at_s", 0) <= WITHIN_S and r["gain_vs_base"] is not None:
+            served = r
+    met = (
+        served is not None and served["gain_vs_base"] - served["gain_ci95"] > 0 and served["gain_vs_base"] >= GAIN_GOAL
+    )
+    gain = f"no version promoted within {WITHIN_S / 60:.0f} min" if served is None else (
+        f"served {served['version']}, {served['gain_vs_base']:+.3f} ± {served['gain_ci95']:.3f}")  # fmt: skip
+    return [
+        "**Goals (generated).**",
+        f"- Each round at most {ROUND_GOAL_S / 60:.0f} min: "
+        + ("met" if times and max(times) <= ROUND_GOAL_S else "not met")
+        + (f" (longest {max(times):.0f} s)." if times else "."),  # fmt: skip
+        f"- Served judge at least {GAIN_GOAL:+.2f} above the base within {WITHIN_S / 60:.0f} min, 95% CI above zero: "
+        + ("met" if met else "not met")
+        + f" ({gain}). What the model's own samples allow, and what reaching "
+        "+0.10 would need: section `best-of-n` below.",
+    ]
 
 
 if __name__ == "__main__":

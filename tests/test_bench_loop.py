@@ -1,0 +1,38 @@
+"""bench/loop.py's generated verdicts: the round-time and judge-gain goals are read from the rounds, not written by hand."""
+
+from __future__ import annotations
+
+from bench import loop
+
+
+def rnd(
+    status: str, at_s: float, gain: float | None, ci: float = 0.01, round_s: float = 170.0, version: str = ""
+) -> dict:
+    judge = None if gain is None else 0.72 + gain
+    return {"status": status, "version": version or None, "round_s": round_s, "votes": 100, "judge": judge,
+            "base_judge": 0.72, "gain_vs_base": gain, "gain_ci95": ci, "finished_at_s": at_s}  # fmt: skip
+
+
+def result(rounds: list[dict]) -> dict:
+    config = {"raters": 8, "objective": "dpo", "space": "ncp", "max_steps": 100, "lr": 1e-3, "beta": 5e5}
+    return {"config": config, "raters": {"votes": 2000}, "wall_s": 1000.0, "rounds": rounds, "leaderboard": []}
+
+
+def test_goal_met_only_by_a_promotion_within_30_minutes_with_its_ci_above_zero() -> None:
+    met = loop.goals(result([rnd("promoted", 900, 0.12, version="v0001")]))
+    assert "not met" not in "".join(met) and "v0001, +0.120" in met[2]
+    late = loop.goals(result([rnd("promoted", 1900, 0.15, version="v0001")]))
+    assert late[2].startswith("- Served judge") and ": not met (no version promoted within 30 min)" in late[2]
+    noisy = loop.goals(result([rnd("promoted", 600, 0.11, ci=0.2, version="v0001")]))
+    assert ": not met" in noisy[2]
+    # A rejected candidate's score never counts: the served version is the last promotion in the window.
+    mixed = [rnd("promoted", 300, 0.02, version="v0001"), rnd("rejected", 600, 0.2)]
+    assert "v0001, +0.020" in loop.goals(result(mixed))[2] and ": not met" in loop.goals(result(mixed))[2]
+
+
+def test_round_time_goal_reads_the_longest_round() -> None:
+    quick = loop.goals(result([rnd("rejected", 200, 0.0, round_s=299)]))[1]
+    slow = loop.goals(result([rnd("rejected", 200, 0.0, round_s=120), rnd("failed", 500, None, round_s=301)]))[1]
+    assert quick.endswith("met (longest 299 s).") and "not met (longest 301 s)" in slow
+    text = loop.markdown(result([rnd("promoted", 300, 0.02, version="v0001")]))
+    assert "| 1 | promoted | v0001 | 170 |" in text and "**Goals (generated).**" in text
