@@ -143,7 +143,7 @@ class Bench:
         }
         self.base_images: dict[str, list[np.ndarray]] = {}
         self.datasets: dict[str, list] = {}
-        self.eval_unets: dict[str, torch.nn.Module] = {}
+        self.eval_unets: dict[tuple[str, int], torch.nn.Module] = {}
 
     def save(self) -> None:
         tmp = self.state_path.with_suffix(".tmp")
@@ -291,12 +291,16 @@ class Bench:
             rec: dict[str, Any] = {"judge": math.nan, "win_rate": math.nan, "missing": True}
         else:
             weights = torch.load(self.work / ckpt["path"], map_location="cpu", weights_only=True)
-            if spec.targets not in self.eval_unets:  # one LoRA UNet per target set; a checkpoint holds all its weights
-                self.eval_unets[spec.targets] = self._unet(spec).eval()
-            params = dict(self.eval_unets[spec.targets].named_parameters())
+            shape = (
+                spec.targets,
+                spec.rank,
+            )  # one LoRA UNet per target set and rank; a checkpoint holds all its weights
+            if shape not in self.eval_unets:
+                self.eval_unets[shape] = self._unet(spec).eval()
+            params = dict(self.eval_unets[shape].named_parameters())
             for n, value in weights.items():
                 params[n].data.copy_(value)
-            self.pipe.unet = self.eval_unets[spec.targets]
+            self.pipe.unet = self.eval_unets[shape]
             try:
                 rec = self.judge(self.generate(self.sets[name], f"eval {spec.method} {name}"), name)
             finally:

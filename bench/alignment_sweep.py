@@ -245,6 +245,7 @@ def _findings(res: dict[str, Any], base: float, steps: int) -> list[str]:
         f"config here, with {steps} steps where a loop round runs 100.",
         *_signal(accs, best - base),
         *_headroom(res, base, best),
+        *_capacity(res, base),
         *(
             [
                 "- Configs that move the LoRA a lot (sft, cpo, ncp-dpo at lr 3e-3) only lose score. A likely reason, not "
@@ -265,6 +266,25 @@ def _signal(accs: list[float], gain: float) -> list[str]:
     return [f"- Training implicit accuracy (last 10 steps) reaches {max(accs):.2f}, yet the validation score moves by at "
             f"most {gain:+.3f}: the runs learn to tell these pairs' winners from their losers, not the rule the judge "
             "scores on unseen prompts."]  # fmt: skip
+
+
+def _capacity(res: dict[str, Any], base: float) -> list[str]:
+    """Wider LoRA (convs too, or a higher rank) against the attention-only rank-8 run of the same method, lr and beta."""
+    runs = list(res["runs"].values())
+    narrow = {tuple(r["config"][:4]): r for r in runs if lora(r["config"]) == "attn"}
+    pairs = [
+        (r, narrow[tuple(r["config"][:4])])
+        for r in runs
+        if lora(r["config"]) != "attn" and tuple(r["config"][:4]) in narrow
+    ]
+    if not pairs:
+        return []
+    best = lambda r: max(j for _, j in r["curve"])  # noqa: E731
+    last = lambda r: r["curve"][-1][1]  # noqa: E731
+    parts = [f"{r['config'][1]}-{r['config'][0]} with {lora(r['config'])}: best {best(r) - base:+.3f}, last "
+             f"{last(r) - base:+.3f} (attn r8: {best(n) - base:+.3f}, {last(n) - base:+.3f})" for r, n in pairs]  # fmt: skip
+    return ["- Wider LoRA against attention-only rank 8 (same method, lr and beta; gains vs base, best and last): "
+            + "; ".join(parts) + "."]  # fmt: skip
 
 
 def _headroom(res: dict[str, Any], base: float, best: float) -> list[str]:
@@ -309,7 +329,8 @@ def main(argv: list[str] | None = None) -> None:
         return render(args.render, args.name)
     if args.smoke:
         args.pairs, args.val, args.steps, args.checkpoints, args.sample_steps = 12, 4, 4, 2, 2
-        args.workers, args.max_per_worker = 2, 1
+        # One worker, two configs that differ in LoRA targets and rank: the evaluation UNet must follow the run's shape.
+        args.workers, args.max_per_worker, args.configs = 1, 2, args.configs or "12,13"
     if args.worker is not None:
         configs = [int(i) for i in args.worker.split(",") if i]
         worker(args, args.work, configs, args.result)

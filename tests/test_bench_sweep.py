@@ -2,7 +2,7 @@
 "another base"), rendered under a name into a temporary docs folder; and the headroom finding computed from a
 sweep on another base against the shipped model's published sweep.
 
-    python -m pytest -q tests/test_bench_sweep.py      # about 1.5 min on 2 CPU cores
+    python -m pytest -q tests/test_bench_sweep.py      # about 2 min on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ def test_sweep_on_another_base_renders_its_own_section(tmp_path: Path) -> None:
     sweep.main(["--smoke", "--model", str(model), "--out", str(out)])
     res = json.loads(out.read_text())
     assert len(res["runs"]) == 2 and all(len(r["curve"]) == 3 for r in res["runs"].values())  # step 0 + 2 checkpoints
+    # configs 12 and 13 in one worker: attn+conv at rank 8, then at rank 32, each judged with its own LoRA shape
+    assert sorted(sweep.lora(r["config"]) for r in res["runs"].values()) == ["attn+conv", "attn+conv r32"]
     sweep.render(out, "headroom", docs=docs)
     text = (docs / "BENCHMARKS.md").read_text()
     assert "<!-- BEGIN alignment-sweep-headroom -->" in text and "<!-- BEGIN alignment-sweep -->" not in text
@@ -46,3 +48,19 @@ def test_headroom_share_is_measured_against_the_shipped_sweep(tmp_path: Path) ->
     assert sweep._headroom({"settings": {"model": str(tmp_path), "val": 7}}, base, best) == []  # other prompts
     on_shipped = {"settings": {"model": str(ROOT / "models" / "shapes-tiny"), "val": shipped["settings"]["val"]}}
     assert sweep._headroom(on_shipped, base, best) == []
+
+
+def test_wider_lora_is_compared_with_the_attention_only_run_of_the_same_method() -> None:
+    def run(config: list, curve: list) -> dict:
+        return {"config": config, "curve": [[0, 0.6], *curve]}
+
+    res = {"runs": {
+        "a": run(["dpo", "ncp", 1e-3, 5e5, "attn"], [[300, 0.62], [600, 0.63]]),
+        "b": run(["dpo", "ncp", 1e-3, 5e5, "attn+conv", 32], [[300, 0.55], [600, 0.50]]),
+        "c": run(["dpo", "latent", 1e-3, 5e2, "attn+conv"], [[300, 0.61], [600, 0.60]]),  # no attn-only partner
+    }}  # fmt: skip
+    (line,) = sweep._capacity(res, 0.6)
+    assert "ncp-dpo with attn+conv r32: best +0.000, last -0.100 (attn r8: +0.030, +0.030)" in line
+    assert "latent" not in line
+    assert sweep._capacity({"runs": {"a": res["runs"]["a"]}}, 0.6) == []
+    assert sweep.lora(["dpo", "ncp", 1e-3, 5e5, "attn+conv", 32]) == "attn+conv r32"
