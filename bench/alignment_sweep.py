@@ -7,6 +7,7 @@ budget, to choose the live loop's settings (issue 6) and to bound what any metho
     python bench/alignment_sweep.py --model runs/shapes-headroom --pairs 800 --val 64 --steps 600 --checkpoints 4 \
         --workers 2 --configs 1,4 --out r.json && python bench/alignment_sweep.py --render r.json --name headroom
                                                                 # CPU, ~25 min: the same bound on a base with headroom
+    python bench/alignment_sweep.py --merge a.json b.json --out r.json    # configs run later on the same base and data
 
 Same engine as `bench/alignment.py` (`bench.alignment_engine.Bench`: on-policy pairs from the shapes base model,
 labelled by the judge, ties dropped; LoRA rank 8 on attention unless a config says attn+conv; the trainer's own
@@ -203,7 +204,7 @@ def render(path: Path, name: str = "", docs: Path = ROOT / "docs") -> None:
         f"prompts, {s['steps']} steps of 8 pairs, judged every {s['steps'] // s['checkpoints']} steps on "
         f"{s['val']} validation prompts x 2 seeds (never the test probes; one score's standard error is about "
         f"{_se(res['base_val']):.3f}). Base: **{base:.3f}**. Ran on "
-        f"`{s['device']}` in {res['wall_s'] / 60:.1f} min with {s['workers']} worker processes; the last column "
+        f"`{s['device']}` {_wall(res)}; the last column "
         "converts the best step to minutes of one CPU core with the CPU step time that `bench/alignment.py` measured "
         "for the method. Rerun: " + rerun + ".",
         "",
@@ -219,6 +220,42 @@ def render(path: Path, name: str = "", docs: Path = ROOT / "docs") -> None:
     section = stem.replace("_", "-")
     write_section(docs / "BENCHMARKS.md", section, "\n".join(md))
     print(f"[sweep] wrote docs/benchmarks/{stem}.json, docs/{stem}.png, BENCHMARKS.md section {section}")
+
+
+def _wall(res: dict[str, Any]) -> str:
+    """How long the sweep ran: one run, or each of the merged runs (`--merge`) with its configs."""
+    parts = res.get("merged_from")
+    if not parts:
+        return f"in {res['wall_s'] / 60:.1f} min with {res['settings']['workers']} worker processes"
+    each = "; ".join(f"configs {p['configs']}: {p['wall_s'] / 60:.1f} min, {p['workers']} worker(s)" for p in parts)
+    return f"in {len(parts)} runs on the same pairs and validation images ({each})"
+
+
+def _index(config: list) -> int | str:
+    return next((i for i, c in enumerate(CONFIGS) if list(c) == list(config)), "?")
+
+
+def merge(paths: list[Path]) -> dict[str, Any]:
+    """One sweep result from several runs of the same base, pairs and validation set (e.g. configs added later)."""
+    results = [json.loads(p.read_text()) for p in paths]
+    first = results[0]
+    same = ("model", "device", "pairs", "val", "steps", "checkpoints", "sample_steps")
+    for r in results[1:]:
+        diff = [k for k in same if str(r["settings"].get(k)) != str(first["settings"].get(k))]
+        if diff or r["data"] != first["data"] or r["base_val"]["judge"] != first["base_val"]["judge"]:
+            raise ValueError(f"Cannot merge sweeps that differ in {diff or ['data or base score']}; rerun them alike.")
+    out = json.loads(json.dumps(first))
+    # The configs each run finished (a run cut short lists fewer than it was given), as indices into CONFIGS.
+    done = [",".join(str(_index(r["config"])) for r in res["runs"].values()) for res in results]
+    out["merged_from"] = [
+        {"configs": c, "wall_s": r["wall_s"], "workers": r["settings"]["workers"]}
+        for c, r in zip(done, results, strict=True)
+    ]
+    for r in results[1:]:
+        out["runs"] |= r["runs"]
+    out["settings"]["configs"] = ",".join(p["configs"] for p in out["merged_from"])
+    out["wall_s"] = sum(r["wall_s"] for r in results)
+    return out
 
 
 def _provenance(s: dict[str, Any], name: str) -> tuple[Path, bool, str]:
@@ -320,6 +357,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, help="where the sweep's JSON goes")
     p.add_argument("--render", type=Path, help="render a sweep JSON into docs/ and stop")
     p.add_argument("--name", default="", help="with --render: suffix of the doc section and files (another base)")
+    p.add_argument("--merge", type=Path, nargs="+", help="merge these sweep JSONs (same base and data) into --out")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny budget, 2 configs: checks the code paths")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
@@ -327,6 +365,11 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.render:
         return render(args.render, args.name)
+    if args.merge:
+        if args.out is None:
+            p.error("--merge needs --out")
+        args.out.write_text(json.dumps(merge(args.merge), indent=1) + "\n")
+        return None
     if args.smoke:
         args.pairs, args.val, args.steps, args.checkpoints, args.sample_steps = 12, 4, 4, 2, 2
         # One worker, two configs that differ in LoRA targets and rank: the evaluation UNet must follow the run's shape.

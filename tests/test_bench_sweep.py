@@ -64,3 +64,32 @@ def test_wider_lora_is_compared_with_the_attention_only_run_of_the_same_method()
     assert "latent" not in line
     assert sweep._capacity({"runs": {"a": res["runs"]["a"]}}, 0.6) == []
     assert sweep.lora(["dpo", "ncp", 1e-3, 5e5, "attn+conv", 32]) == "attn+conv r32"
+
+
+def test_merge_joins_runs_of_the_same_base_and_refuses_different_data(tmp_path: Path) -> None:
+    def result(configs: list[int], wall_s: float, val: int = 64) -> dict:
+        settings = {"model": "runs/b", "device": "cpu", "pairs": 800, "val": val, "steps": 600, "checkpoints": 4,
+                    "sample_steps": 12, "workers": 2, "configs": "0,1,2"}  # fmt: skip
+        runs = {f"k{i}": {"config": list(sweep.CONFIGS[i]), "curve": [[0, 0.6], [600, 0.61]]} for i in configs}
+        return {
+            "settings": settings,
+            "data": {"kept": 734},
+            "base_val": {"judge": 0.6},
+            "runs": runs,
+            "wall_s": wall_s,
+        }
+
+    paths = []
+    for name, res in {"a": result([1, 4], 600.0), "b": result([12, 15], 1200.0), "c": result([14], 300.0)}.items():
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(res))
+    merged = sweep.merge(paths)
+    assert len(merged["runs"]) == 5 and merged["wall_s"] == 2100.0
+    assert merged["settings"]["configs"] == "1,4,12,15,14"  # what each run finished, not what it was asked for
+    assert sweep._wall(merged) == ("in 3 runs on the same pairs and validation images (configs 1,4: 10.0 min, 2 "
+                                   "worker(s); configs 12,15: 20.0 min, 2 worker(s); configs 14: 5.0 min, 2 worker(s))")  # fmt: skip
+    assert sweep._wall(result([1], 90.0)) == "in 1.5 min with 2 worker processes"
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(result([3], 60.0, val=32)))
+    with pytest.raises(ValueError, match="val"):
+        sweep.merge([paths[0], other])
