@@ -65,6 +65,7 @@ class PoisonSettings:
     probe_seeds: int = 2
     seed: int = 0
     keep_data: bool = False
+    model: str = str(SHAPES_MODEL)  # the base every arm serves and trains (a base with headroom: --model)
 
 
 def adversaries(s: PoisonSettings) -> set[int]:
@@ -85,7 +86,7 @@ class SimClock:
 
 def arm_config(arm: str, s: PoisonSettings, data_dir: Path) -> ArenaConfig:
     loop = LoopConfig(
-        model=str(SHAPES_MODEL),
+        model=s.model,
         max_steps=s.max_steps,
         lr=s.lr,
         beta=s.beta,
@@ -100,7 +101,7 @@ def arm_config(arm: str, s: PoisonSettings, data_dir: Path) -> ArenaConfig:
     )
     return ArenaConfig(
         data_dir=data_dir,
-        model=str(SHAPES_MODEL),
+        model=s.model,
         sampling=SamplingConfig(steps=s.steps),
         loop=loop,
         schedule=False,

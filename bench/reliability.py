@@ -3,6 +3,7 @@
     python -m bench.reliability                         # all four parts, full sizes (hours on a 2-core CPU)
     python -m bench.reliability --quick                 # all four, small sizes (about 10 min here)
     python -m bench.reliability --part load --part crash [--quick]   # some parts; the others keep their results
+    python -m bench.reliability --part poisoning --model runs/shapes-headroom   # poisoning on another base
 
 1. load (bench/reliability_http.py): N gradio_client raters vote through the real server (`python app.py` in a
    subprocess) while an admin client hot-swaps the adapter every 10 s and runs a training round; then the DuckDB file
@@ -58,8 +59,10 @@ QUICK = {
 }
 
 
-def run_part(part: str, quick: bool, work: Path) -> dict:
+def run_part(part: str, quick: bool, work: Path, model: Path = SHAPES_MODEL) -> dict:
     settings = (QUICK if quick else FULL).get(part)
+    if part == "poisoning":
+        settings = dataclasses.replace(settings, model=str(model))
     t0 = time.time()
     if part in ("load", "crash"):
         out = reliability_http.run(settings, work / part)
@@ -82,6 +85,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "reliability.json")
     p.add_argument("--doc", type=Path, default=ROOT / "docs" / "RELIABILITY.md")
     p.add_argument("--render-only", action="store_true", help="only re-render the doc from the JSON")
+    p.add_argument(
+        "--model", type=Path, default=SHAPES_MODEL, help="poisoning: the base model (e.g. one with headroom)"
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
@@ -91,9 +97,10 @@ def main(argv: list[str] | None = None) -> None:
         work = args.work or Path(tempfile.mkdtemp(prefix="ncp-reliability-"))
         for part in args.part or PARTS:
             logging.info("reliability part %s (%s)", part, "quick" if args.quick else "full")
-            result["parts"][part] = run_part(part, args.quick, work)
+            result["parts"][part] = run_part(part, args.quick, work, args.model)
             result["parts"][part]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-            result["parts"][part]["shapes_unet_sha256"] = file_sha256(SHAPES_UNET)[:16]  # which shapes model ran
+            unet = args.model / "unet" / "diffusion_pytorch_model.safetensors" if part == "poisoning" else SHAPES_UNET
+            result["parts"][part]["shapes_unet_sha256"] = file_sha256(unet)[:16]  # which shapes model ran
             result["machine"] = f"{platform.machine()} CPU, {torch.get_num_threads()} torch thread(s) here"
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(result, indent=1, default=str))  # after every part: nothing lost

@@ -8,6 +8,8 @@ from pathlib import Path
 from bench.reliability_http import LoadSettings, server_env
 from jobs.abuse import AbuseConfig
 
+ROOT = Path(__file__).resolve().parents[1]
+
 LOAD_GOAL = (
     "32 clients x 300 votes, hot-swap every 10 s, a training round: 0 failed requests, 0 lost or duplicated acks"
 )
@@ -181,10 +183,17 @@ def bad_input_section(r: dict) -> list[str]:
     return lines
 
 
+def model_name(settings: dict) -> str:
+    """The poisoning base, relative to the repo when inside it (runs before `--model` existed used the shipped one)."""
+    model = Path(settings.get("model", ROOT / "models" / "shapes-tiny")).resolve()
+    return str(model.relative_to(ROOT)) if model.is_relative_to(ROOT) else str(model)
+
+
 def poisoning_section(r: dict) -> list[str]:
     s = r["settings"]
     lines = [
-        f"Mode **{r['mode']}**: {s['raters']} raters ({len(s['adversary_indices'])} adversarial: indices "
+        f"Mode **{r['mode']}**, base `{model_name(s)}`: {s['raters']} raters ({len(s['adversary_indices'])} "
+        f"adversarial: indices "
         f"{s['adversary_indices']}), {s['rounds']} round(s) of {s['votes_per_round']} votes, each pool pair shown to "
         f"{s['ratings_per_pair']} raters, rater noise {s['noise']}, median time to vote {s['median_vote_ms']:.0f} ms, "
         f"adversaries say both_bad below {s.get('adversary_both_bad_below', 0.3)}; "

@@ -8,15 +8,17 @@ poisoning arms run end to end; the doc renders from the results.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
-from bench import poisoning
+from bench import poisoning, reliability_render
 from bench.reliability_http import LoadSettings, run
 from bench.reliability_render import load_ok, render, training_data
 from bench.reliability_server import with_loop_overrides
 from jobs.runtime import ArenaConfig
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY_ROUND = {"max_steps": 2, "shapes_probes": 2, "probe_seeds": 1}
 
 
@@ -81,3 +83,12 @@ def test_training_data_line_counts_what_reached_the_trainer_per_arm() -> None:
     assert "poisoned arm trained on 27 adversarial pairs of 130, the defended arm on 1 of 103" in line
     assert "kept 102 honest pairs where the clean arm had 130" in line
     assert training_data({"arms": {"defended": r["arms"]["defended"]}}) == []  # needs all three arms
+
+
+def test_poisoning_base_model_is_a_setting_named_in_the_doc(tmp_path) -> None:
+    s = poisoning.PoisonSettings(model=str(tmp_path / "headroom-base"))
+    config = poisoning.arm_config("defended", s, tmp_path / "data")
+    assert config.model == config.loop.model == str(tmp_path / "headroom-base")  # serves and trains the same base
+    assert poisoning.PoisonSettings().model == str(ROOT / "models" / "shapes-tiny")
+    assert reliability_render.model_name({"model": str(ROOT / "runs" / "x")}) == "runs/x"
+    assert reliability_render.model_name({}) == "models/shapes-tiny"  # results from before the setting existed
