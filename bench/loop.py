@@ -83,13 +83,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--model", default=str(SHAPES_MODEL))
     p.add_argument("--data-dir", type=Path, default=None)
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "loop.json")
+    p.add_argument("--out", type=Path, default=None, help="result JSON (default docs/benchmarks/loop[_NAME].json)")
+    p.add_argument("--name", default="", help="another base: its own section `loop-NAME`, plot and JSON")
     p.add_argument("--render", type=Path, help="only rewrite the plot and the doc section from this result file")
     args = p.parse_args(argv)
+    stem = "loop" + (f"_{args.name}" if args.name else "")
+    args.out = args.out or ROOT / "docs" / "benchmarks" / f"{stem}.json"
     if args.render:
-        result = json.loads(args.render.read_text())
-        plot(result, ROOT / "docs" / "loop.png")
-        write_section(ROOT / "docs" / "BENCHMARKS.md", "loop", markdown(result))
+        publish(json.loads(args.render.read_text()), stem)
         return
     torch.set_num_threads(1)
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="ncp-loop-"))
@@ -165,8 +166,13 @@ def main(argv: list[str] | None = None) -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, default=str))
-    plot(result, ROOT / "docs" / "loop.png")
-    write_section(ROOT / "docs" / "BENCHMARKS.md", "loop", markdown(result))
+    publish(result, stem)
+
+
+def publish(result: dict, stem: str) -> None:
+    """Plot and BENCHMARKS.md section (`loop`, or `loop-NAME` for another base)."""
+    plot(result, ROOT / "docs" / f"{stem}.png")
+    write_section(ROOT / "docs" / "BENCHMARKS.md", stem.replace("_", "-"), markdown(result, stem))
 
 
 def plot(result: dict, path: Path) -> None:
@@ -198,10 +204,21 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def markdown(result: dict) -> str:
+def markdown(result: dict, stem: str = "loop") -> str:
+    model = result["config"].get("model", "")
+    shipped = stem == "loop"
     lines = [
-        "## The live loop (`python -m bench.loop`)",
+        "## The live loop (`python -m bench.loop`)" if shipped else f"## The live loop on `{model}`",
         "",
+        *(
+            []
+            if shipped
+            else [
+                f"Rerun: `python -m bench.loop --model {model} --name {stem[5:]}` (how that base is "
+                f"built: section `alignment-sweep-{stem[5:]}`).",
+                "",
+            ]
+        ),  # fmt: skip
         f"Shapes world, {result['config']['raters']} simulated raters over HTTP, "
         f"{result['raters'].get('votes', 0)} votes in {result['wall_s'] / 60:.1f} min on this 2-core CPU; "
         f"{result['config']['objective']} in {result['config']['space']} space, "
@@ -224,7 +241,7 @@ def markdown(result: dict) -> str:
         lines.append(
             f"| {r['version']} | {r['rating']:.0f} | {r['ci_low']:.0f}..{r['ci_high']:.0f} | {r['votes']} | {wr} |"
         )
-    lines += ["", "![loop](loop.png)", "", *goals(result)]
+    lines += ["", f"![loop]({stem}.png)", "", *goals(result)]
     return "\n".join(lines)
 
 

@@ -36,3 +36,12 @@ def test_round_time_goal_reads_the_longest_round() -> None:
     assert quick.endswith("met (longest 299 s).") and "not met (longest 301 s)" in slow
     text = loop.markdown(result([rnd("promoted", 300, 0.02, version="v0001")]))
     assert "| 1 | promoted | v0001 | 170 |" in text and "**Goals (generated).**" in text
+
+
+def test_another_base_gets_its_own_section_and_rerun_line() -> None:
+    res = result([rnd("promoted", 300, 0.02, version="v0001")])
+    res["config"]["model"] = "runs/shapes-headroom"
+    text = loop.markdown(res, "loop_headroom")
+    assert text.startswith("## The live loop on `runs/shapes-headroom`")
+    assert "`python -m bench.loop --model runs/shapes-headroom --name headroom`" in text
+    assert "![loop](loop_headroom.png)" in text and "![loop](loop.png)" in loop.markdown(res)
