@@ -268,7 +268,7 @@ def goals(result: dict) -> list[str]:
         f"- Served judge at least {GAIN_GOAL:+.2f} above the base within {WITHIN_S / 60:.0f} min, 95% CI above zero: "
         + ("met" if met else "not met")
         + f" ({gain}). What the model's own samples allow, and what reaching "
-        "+0.10 would need: section `best-of-n` below.",
+        "+0.10 would need: section `best-of-n`.",
     ]
 
 
