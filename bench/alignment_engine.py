@@ -41,7 +41,7 @@ DATA_IMAGE_SEED = 10_000_000  # image j of training prompt i: DATA_IMAGE_SEED + 
 TWO_OBJECT_PROB = 0.3
 TIE_MARGIN = 0.01  # judge differences up to this are ties (dropped, as the reference DPO code drops ties)
 CPO_LAMBDA = 1.0  # weight of the chosen-image error in cpo (paper eq. 9-11)
-LORA_RANK = LORA_ALPHA = 8  # the deployment's (jobs/loop.py LoopConfig)
+LORA_RANK = 8  # = alpha, the deployment's (jobs/loop.py LoopConfig)
 TARGETS = {
     "attn": ("to_q", "to_k", "to_v", "to_out.0"),
     "attn+conv": ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"),
@@ -291,10 +291,8 @@ class Bench:
             rec: dict[str, Any] = {"judge": math.nan, "win_rate": math.nan, "missing": True}
         else:
             weights = torch.load(self.work / ckpt["path"], map_location="cpu", weights_only=True)
-            shape = (
-                spec.targets,
-                spec.rank,
-            )  # one LoRA UNet per target set and rank; a checkpoint holds all its weights
+            # One LoRA UNet per target set and rank; a checkpoint holds all its weights.
+            shape = (spec.targets, spec.rank)
             if shape not in self.eval_unets:
                 self.eval_unets[shape] = self._unet(spec).eval()
             params = dict(self.eval_unets[shape].named_parameters())

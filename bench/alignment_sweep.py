@@ -21,6 +21,7 @@ steps to CPU minutes with the CPU step times measured by `bench/alignment.py` (d
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import shutil
@@ -244,7 +245,7 @@ def merge(paths: list[Path]) -> dict[str, Any]:
         diff = [k for k in same if str(r["settings"].get(k)) != str(first["settings"].get(k))]
         if diff or r["data"] != first["data"] or r["base_val"]["judge"] != first["base_val"]["judge"]:
             raise ValueError(f"Cannot merge sweeps that differ in {diff or ['data or base score']}; rerun them alike.")
-    out = json.loads(json.dumps(first))
+    out = copy.deepcopy(first)
     # The configs each run finished (a run cut short lists fewer than it was given), as indices into CONFIGS.
     done = [",".join(str(_index(r["config"])) for r in res["runs"].values()) for res in results]
     out["merged_from"] = [
@@ -258,10 +259,12 @@ def merge(paths: list[Path]) -> dict[str, Any]:
     return out
 
 
-def _provenance(s: dict[str, Any], name: str) -> tuple[Path, bool, str]:
+def _provenance(s: dict[str, Any], name: str) -> tuple[str, bool, str]:
     """The model folder relative to the repo, whether it is the shipped model, and the command that reruns the sweep."""
     model = Path(s["model"]).resolve()
-    rel = model.relative_to(ROOT) if model.is_relative_to(ROOT) else model
+    from bench.docs import repo_path
+
+    rel = repo_path(model)
     flags = (f"--device {s['device']} --model {rel} --pairs {s['pairs']} --val {s['val']} --steps {s['steps']} "
              f"--checkpoints {s['checkpoints']} --workers {s['workers']}")  # fmt: skip
     flags += f" --configs {s['configs']}" if s.get("configs") else ""
@@ -316,10 +319,12 @@ def _capacity(res: dict[str, Any], base: float) -> list[str]:
     ]
     if not pairs:
         return []
-    best = lambda r: max(j for _, j in r["curve"])  # noqa: E731
-    last = lambda r: r["curve"][-1][1]  # noqa: E731
-    parts = [f"{r['config'][1]}-{r['config'][0]} with {lora(r['config'])}: best {best(r) - base:+.3f}, last "
-             f"{last(r) - base:+.3f} (attn r8: {best(n) - base:+.3f}, {last(n) - base:+.3f})" for r, n in pairs]  # fmt: skip
+
+    def gains(r: dict[str, Any], best: str = "best ", last: str = "last ") -> str:  # best and last validation gain
+        return f"{best}{max(j for _, j in r['curve']) - base:+.3f}, {last}{r['curve'][-1][1] - base:+.3f}"
+
+    parts = [f"{r['config'][1]}-{r['config'][0]} with {lora(r['config'])}: {gains(r)} (attn r8: {gains(n, '', '')})"
+             for r, n in pairs]  # fmt: skip
     return ["- Wider LoRA against attention-only rank 8 (same method, lr and beta; gains vs base, best and last): "
             + "; ".join(parts) + "."]  # fmt: skip
 

@@ -43,7 +43,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import numpy as np  # noqa: E402
 
-from bench.docs import write_section  # noqa: E402
+from bench.docs import repo_path, write_section  # noqa: E402
 from ncp.shapes.judge import ATTRIBUTE_WEIGHT  # noqa: E402 - overall = 0.8 * mean attribute score + 0.2 * cleanliness
 
 GOAL = 0.10  # the live loop's goal (judge gain over the base on the probe set)
@@ -196,14 +196,12 @@ def plot(results: list[dict], path: Path) -> None:
 
 
 def sweep_best(docs: Path, model: str) -> float | None:
-    """The best validation gain the alignment sweep measured for this model, if its JSON is in docs/benchmarks."""
-    name = "alignment_sweep.json" if Path(model).name == "shapes-tiny" else f"alignment_sweep_{Path(model).name}.json"
-    f = docs / "benchmarks" / name.replace("shapes-headroom", "headroom")
-    if not f.is_file():
-        return None
-    d = json.loads(f.read_text())
-    best = max((judge for r in d["runs"].values() for _, judge in r["curve"]), default=None)
-    return None if best is None else best - d["base_val"]["judge"]
+    """The best validation gain an alignment sweep published in docs/benchmarks measured on this model, if any."""
+    for f in sorted((docs / "benchmarks").glob("alignment_sweep*.json")):
+        d = json.loads(f.read_text())
+        if repo_path(d["settings"]["model"]) == repo_path(model) and d["runs"]:
+            return max(judge for r in d["runs"].values() for _, judge in r["curve"]) - d["base_val"]["judge"]
+    return None
 
 
 def kl_for_gain(result: dict, gain: float) -> float:
@@ -315,12 +313,12 @@ def main() -> None:
     models = args.model or [str(ROOT / "models" / "shapes-tiny")]
     if args.n < 2:
         p.error("--n must be at least 2 (pairs need two samples per prompt)")
-    models = [os.path.relpath(m, ROOT) if Path(m).is_absolute() and ROOT in Path(m).parents else m for m in models]
+    paths = [Path(m).resolve() for m in models]
+    models = [repo_path(m) for m in paths]
     command = "python bench/best_of_n.py " + " ".join(f"--model {m}" for m in models)
     command += f" --prompts {args.prompts} --n {args.n}"
     with ProcessPoolExecutor(max_workers=len(models), mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(sample_scores, str(ROOT / m if not Path(m).is_absolute() else m), args.prompts,
-                               args.n, args.batch) for m in models]  # fmt: skip
+        futures = [pool.submit(sample_scores, str(m), args.prompts, args.n, args.batch) for m in paths]
         raw = [f.result() for f in futures]
     for r, m in zip(raw, models, strict=True):
         r["model"] = m

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
 HEADER = "# Benchmarks\n\nEvery figure below comes from a script in `bench/` that anyone can rerun.\n"
 
 
@@ -21,3 +22,9 @@ def write_section(path: Path, name: str, markdown: str) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def repo_path(path: str | Path) -> str:
+    """`path` relative to the repository when it lies inside it (as docs and rerun commands name models), else absolute."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(resolved)

@@ -205,20 +205,13 @@ def plot(result: dict, path: Path) -> None:
 
 
 def markdown(result: dict, stem: str = "loop") -> str:
-    model = result["config"].get("model", "")
-    shipped = stem == "loop"
+    model, name = result["config"].get("model", ""), stem.removeprefix("loop").lstrip("_")
+    head = ["## The live loop (`python -m bench.loop`)", ""]
+    if name:  # another base: name it, and say how to rebuild it and rerun
+        head = [f"## The live loop on `{model}`", "", f"Rerun: `python -m bench.loop --model {model} --name {name}` "
+                f"(how that base is built: section `alignment-sweep-{name}`).", ""]  # fmt: skip
     lines = [
-        "## The live loop (`python -m bench.loop`)" if shipped else f"## The live loop on `{model}`",
-        "",
-        *(
-            []
-            if shipped
-            else [
-                f"Rerun: `python -m bench.loop --model {model} --name {stem[5:]}` (how that base is "
-                f"built: section `alignment-sweep-{stem[5:]}`).",
-                "",
-            ]
-        ),  # fmt: skip
+        *head,
         f"Shapes world, {result['config']['raters']} simulated raters over HTTP, "
         f"{result['raters'].get('votes', 0)} votes in {result['wall_s'] / 60:.1f} min on this 2-core CPU; "
         f"{result['config']['objective']} in {result['config']['space']} space, "

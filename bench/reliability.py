@@ -38,7 +38,13 @@ from jobs.registry import file_sha256
 from jobs.runtime import SHAPES_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPES_UNET = SHAPES_MODEL / "unet" / "diffusion_pytorch_model.safetensors"
+
+
+def unet_file(model: Path) -> Path:
+    return model / "unet" / "diffusion_pytorch_model.safetensors"
+
+
+SHAPES_UNET = unet_file(SHAPES_MODEL)
 PARTS = ("load", "crash", "bad_input", "poisoning")
 QUICK_LOOP = {"max_steps": 10, "shapes_probes": 4, "probe_seeds": 1}  # a round of about a minute here
 
@@ -99,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
             logging.info("reliability part %s (%s)", part, "quick" if args.quick else "full")
             result["parts"][part] = run_part(part, args.quick, work, args.model)
             result["parts"][part]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-            unet = args.model / "unet" / "diffusion_pytorch_model.safetensors" if part == "poisoning" else SHAPES_UNET
+            unet = unet_file(args.model) if part == "poisoning" else SHAPES_UNET  # only poisoning takes --model
             result["parts"][part]["shapes_unet_sha256"] = file_sha256(unet)[:16]  # which shapes model ran
             result["machine"] = f"{platform.machine()} CPU, {torch.get_num_threads()} torch thread(s) here"
             args.out.parent.mkdir(parents=True, exist_ok=True)

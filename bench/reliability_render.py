@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bench.docs import ROOT, repo_path
 from bench.reliability_http import LoadSettings, server_env
 from jobs.abuse import AbuseConfig
-
-ROOT = Path(__file__).resolve().parents[1]
 
 LOAD_GOAL = (
     "32 clients x 300 votes, hot-swap every 10 s, a training round: 0 failed requests, 0 lost or duplicated acks"
@@ -185,8 +184,7 @@ def bad_input_section(r: dict) -> list[str]:
 
 def model_name(settings: dict) -> str:
     """The poisoning base, relative to the repo when inside it (runs before `--model` existed used the shipped one)."""
-    model = Path(settings.get("model", ROOT / "models" / "shapes-tiny")).resolve()
-    return str(model.relative_to(ROOT)) if model.is_relative_to(ROOT) else str(model)
+    return repo_path(settings.get("model", ROOT / "models" / "shapes-tiny"))
 
 
 def poisoning_section(r: dict) -> list[str]:
