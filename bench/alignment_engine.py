@@ -29,7 +29,7 @@ from tqdm import tqdm
 from ncp.adapters import LoraSettings, add_lora, lora_parameters
 from ncp.data import PairBatch, collate_pairs, encode_pairs, load_pairs
 from ncp.evaluate import PROBE_SEED
-from ncp.pipelines import encode_prompts, load_pipeline
+from ncp.pipelines import encode_prompts, load_pipeline, uncond_conditioning
 from ncp.shapes.grammar import probe_prompts
 from ncp.shapes.judge import ATTRIBUTES, score
 from ncp.shapes.model import DEFAULT_GUIDANCE, DEFAULT_STEPS, IMAGE_SIZE
@@ -93,6 +93,9 @@ class RunSpec:
     include_mid: bool = False
     targets: str = "attn"
     rank: int = LORA_RANK  # LoRA rank = alpha (the deployment's unless a sweep config asks for another)
+    anchor: float = 0.0  # DPO-Positive lambda (ncp.objectives; 0 = plain DPO)
+    draws: int = 1  # (t, eps) draws per pair per step
+    uncond: float = 0.0  # weight holding the empty-prompt prediction at the reference's (ncp.trainer.uncond_drift)
 
     @property
     def method(self) -> str:
@@ -103,14 +106,15 @@ class RunSpec:
         beta = "-" if self.beta is None else f"{self.beta:g}"
         return (f"{self.method}|lr={self.lr:g}|beta={beta}|seed={self.seed}|data={self.data}"
                 f"|mid={int(self.include_mid)}|lora={self.targets}"
-                + ("" if self.rank == LORA_RANK else f"|r={self.rank}"))  # fmt: skip
+                + ("" if self.rank == LORA_RANK else f"|r={self.rank}")
+                + (f"|anchor={self.anchor:g}" if self.anchor else "") + (f"|draws={self.draws}" if self.draws > 1 else "") + (f"|uncond={self.uncond:g}" if self.uncond else ""))  # fmt: skip
 
     def config(self, budget: Budget) -> TrainConfig:
         return TrainConfig(
             objective=self.objective, space=self.space, beta=self.beta or 1.0, lr=self.lr, seed=self.seed,
             sft_weight=CPO_LAMBDA if self.objective == "cpo" else 0.0, batch_size=budget.batch,
             max_steps=budget.steps, lora_rank=self.rank, lora_alpha=self.rank, lora_targets=TARGETS[self.targets],
-            include_mid=self.include_mid,
+            include_mid=self.include_mid, dpo_anchor=self.anchor, noise_draws=self.draws, uncond_weight=self.uncond,
         )  # fmt: skip
 
 
@@ -127,6 +131,7 @@ class Bench:
         self.pipe.set_progress_bar_config(disable=True)
         self.base_unet = self.pipe.unet.requires_grad_(False)
         self.scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
+        self.uncond = uncond_conditioning(self.pipe)  # for runs that hold the empty-prompt branch (RunSpec.uncond)
         self.state_path = work / "state.json"
         self.state: dict[str, Any] = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
         test = probe_prompts(budget.test_prompts, seed=PROBE_SEED, two_object_prob=TWO_OBJECT_PROB)
@@ -250,9 +255,8 @@ class Bench:
                 gen = torch.Generator().manual_seed(spec.seed * 1_000_003 + step)
                 mem0 = _mem_begin(self.device) if step == 1 else 0.0
                 t0, c0 = time.perf_counter(), time.process_time()
-                out = pair_loss(
-                    unet, self.scheduler, batch, encode_prompts(self.pipe, list(batch.prompts)), cfg, gen, sdxl=False
-                )
+                cond = encode_prompts(self.pipe, list(batch.prompts))
+                out = pair_loss(unet, self.scheduler, batch, cond, cfg, gen, sdxl=False, uncond=self.uncond)
                 peak = _mem_now(self.device) if step == 1 else 0.0
                 if not math.isfinite(out.metrics["loss"]):
                     rec["diverged_at"] = step

@@ -5,7 +5,10 @@ UNet encoder, eq. 12-17) is decided by `ncp.perception.per_sample_errors`; this 
 of per-sample errors into a loss, so the six methods are `OBJECTIVES x SPACES`:
 
     dpo  (Diffusion-DPO, Wallace et al. eq. 14 / paper eq. 8; ncp-dpo eq. 18)
-         loss = mean_pairs -logsigmoid(-0.5 * beta * ((Lc - Lrc) - (Lr - Lrr)))
+         loss = mean_pairs -logsigmoid(-0.5 * beta * ((Lc - Lrc) - (Lr - Lrr) + anchor * relu(Lc - Lrc)))
+         anchor > 0 is DPO-Positive (Pal et al. 2024, "Smaug", eq. 3): DPO alone can lower its loss by making BOTH
+         images less likely (both errors rise, samples degrade); the hinge charges any rise of the chosen image's
+         error above the reference's. anchor = 0 (default) is plain DPO.
     cpo  (Diffusion-CPO, paper eq. 9-11; ncp-cpo eq. 19)
          loss = mean_pairs -logsigmoid(-beta * (Lc - Lr)) + sft_weight * mean(Lc)
     sft  loss = mean(Lc)
@@ -74,6 +77,7 @@ def preference_loss(
     *,
     beta: float,
     sft_weight: float = 0.0,
+    anchor: float = 0.0,
 ) -> PreferenceLoss:
     """Loss and metrics of `objective` from per-sample errors of shape (B,), one entry per preference pair.
 
@@ -81,7 +85,8 @@ def preference_loss(
     ref_chosen_err / ref_rejected_err: the same for the reference (adapters disabled); required by `dpo` only and
     expected without gradient. rejected_err may be None for `sft` only (its preference metrics are then NaN).
     beta: strength of the implicit KL constraint (> 0; ignored by `sft`). sft_weight: the paper's lambda, the weight of
-    the chosen-image error added to `cpo` (>= 0).
+    the chosen-image error added to `cpo` (>= 0). anchor: `dpo` only, the DPO-Positive weight lambda of the hinge on
+    the chosen image's error rising above the reference's (>= 0; 0 = plain DPO).
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"Unknown objective {objective!r}; allowed: {', '.join(OBJECTIVES)}.")
@@ -89,6 +94,14 @@ def preference_loss(
         raise ValueError(f"beta must be a finite number > 0, got {beta!r} (METHOD.md: 5000 for latent DPO).")
     if not (isinstance(sft_weight, int | float) and math.isfinite(sft_weight) and sft_weight >= 0):
         raise ValueError(f"sft_weight must be a finite number >= 0, got {sft_weight!r}.")
+    if not (isinstance(anchor, int | float) and math.isfinite(anchor) and anchor >= 0):
+        raise ValueError(
+            f"anchor must be a finite number >= 0 (DPO-Positive's lambda; 0 = plain DPO), got {anchor!r}."
+        )
+    if anchor and objective != "dpo":
+        raise ValueError(
+            f"anchor (DPO-Positive) only applies to objective 'dpo', got {objective!r} with anchor={anchor}."
+        )
     _check_errors("chosen_err", chosen_err)
     if rejected_err is None and objective != "sft":
         raise ValueError(f"objective {objective!r} compares two images: pass rejected_err (only 'sft' may omit it).")
@@ -107,9 +120,13 @@ def preference_loss(
         # known bug of early public ports).
         model_diff = chosen_err - rejected_err
         ref_diff = ref_chosen_err - ref_rejected_err
-        logits = -0.5 * beta * (model_diff - ref_diff)
+        # DPO-Positive (Pal et al. 2024, eq. 3 with log pi ~ -L): the hinge is zero while the chosen image is at least
+        # as likely as under the reference, so it leaves plain DPO's gradient alone until the chosen image degrades.
+        hinge = F.relu(chosen_err - ref_chosen_err) if anchor else 0.0
+        logits = -0.5 * beta * (model_diff - ref_diff + anchor * hinge)
         loss = -F.logsigmoid(logits).mean()
         margin = (ref_diff - model_diff).detach().mean().item()
+        logits = ref_diff - model_diff  # implicit accuracy ranks by the reward alone, never by the hinge
     elif objective == "cpo":
         # Paper eq. 9-11: no reference model; the SFT term keeps the chosen error itself going down.
         logits = -beta * (chosen_err - rejected_err)

@@ -166,6 +166,15 @@ def encode_prompts(pipe: DiffusionPipeline, prompts: list[str]) -> Conditioning:
     return Conditioning(embeds, None)
 
 
+def uncond_conditioning(pipe: DiffusionPipeline) -> Conditioning:
+    """The conditioning classifier-free guidance samples against for a missing negative prompt, batch 1: zeros where
+    an SDXL pipeline sets `force_zeros_for_empty_prompt` (its default), else the empty prompt's embeddings."""
+    cond = encode_prompts(pipe, [""])
+    if is_sdxl(pipe) and pipe.config.get("force_zeros_for_empty_prompt", False):
+        return Conditioning(torch.zeros_like(cond.encoder_hidden_states), torch.zeros_like(cond.pooled))
+    return cond
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Tiny random pipelines (tests, benchmarks): stock diffusers classes, so every code path of the real models runs.
 

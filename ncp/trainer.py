@@ -47,8 +47,8 @@ from ncp.adapters import (
 from ncp.checkpoints import ProgressLog, atomic_dir, finite_json, load_checkpoint, resume_path, save_checkpoint
 from ncp.data import LatentCache, PairBatch, PreferenceDataset, collate_pairs, encode_pairs, load_pairs
 from ncp.objectives import PreferenceLoss, preference_loss
-from ncp.perception import per_sample_errors
-from ncp.pipelines import Conditioning, encode_prompts, is_sdxl, load_pipeline, sdxl_time_ids
+from ncp.perception import noisy_latents, per_sample_errors
+from ncp.pipelines import Conditioning, encode_prompts, is_sdxl, load_pipeline, sdxl_time_ids, uncond_conditioning
 
 logger = logging.getLogger(__name__)
 METRIC_KEYS = ("loss", "implicit_acc", "reward_margin", "chosen_err", "rejected_err")
@@ -68,6 +68,17 @@ class TrainConfig:
     space: Literal["latent", "ncp"] = _opt("ncp", "where errors are measured: latent eps-MSE or NCP encoder features")
     beta: float = _opt(5000.0, "KL strength beta (dpo/cpo); NCP errors are ~c_t^2 smaller, see METHOD.md")
     sft_weight: float = _opt(0.0, "cpo only: weight lambda of the chosen-image error (paper eq. 9-11)")
+    dpo_anchor: float = _opt(
+        0.0,
+        "dpo only: DPO-Positive lambda, a hinge on the chosen error rising above the "
+        "reference's (Pal et al. 2024); 0 = plain DPO",
+    )
+    uncond_weight: float = _opt(
+        0.0,
+        "weight of keeping the UNet's empty-prompt prediction at the reference's (eps MSE): classifier-free guidance "
+        "then amplifies only the prompt-specific change; 0 = off",
+    )
+    noise_draws: int = _opt(1, "(t, eps) draws per pair per step, averaged inside the loss: less variance, K x cost")
     lr: float = _opt(1e-5, "AdamW learning rate (constant after warm-up)")
     lr_warmup_steps: int = _opt(0, "linear learning-rate warm-up, in optimizer steps")
     weight_decay: float = _opt(1e-2, "AdamW weight decay (paper: 1e-2)")
@@ -105,6 +116,9 @@ class TrainConfig:
         checks = {
             "beta": self.beta > 0 and math.isfinite(self.beta),
             "sft_weight": self.sft_weight >= 0 and math.isfinite(self.sft_weight),
+            "dpo_anchor": self.dpo_anchor >= 0 and math.isfinite(self.dpo_anchor),
+            "noise_draws": self.noise_draws >= 1,
+            "uncond_weight": self.uncond_weight >= 0 and math.isfinite(self.uncond_weight),
             "lr": self.lr > 0 and math.isfinite(self.lr),
             "max_grad_norm": self.max_grad_norm > 0,
             "weight_decay": self.weight_decay >= 0,
@@ -121,6 +135,10 @@ class TrainConfig:
             if not ok:
                 hint = TrainConfig.__dataclass_fields__[name].metadata["help"]
                 raise ValueError(f"{name}={getattr(self, name)!r} is out of range ({hint}).")
+        if self.dpo_anchor and self.objective != "dpo":
+            raise ValueError(
+                f"dpo_anchor={self.dpo_anchor} needs objective 'dpo' (DPO-Positive), not {self.objective!r}."
+            )
         self.lora_settings()  # validates rank, alpha and targets with LoraSettings' own errors
         if self.adam_8bit and importlib.util.find_spec("bitsandbytes") is None:
             raise ValueError(
@@ -174,17 +192,28 @@ def pair_loss(
     generator: torch.Generator,
     *,
     sdxl: bool,
+    uncond: Conditioning | None = None,
 ) -> PreferenceLoss:
-    """The loss of one micro-batch of B pairs: errors of the 2B images [chosen; rejected], then the objective."""
+    """The loss of one micro-batch of B pairs: errors of the 2B images [chosen; rejected], then the objective.
+
+    With `noise_draws` K > 1 every pair is noised K times (K B rows per side) and its errors are averaged over the
+    draws BEFORE the objective: a lower-variance estimate of the expectation over (t, eps) that eq. 8 takes inside
+    the sigmoid (Jensen moves it outside only to allow one draw)."""
     device = next(unwrap_unet(unet).parameters()).device
     b, shape = batch.chosen.shape[0], batch.chosen.shape[1:]
-    # ONE timestep, noise and variance noise per pair, shared by its chosen and rejected image (METHOD.md).
-    noise = torch.randn((b, *shape), generator=generator).repeat(2, 1, 1, 1).to(device)
-    steps = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).repeat(2).to(device)
-    z = torch.randn((b, *shape), generator=generator).repeat(2, 1, 1, 1).to(device) if config.space == "ncp" else None
-    latents = torch.cat([batch.chosen, batch.rejected]).to(device)  # (2B, C, h, w)
-    cond2 = cond.repeat(2)
-    added = cond2.added_cond_kwargs(batch.time_ids.repeat(2, 1)) if sdxl else None
+    k = config.noise_draws
+    # ONE timestep, noise and variance noise per pair and draw, shared by its chosen and rejected image (METHOD.md).
+    noise = torch.randn((k * b, *shape), generator=generator).repeat(2, 1, 1, 1).to(device)
+    steps = torch.randint(0, scheduler.config.num_train_timesteps, (k * b,), generator=generator).repeat(2).to(device)
+    z = (
+        torch.randn((k * b, *shape), generator=generator).repeat(2, 1, 1, 1).to(device)
+        if config.space == "ncp"
+        else None
+    )
+    reps = (k, 1, 1, 1)
+    latents = torch.cat([batch.chosen.repeat(reps), batch.rejected.repeat(reps)]).to(device)  # (2KB, C, h, w)
+    cond2 = cond.repeat(2 * k)
+    added = cond2.added_cond_kwargs(batch.time_ids.repeat(2 * k, 1)) if sdxl else None
     errors = per_sample_errors(
         unet,
         scheduler,
@@ -198,9 +227,51 @@ def pair_loss(
         normalize=config.normalize,
         variance_noise=z,
     )
-    chosen, rejected = errors.policy.chunk(2)
-    ref = (None, None) if errors.reference is None else errors.reference.chunk(2)
-    return preference_loss(config.objective, chosen, rejected, *ref, beta=config.beta, sft_weight=config.sft_weight)
+
+    def per_pair(err: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (2KB,) -> chosen, rejected: (B,) each
+        return tuple(half.view(k, b).mean(0) for half in err.chunk(2))
+
+    chosen, rejected = per_pair(errors.policy)
+    ref = (None, None) if errors.reference is None else per_pair(errors.reference)
+    out = preference_loss(
+        config.objective, chosen, rejected, *ref, beta=config.beta, sft_weight=config.sft_weight,
+        anchor=config.dpo_anchor,
+    )  # fmt: skip
+    if not config.uncond_weight:
+        return out
+    if uncond is None:
+        raise ValueError(
+            "uncond_weight > 0 needs the empty prompt's conditioning: pass uncond=encode_prompts(pipe, [''])."
+        )
+    drift = uncond_drift(unet, scheduler, latents[:b], noise[:b], steps[:b], uncond, batch.time_ids, sdxl=sdxl)
+    return PreferenceLoss(out.loss + config.uncond_weight * drift, {**out.metrics, "uncond_drift": drift.item()})
+
+
+def uncond_drift(
+    unet: torch.nn.Module,
+    scheduler: DDPMScheduler,
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    steps: torch.Tensor,
+    uncond: Conditioning,
+    time_ids: torch.Tensor,
+    *,
+    sdxl: bool,
+) -> torch.Tensor:
+    """Mean squared difference of the policy's and the reference's empty-prompt eps on the pairs' noisy latents.
+
+    The preference objectives train the conditional prediction only, but the LoRA also moves the unconditional one,
+    never checked, and classifier-free guidance at scale g samples with (1 - g) eps(empty) + g eps(prompt): an
+    untrained drift of the empty-prompt branch enters g - 1 times over. Holding that branch at the reference leaves
+    the change prompt-specific, which guidance amplifies instead."""
+    b = latents.shape[0]
+    x_t = noisy_latents(scheduler, latents, noise, steps)
+    cond = uncond.repeat(b).to(latents.device)
+    added = cond.added_cond_kwargs(time_ids.to(latents.device)) if sdxl else None
+    eps = unet(x_t, steps, cond.encoder_hidden_states, added_cond_kwargs=added).sample
+    with torch.no_grad(), reference_mode(unet):
+        eps_ref = unwrap_unet(unet)(x_t, steps, cond.encoder_hidden_states, added_cond_kwargs=added).sample
+    return (eps.float() - eps_ref.float()).pow(2).mean()
 
 
 @torch.no_grad()
@@ -314,6 +385,7 @@ def train(
         # DDP (several processes) wraps the UNet; perception unwraps it for the encoder (frozen reference weights).
         unet, optimizer = accelerator.prepare(unet, optimizer)
         scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        uncond = uncond_conditioning(pipe) if config.uncond_weight else None
         ckpt_dir = Path(config.checkpoint_dir or f"{out}.checkpoints")
         resumed = resume_path(config, ckpt_dir)
         if resumed is not None:
@@ -344,7 +416,7 @@ def train(
                 with accelerator.accumulate(unet):
                     cond = encode_prompts(pipe, list(batch.prompts))
                     with accelerator.autocast():
-                        result = pair_loss(unet, scheduler, batch, cond, config, generator, sdxl=sdxl)
+                        result = pair_loss(unet, scheduler, batch, cond, config, generator, sdxl=sdxl, uncond=uncond)
                     # One collective per micro-step: the metrics averaged over processes, NaN if any process has NaN.
                     values = torch.tensor([result.metrics[k] for k in METRIC_KEYS] + [0.0], dtype=torch.float64)
                     if micro == accum - 1 and config.max_seconds and time.monotonic() - started > config.max_seconds:

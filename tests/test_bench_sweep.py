@@ -93,3 +93,21 @@ def test_merge_joins_runs_of_the_same_base_and_refuses_different_data(tmp_path: 
     other.write_text(json.dumps(result([3], 60.0, val=32)))
     with pytest.raises(ValueError, match="val"):
         sweep.merge([paths[0], other])
+
+
+def test_trainer_options_are_compared_with_plain_dpo_of_the_same_settings() -> None:
+    def run(config: list, curve: list) -> dict:
+        return {"config": config, "curve": [[0, 0.6], *curve]}
+
+    res = {"runs": {
+        "plain": run(["dpo", "ncp", 1e-3, 5e5, "attn"], [[300, 0.64], [600, 0.63]]),
+        "pos": run(["dpo", "ncp", 1e-3, 5e5, "attn", 8, {"anchor": 5}], [[300, 0.62], [600, 0.61]]),
+        "wide": run(["dpo", "ncp", 1e-3, 5e5, "attn+conv", 32, {"anchor": 50, "draws": 4}], [[300, 0.5], [600, 0.55]]),
+    }}  # fmt: skip
+    (line,) = sweep._trainer_options(res, 0.6)
+    assert "ncp-dpo +pos 5 (lr 0.001, beta 500000, attn): best +0.020, last +0.010 (plain DPO: best +0.040, " in line
+    assert "ncp-dpo +pos 50 x4 draws (lr 0.001, beta 500000, attn+conv r32): best +0.000, last -0.050." in line
+    assert line.index("+pos 5 ") < line.index("+pos 50")  # best first
+    assert sweep._trainer_options({"runs": {"plain": res["runs"]["plain"]}}, 0.6) == []
+    assert sweep._capacity(res, 0.6) == []  # option runs are not read as wider-LoRA evidence
+    assert sweep.method(["dpo", "ncp", 1e-3, 5e5, "attn", 8, {"uncond": 30, "seed": 1}]) == "ncp-dpo +uncond 30 seed 1"

@@ -126,6 +126,8 @@ def test_ties_count_half_and_metrics_are_floats() -> None:
         (dict(objective="cpo", rejected=None), "pass rejected_err"),
         (dict(objective="dpo", rejected=torch.zeros(3)), "shape"),
         (dict(objective="sft", chosen=torch.zeros(2, 2)), "shape \\(B,\\)"),
+        (dict(objective="dpo", anchor=-1.0), "anchor must be"),
+        (dict(objective="cpo", anchor=5.0), "only applies to objective 'dpo'"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(kwargs: dict, message: str) -> None:
@@ -141,7 +143,26 @@ def test_bad_inputs_raise_clear_errors(kwargs: dict, message: str) -> None:
             *refs,
             beta=kwargs.get("beta", 1.0),
             sft_weight=kwargs.get("sft_weight", 0.0),
+            anchor=kwargs.get("anchor", 0.0),
         )
+
+
+def test_dpo_positive_hinge_charges_only_a_chosen_image_that_got_worse_than_the_reference() -> None:
+    ref_w, ref_l = torch.full((2,), 0.5, dtype=torch.float64), torch.full((2,), 0.5, dtype=torch.float64)
+    # Pair 0: both errors rose (the chosen by 0.1, the rejected by 0.3): plain DPO calls that progress.
+    # Pair 1: the chosen error fell: the hinge is zero there.
+    lw = torch.tensor([0.6, 0.4], dtype=torch.float64, requires_grad=True)
+    ll = torch.tensor([0.8, 0.6], dtype=torch.float64, requires_grad=True)
+    beta, lam = 10.0, 5.0
+    plain = preference_loss("dpo", lw, ll, ref_w, ref_l, beta=beta)
+    pos = preference_loss("dpo", lw, ll, ref_w, ref_l, beta=beta, anchor=lam)
+    inside = -0.5 * beta * np.array([(0.6 - 0.8) + lam * 0.1, (0.4 - 0.6) + 0.0])  # Pal et al. 2024 eq. 3, log pi ~ -L
+    assert pos.loss.item() == pytest.approx(np.mean(np.logaddexp(0.0, -inside)), abs=1e-12)
+    assert pos.loss.item() > plain.loss.item()
+    assert pos.metrics["implicit_acc"] == plain.metrics["implicit_acc"] == 1.0  # accuracy ranks by the reward only
+    pos.loss.backward()
+    assert lw.grad[0] > 0 and lw.grad[0] > -ll.grad[0]  # descent now lowers the degraded chosen error harder
+    assert lw.grad[1].item() == pytest.approx(-ll.grad[1].item())  # untouched pair: plain DPO's symmetric gradient
 
 
 # --- every objective x space on tiny SDXL and SD1.5 -----------------------------------------------------------------

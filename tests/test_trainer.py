@@ -21,10 +21,20 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from ncp.pipelines import build_tiny_sd15, build_tiny_sdxl, load_pipeline
+from ncp.adapters import LoraSettings, add_lora, lora_parameters
+from ncp.data import PairBatch
+from ncp.pipelines import (
+    build_tiny_sd15,
+    build_tiny_sdxl,
+    encode_prompts,
+    is_sdxl,
+    load_pipeline,
+    sdxl_time_ids,
+    uncond_conditioning,
+)
 from ncp.train import build_parser, config_from_args
 from ncp.train import main as cli_main
-from ncp.trainer import TrainConfig, TrainingError, batch_indices, probe_eps, train
+from ncp.trainer import TrainConfig, TrainingError, batch_indices, pair_loss, probe_eps, train
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = dict(lora_rank=4, lora_alpha=8.0, lr=1e-3, batch_size=2, beta=5000.0)  # alpha != rank: a lost alpha shows
@@ -185,11 +195,15 @@ def test_config_validation_and_generated_help() -> None:
         TrainConfig(objective="ppo")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="mixed_precision='fp8'"):
         TrainConfig(mixed_precision="fp8")  # type: ignore[arg-type]
-    for bad in (dict(beta=0.0), dict(lr=float("nan")), dict(batch_size=0), dict(resolution=30), dict(max_steps=0)):
+    bad_values = (dict(beta=0.0), dict(lr=float("nan")), dict(batch_size=0), dict(resolution=30), dict(max_steps=0),
+                  dict(noise_draws=0), dict(dpo_anchor=-1.0))  # fmt: skip
+    for bad in bad_values:
         with pytest.raises(ValueError, match="out of range"):
             TrainConfig(**bad)
     with pytest.raises(ValueError, match="rank"):
         TrainConfig(lora_rank=0)
+    with pytest.raises(ValueError, match="needs objective 'dpo'"):
+        TrainConfig(objective="sft", dpo_anchor=5.0)
     if importlib.util.find_spec("bitsandbytes") is None:
         with pytest.raises(ValueError, match="pip install bitsandbytes"):
             TrainConfig(adam_8bit=True)
@@ -226,3 +240,64 @@ def test_two_process_accelerate_launch(world: dict[str, Path]) -> None:
     m1, m2 = (json.loads((f / "metrics.json").read_text()) for f in (single, out))
     assert m1.keys() == m2.keys() and m2["num_processes"] == 2 and m2["effective_batch"] == 4
     assert m2["replicas_in_sync"] is True and m2["steps"] == 4
+
+
+def test_noise_draws_average_errors_over_draws_and_cut_the_loss_variance() -> None:
+    """K (t, eps) draws per pair: the per-pair errors are means over K draws, so their spread over random streams
+    shrinks about as 1 / sqrt(K) (here K = 8: ratio ~0.35), at K times the rows."""
+    torch.manual_seed(0)
+    pipe = build_tiny_sd15(seed=1)
+    add_lora(pipe.unet, LoraSettings(rank=4, alpha=4))
+    batch = PairBatch(("a red circle", "a blue square"), torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8),
+                      torch.zeros(2, 6))  # fmt: skip
+    cond = encode_prompts(pipe, list(batch.prompts))
+
+    def spread(k: int) -> float:
+        config = TrainConfig(objective="dpo", space="ncp", noise_draws=k, beta=5e5)
+        errs = [pair_loss(pipe.unet, pipe.scheduler, batch, cond, config, torch.Generator().manual_seed(s),
+                          sdxl=False).metrics["chosen_err"] for s in range(16)]  # fmt: skip
+        return float(np.std(errs))
+
+    one, eight = spread(1), spread(8)
+    assert 0 < eight < 0.6 * one
+
+
+@pytest.mark.parametrize("build", [build_tiny_sd15, build_tiny_sdxl], ids=["sd15", "sdxl"])
+def test_uncond_weight_adds_the_empty_prompt_drift_and_pulls_it_back(build) -> None:
+    """The term is weight x mean (eps_policy(empty) - eps_reference(empty))^2: zero at init (LoRA B = 0), positive once
+    the LoRA moved, and its gradient alone shrinks the drift."""
+    torch.manual_seed(0)
+    pipe = build(seed=1)
+    add_lora(pipe.unet, LoraSettings(rank=4, alpha=4))
+    sdxl = is_sdxl(pipe)
+    uncond = uncond_conditioning(pipe)
+    if sdxl:  # SDXL samples against zeros for an empty negative prompt (force_zeros_for_empty_prompt)
+        assert not uncond.encoder_hidden_states.any() and not uncond.pooled.any()
+    else:
+        assert torch.equal(uncond.encoder_hidden_states, encode_prompts(pipe, [""]).encoder_hidden_states)
+    ids = sdxl_time_ids((64, 64), (0, 0), (64, 64), 2) if sdxl else torch.zeros(2, 6)
+    batch = PairBatch(("a red circle", "a blue square"), torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), ids)
+    cond = encode_prompts(pipe, list(batch.prompts))
+    plain, held = TrainConfig(space="ncp", beta=5e5), TrainConfig(space="ncp", beta=5e5, uncond_weight=10.0)
+    with pytest.raises(ValueError, match="needs the empty prompt's conditioning"):
+        pair_loss(pipe.unet, pipe.scheduler, batch, cond, held, torch.Generator().manual_seed(0), sdxl=sdxl)
+
+    def losses() -> tuple:
+        a = pair_loss(pipe.unet, pipe.scheduler, batch, cond, plain, torch.Generator().manual_seed(0), sdxl=sdxl)
+        b = pair_loss(pipe.unet, pipe.scheduler, batch, cond, held, torch.Generator().manual_seed(0), sdxl=sdxl,
+                      uncond=uncond)  # fmt: skip
+        return a, b
+
+    a, b = losses()
+    assert b.metrics["uncond_drift"] == 0.0 and b.loss.item() == pytest.approx(a.loss.item())
+    params = lora_parameters(pipe.unet)
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.05 * torch.randn_like(p))
+    a, b = losses()
+    drift = b.metrics["uncond_drift"]
+    assert drift > 0 and b.loss.item() == pytest.approx(a.loss.item() + 10.0 * drift, rel=1e-5)
+    (b.loss - a.loss).backward()  # the held term alone
+    optimizer = torch.optim.SGD(params, lr=1e-2 / max(p.grad.abs().max().item() for p in params if p.grad is not None))
+    optimizer.step()
+    assert losses()[1].metrics["uncond_drift"] < drift
