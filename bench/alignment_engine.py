@@ -33,9 +33,12 @@ from ncp.pipelines import encode_prompts, load_pipeline, uncond_conditioning
 from ncp.shapes.grammar import probe_prompts
 from ncp.shapes.judge import ATTRIBUTES, score
 from ncp.shapes.model import DEFAULT_GUIDANCE, DEFAULT_STEPS, IMAGE_SIZE
-from ncp.shapes.rater import judge_preference
+from ncp.shapes.rater import SimulatedRater, judge_preference
 from ncp.trainer import TrainConfig, batch_indices, pair_loss
 
+# Who labels the training pairs: the judge's sign (default), or the loop benchmark's simulated rater (bench/raters.py:
+# logistic choice at temperature 0.05, both_bad when both images score under 0.3), to compare the two on one set.
+LABELS: dict[str, SimulatedRater | None] = {"judge": None, "rater": SimulatedRater(noise=0.05, seed=11)}
 DATA_SEED = 4242  # training/validation prompts; the test probes use ncp.evaluate.PROBE_SEED
 DATA_IMAGE_SEED = 10_000_000  # image j of training prompt i: DATA_IMAGE_SEED + 3 i + j (disjoint from probe seeds)
 TWO_OBJECT_PROB = 0.3
@@ -121,8 +124,12 @@ class RunSpec:
 class Bench:
     """The loaded model, data and probe sets, and the resumable state (`work/state.json`)."""
 
-    def __init__(self, mode: str, budget: Budget, grid: dict, work: Path, model: Path, device: str) -> None:
-        self.mode, self.b, self.work, self.device = mode, budget, work, device
+    def __init__(
+        self, mode: str, budget: Budget, grid: dict, work: Path, model: Path, device: str, labels: str = "judge"
+    ) -> None:
+        if labels not in LABELS:
+            raise ValueError(f"labels must be one of {sorted(LABELS)}, got {labels!r}.")
+        self.mode, self.b, self.work, self.device, self.labels = mode, budget, work, device, labels
         self.grid = grid  # (objective, space) -> [(lr, beta)]
         self.checkpoints = sorted(
             {round(budget.steps * k / budget.checkpoints) for k in range(1, budget.checkpoints + 1)}
@@ -217,7 +224,8 @@ class Bench:
             if self.b.pool_prompts:
                 pairs["pool"] = [(i, a, b) for i in range(self.b.pool_prompts) for a, b in ((0, 1), (0, 2), (1, 2))]
             folder.mkdir(parents=True, exist_ok=True)
-            self.state["data"] = {n: _write_pairs(folder / f"{n}.parquet", rows, self.train_prompts, images)
+            rater = LABELS[self.labels]
+            self.state["data"] = {n: _write_pairs(folder / f"{n}.parquet", rows, self.train_prompts, images, rater)
                                   for n, rows in pairs.items()}  # fmt: skip
             self.save()
         sources = {"all": ("train", False), "pool-all": ("pool", False), "pool-aw": ("pool", True)}
@@ -387,12 +395,16 @@ class Bench:
         return out
 
 
-def _write_pairs(path: Path, rows: list[tuple[int, int, int]], prompts: list[str], images: list) -> dict[str, int]:
-    """Judge-labelled pairs as Pick-a-Pic v2 columns (ties written as 0.5/0.5; the loader drops them)."""
+def _write_pairs(
+    path: Path, rows: list[tuple[int, int, int]], prompts: list[str], images: list, rater: SimulatedRater | None = None
+) -> dict[str, int]:
+    """Labelled pairs as Pick-a-Pic v2 columns: by the judge's sign, or by a simulated rater's vote when `rater` is
+    given (ties and both_bad written as 0.5/0.5, which the loader drops, as the arena's export does)."""
     cols: dict[str, list] = {k: [] for k in ("caption", "jpg_0", "jpg_1", "label_0", "label_1", "score_0", "score_1")}
     for i, a, b in rows:
         winner, s0, s1 = judge_preference(prompts[i], images[i][a], images[i][b], tie_margin=TIE_MARGIN)
-        labels = {"left": (1.0, 0.0), "right": (0.0, 1.0), "tie": (0.5, 0.5)}[winner]
+        winner = winner if rater is None else rater.decide(s0, s1)
+        labels = {"left": (1.0, 0.0), "right": (0.0, 1.0)}.get(winner, (0.5, 0.5))
         for col, value in zip(
             cols, (prompts[i], _png(images[i][a]), _png(images[i][b]), *labels, s0, s1), strict=True
         ):

@@ -84,7 +84,7 @@ def _bench(args: argparse.Namespace, work: Path):  # noqa: ANN202 - heavy import
     torch.set_num_threads(args.threads)
     budget = Budget(args.pairs, 0, args.val, 8, 8, 2, steps=args.steps, checkpoints=args.checkpoints, batch=8,
                     seeds=1, ablation_seeds=0, sample_steps=args.sample_steps)  # fmt: skip
-    bench = Bench("sweep", budget, {}, work, args.model, args.device)
+    bench = Bench("sweep", budget, {}, work, args.model, args.device, labels=args.labels)
     for key in ("runs", "evals"):
         bench.state.setdefault(key, {})
     return bench
@@ -239,7 +239,7 @@ def render(path: Path, name: str = "", docs: Path = ROOT / "docs") -> None:
         "(`bench/alignment_sweep.py`)",
         "",
         *([] if shipped or not name.startswith("headroom") else [f"Base built by `{HEADROOM_RECIPE}`.", ""]),
-        f"{d.get('loaded:all', {}).get('kept', '?')} judge-labelled on-policy pairs from {s['pairs']} held-in "
+        f"{d.get('loaded:all', {}).get('kept', '?')} {_labelled(s)} on-policy pairs from {s['pairs']} held-in "
         f"prompts, {s['steps']} steps of 8 pairs, judged every {s['steps'] // s['checkpoints']} steps on "
         f"{s['val']} validation prompts x 2 seeds (never the test probes; one score's standard error is about "
         f"{_se(res['base_val']):.3f}). Base: **{base:.3f}**. Ran on "
@@ -261,6 +261,14 @@ def render(path: Path, name: str = "", docs: Path = ROOT / "docs") -> None:
     print(f"[sweep] wrote docs/benchmarks/{stem}.json, docs/{stem}.png, BENCHMARKS.md section {section}")
 
 
+def _labelled(settings: dict[str, Any]) -> str:
+    """Who labelled the pairs (`--labels`; sweeps from before the flag were judge-labelled)."""
+    if settings.get("labels", "judge") == "judge":
+        return "judge-labelled"
+    return ("rater-labelled (the loop benchmark's simulated rater: logistic choice at temperature 0.05, both_bad "
+            "under 0.3, dropped like ties)")  # fmt: skip
+
+
 def _wall(res: dict[str, Any]) -> str:
     """How long the sweep ran: one run, or each of the merged runs (`--merge`) with its configs."""
     parts = res.get("merged_from")
@@ -278,7 +286,7 @@ def merge(paths: list[Path]) -> dict[str, Any]:
     """One sweep result from several runs of the same base, pairs and validation set (e.g. configs added later)."""
     results = [json.loads(p.read_text()) for p in paths]
     first = results[0]
-    same = ("model", "device", "pairs", "val", "steps", "checkpoints", "sample_steps")
+    same = ("model", "device", "pairs", "val", "steps", "checkpoints", "sample_steps", "labels")
     for r in results[1:]:
         diff = [k for k in same if str(r["settings"].get(k)) != str(first["settings"].get(k))]
         if diff or r["data"] != first["data"] or r["base_val"]["judge"] != first["base_val"]["judge"]:
@@ -306,6 +314,7 @@ def _provenance(s: dict[str, Any], name: str) -> tuple[str, bool, str]:
     flags = (f"--device {s['device']} --model {rel} --pairs {s['pairs']} --val {s['val']} --steps {s['steps']} "
              f"--checkpoints {s['checkpoints']} --workers {s['workers']}")  # fmt: skip
     flags += f" --configs {s['configs']}" if s.get("configs") else ""
+    flags += f" --labels {s['labels']}" if s.get("labels", "judge") != "judge" else ""
     rerun = f"`python bench/alignment_sweep.py {flags} --out r.json` then `--render r.json{f' --name {name}' * bool(name)}`"
     return rel, model == (ROOT / "models" / "shapes-tiny").resolve(), rerun
 
@@ -425,6 +434,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoints", type=int, default=6)
     p.add_argument("--sample-steps", type=int, default=12)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--labels", choices=("judge", "rater"), default="judge",
+                   help="who labels the pairs: the judge's sign, or the loop benchmark's simulated rater")  # fmt: skip
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--configs", default="", help="comma-separated indices into CONFIGS (default: all, in order)")
     p.add_argument("--max-per-worker", type=int, default=len(CONFIGS))
@@ -454,7 +465,7 @@ def main(argv: list[str] | None = None) -> None:
         return None
     keep = ["--device", args.device, "--model", str(args.model), "--pairs", str(args.pairs), "--val", str(args.val),
             "--steps", str(args.steps), "--checkpoints", str(args.checkpoints), "--threads", str(args.threads),
-            "--sample-steps", str(args.sample_steps)]  # fmt: skip
+            "--sample-steps", str(args.sample_steps), "--labels", args.labels]  # fmt: skip
     args.passthrough = keep
     out = args.out or Path(tempfile.mkdtemp(prefix="ncp-sweep-out-")) / "sweep.json"
     result = run_all(args, out)

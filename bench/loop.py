@@ -51,6 +51,7 @@ def round_row(last: dict, t_start: float, votes: int) -> dict:
         "finished_at_s": time.time() - t_start,
         "votes": votes,
         "pairs": last.get("metrics", {}).get("pairs"),
+        "init": last.get("metrics", {}).get("init_adapter"),  # the weights the round started from
         "judge": cand.get("judge"),
         "base_judge": ev.get("base_judge"),
         "gain_vs_base": cand.get("judge_gain_vs_base"),
@@ -72,6 +73,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=LoopConfig().lr)
     p.add_argument("--beta", type=float, default=LoopConfig().beta)
     p.add_argument("--objective", default="dpo")
+    p.add_argument(
+        "--continue-rejected",
+        type=int,
+        default=LoopConfig().continue_rejected,
+        help="rounds in a row a rejected candidate seeds the next (0: always from the served version)",
+    )
     p.add_argument("--space", default="ncp")
     p.add_argument("--probes", type=int, default=48, help="judge probe prompts")
     p.add_argument("--probe-seeds", type=int, default=2)
@@ -103,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         lr=args.lr,
         beta=args.beta,
         objective=args.objective,
+        continue_rejected=args.continue_rejected,
         space=args.space,
         shapes_probes=args.probes,
         probe_seeds=args.probe_seeds,
@@ -208,24 +216,31 @@ def markdown(result: dict, stem: str = "loop") -> str:
     model, name = result["config"].get("model", ""), stem.removeprefix("loop").lstrip("_")
     head = ["## The live loop (`python -m bench.loop`)", ""]
     if name:  # another base: name it, and say how to rebuild it and rerun
-        head = [f"## The live loop on `{model}`", "", f"Rerun: `python -m bench.loop --model {model} --name {name}` "
+        votes = result["config"].get("votes", 2000)
+        flags = f" --votes {votes}" if votes != 2000 else ""  # the default budget needs no flag
+        head = [f"## The live loop on `{model}`", "", f"Rerun: `python -m bench.loop --model {model}{flags} --name {name}` "
                 f"(how that base is built: section `alignment-sweep-{name}`).", ""]  # fmt: skip
     lines = [
         *head,
         f"Shapes world, {result['config']['raters']} simulated raters over HTTP, "
         f"{result['raters'].get('votes', 0)} votes in {result['wall_s'] / 60:.1f} min on this 2-core CPU; "
         f"{result['config']['objective']} in {result['config']['space']} space, "
-        f"{result['config']['max_steps']} steps per round, lr {result['config']['lr']}, beta {result['config']['beta']}.",
+        f"{result['config']['max_steps']} steps per round, lr {result['config']['lr']}, beta {result['config']['beta']}"
+        + _line_text(result["config"].get("continue_rejected")),
         "",
-        "| round | status | version | round time (s) | votes so far | judge | base | gain vs base (95% CI) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| round | status | version | started from | round time (s) | votes so far | judge | base "
+        "| gain vs base (95% CI) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    chained = result["config"].get("continue_rejected")
     for i, r in enumerate(result["rounds"], 1):
+        start = r.get("init") or ("?" if chained else r.get("parent") or "?")  # unchained: from the served version
         gain = "" if r["gain_vs_base"] is None else f"{r['gain_vs_base']:+.3f} ± {r['gain_ci95']:.3f}"
         judge = "" if r["judge"] is None else f"{r['judge']:.3f}"
         base = "" if r["base_judge"] is None else f"{r['base_judge']:.3f}"
         lines.append(
-            f"| {i} | {r['status']} | {r['version'] or ''} | {r['round_s'] or 0:.0f} | {r['votes']} | "
+            f"| {i} | {r['status']} | {r['version'] or ''} | {start} | {r['round_s'] or 0:.0f} | "
+            f"{r['votes']} | "
             f"{judge} | {base} | {gain} |"
         )
     lines += ["", "| version | BT rating | 95% CI | votes | win rate vs base |", "|---|---|---|---|---|"]
@@ -236,6 +251,15 @@ def markdown(result: dict, stem: str = "loop") -> str:
         )
     lines += ["", f"![loop]({stem}.png)", "", *goals(result)]
     return "\n".join(lines)
+
+
+def _line_text(continue_rejected: int | None) -> str:
+    """How rounds chain (`LoopConfig.continue_rejected`; runs before it existed started every round from the served
+    version)."""
+    if not continue_rejected:
+        return "; every round starts from the served version."
+    return (f"; a rejected candidate seeds up to {continue_rejected} following rounds before the line restarts from the "
+            "served version.")  # fmt: skip
 
 
 ROUND_GOAL_S, GAIN_GOAL, WITHIN_S = 300.0, 0.10, 1800.0  # issue goals: round <= 5 min; +0.10 judge within 30 min

@@ -66,10 +66,17 @@ class LoopConfig:
     gate_min_eval_pairs: int = 8  # fewer held-out pairs than this: the accuracy criterion is not used
     gate_min_judge_delta: float = 0.0  # shapes: promote only if judge(candidate) - judge(serving) >= this
     keep_versions: int = 5
+    # A rejected candidate seeds the next round (more steps on more votes) up to this many rounds in a row before the
+    # line restarts from the serving version; 0 = every round starts from the serving version. The offline sweeps
+    # peak a few hundred steps in (docs/BENCHMARKS.md), more than one round trains; the gate still guards what is
+    # served.
+    continue_rejected: int = 3
 
     def __post_init__(self) -> None:
         if self.objective not in ("dpo", "cpo", "sft") or self.space not in ("latent", "ncp"):
             raise ValueError(f"objective must be dpo|cpo|sft and space latent|ncp, got {self.objective}/{self.space}.")
+        if self.continue_rejected < 0:
+            raise ValueError(f"continue_rejected must be >= 0 rounds, got {self.continue_rejected}.")
         if not 0 < self.max_rater_share <= 1:
             raise ValueError(f"max_rater_share must be in (0, 1], got {self.max_rater_share}.")
         if self.time_limit_s <= 0 or self.train_every_s <= 0:
@@ -140,6 +147,9 @@ class AlignmentLoop:
         self._round_lock = threading.Lock()
         self._stop = threading.Event()
         self._last_vote_id = self._trained_upto()
+        # The training line: (last rejected candidate's folder, the serving version it was compared with, rejected
+        # rounds in the line so far, that candidate's run id). In memory: a restart resumes from the serving version.
+        self._line: tuple[Path, str, int, int] | None = None
 
     # -- scheduling helpers -----------------------------------------------------------------------------------------
     def _trained_upto(self) -> int:
@@ -191,8 +201,11 @@ class AlignmentLoop:
         self.status.round_dir = str(round_dir)
         train_file = round_dir / "train.parquet"
         n = cap_rater_share(snap.path / "train.parquet", train_file, cfg.max_rater_share, cfg.min_pairs)
+        init, line_len = self._init_adapter(parent)
         run_id = self.store.start_training_run(
-            snap.snapshot_id, parent, config={**asdict(cfg), "trigger": trigger, "pairs": n}
+            snap.snapshot_id,
+            parent,
+            config={**asdict(cfg), "trigger": trigger, "pairs": n, "init_adapter": self._describe(init, parent)},
         )
 
         def fail(status: str, reason: str, metrics: dict | None = None) -> RoundResult:
@@ -241,8 +254,8 @@ class AlignmentLoop:
             "--no-progress-bar",
             *cfg.extra_train_args,
         ]
-        if parent != BASE:
-            cmd += ["--init-adapter", str(self.registry.info(parent).folder)]
+        if init is not None:
+            cmd += ["--init-adapter", str(init)]
 
         def poll() -> None:
             lines = read_progress(progress)
@@ -295,7 +308,8 @@ class AlignmentLoop:
         if not eres.ok:
             return fail("failed", f"evaluation / load test: {eres.reason}")
         ev = json.loads(eval_out.read_text())
-        metrics = {"train": train_metrics.get("final", {}), "eval": ev, "pairs": n, "train_seconds": res.seconds}
+        metrics = {"train": train_metrics.get("final", {}), "eval": ev, "pairs": n, "train_seconds": res.seconds,
+                   "init_adapter": self._describe(init, parent)}  # fmt: skip
 
         ok, why = self.gate(ev, parent)
         metrics["gate"] = why
@@ -303,6 +317,8 @@ class AlignmentLoop:
             self.store.register_adapter_version(
                 f"rejected-{run_id}", parent, snap.snapshot_id, metrics, status="rejected"
             )
+            if cfg.continue_rejected:
+                self._line = (cand, parent, line_len + 1, run_id)
             return fail("rejected", f"gate: {why}", metrics)
 
         # -- publish and swap -----------------------------------------------------------------------------------------
@@ -318,9 +334,29 @@ class AlignmentLoop:
         self.store.finish_training_run(run_id, "succeeded", None, metrics, adapter_version=info.version)
         self.registry.prune()
         shutil.rmtree(cand, ignore_errors=True)
+        self._line = None  # the promoted candidate is the serving version now: the next round starts from it
         return RoundResult(
             "promoted", why, run_id, info.version, parent, snap.snapshot_id, metrics, time.monotonic() - t0
         )
+
+    def _init_adapter(self, parent: str) -> tuple[Path | None, int]:
+        """Where this round's LoRA starts, and how many rejected rounds in a row that start carries: the last rejected
+        candidate while the serving version is still the one it was compared with (no promotion or rollback since) and
+        the line has seeded fewer than `continue_rejected` rounds; else the serving version's adapter (None for base)."""
+        line = self._line
+        if line is not None:
+            folder, line_parent, length, _ = line
+            if line_parent == parent and length <= self.config.continue_rejected and folder.is_dir():
+                return folder, length
+        return (None if parent == BASE else self.registry.info(parent).folder), 0
+
+    def _describe(self, init: Path | None, parent: str) -> str:
+        """Lineage of a round's starting weights, for the training run's record."""
+        if init is None:
+            return BASE
+        if self._line is not None and init == self._line[0]:
+            return f"rejected-{self._line[3]}"
+        return parent
 
     def gate(self, ev: dict, parent: str) -> tuple[bool, str]:
         """The promotion rule: held-out implicit accuracy no worse than the serving version's (by the configured

@@ -47,6 +47,11 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("NCP_RATER_SALT", "a public default: set a secret", "salt of the rater pseudonyms (HMAC)"),
     EnvVar("NCP_TRAIN_EVERY_S", str(_LOOP.train_every_s), "seconds between scheduled training rounds"),
     EnvVar("NCP_MIN_NEW_VOTES", str(_LOOP.min_new_votes), "new trainable votes needed before a round starts"),
+    EnvVar(
+        "NCP_CONTINUE_REJECTED",
+        str(_LOOP.continue_rejected),
+        "rounds in a row a rejected candidate seeds the next round (0: always restart from the served version)",
+    ),
     EnvVar("NCP_STEPS", f"{_SAMPLING.steps} (shapes model: {SHAPES_STEPS})", "diffusion steps per arena image"),
     EnvVar("NCP_GUIDANCE", str(_SAMPLING.guidance), "classifier-free guidance scale of arena images"),
     EnvVar("NCP_SCHEDULE", "1", "1: train on a timer; 0: only when an admin runs a round"),
@@ -141,6 +146,7 @@ def config_from_env(env: Mapping[str, str]) -> ArenaConfig:
         gate_min_eval_pairs=100 if shapes else _LOOP.gate_min_eval_pairs,
         train_every_s=float(env_value(env, "NCP_TRAIN_EVERY_S", float, _LOOP.train_every_s)),
         min_new_votes=int(env_value(env, "NCP_MIN_NEW_VOTES", int, _LOOP.min_new_votes)),
+        continue_rejected=int(env_value(env, "NCP_CONTINUE_REJECTED", int, _LOOP.continue_rejected)),
     )
     sampling = SamplingConfig(
         steps=int(env_value(env, "NCP_STEPS", int, SHAPES_STEPS if shapes else _SAMPLING.steps)),

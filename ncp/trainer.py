@@ -241,7 +241,7 @@ def pair_loss(
         return out
     if uncond is None:
         raise ValueError(
-            "uncond_weight > 0 needs the empty prompt's conditioning: pass uncond=encode_prompts(pipe, [''])."
+            "uncond_weight > 0 needs the empty prompt's conditioning: pass uncond=uncond_conditioning(pipe)."
         )
     drift = uncond_drift(unet, scheduler, latents[:b], noise[:b], steps[:b], uncond, batch.time_ids, sdxl=sdxl)
     return PreferenceLoss(out.loss + config.uncond_weight * drift, {**out.metrics, "uncond_drift": drift.item()})

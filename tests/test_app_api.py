@@ -224,6 +224,7 @@ def test_config_from_env_maps_every_variable(tmp_path: Path) -> None:
         "NCP_RATER_SALT": "0123456789abcdef0123",
         "NCP_TRAIN_EVERY_S": "60",
         "NCP_MIN_NEW_VOTES": "5",
+        "NCP_CONTINUE_REJECTED": "0",
         "NCP_STEPS": "7",
         "NCP_GUIDANCE": "1.5",
         "NCP_SCHEDULE": "0",
@@ -242,7 +243,7 @@ def test_config_from_env_maps_every_variable(tmp_path: Path) -> None:
     assert (cfg.hub_push.repo_id, cfg.hub_push.token, cfg.hub_push.every_s) == ("alice/prefs", "hf_x", 600.0)
     assert cfg.data_dir == tmp_path / "d" and cfg.model == str(tmp_path / "m") and cfg.loop.model == cfg.model
     assert (cfg.admin_token, cfg.admin_users, cfg.rater_salt) == ("tok", ("alice", "bob"), "0123456789abcdef0123")
-    assert (cfg.loop.train_every_s, cfg.loop.min_new_votes) == (60.0, 5)
+    assert (cfg.loop.train_every_s, cfg.loop.min_new_votes, cfg.loop.continue_rejected) == (60.0, 5, 0)
     assert (cfg.sampling.steps, cfg.sampling.guidance, cfg.schedule, cfg.prefetch) == (7, 1.5, False, 3)
     default = app.config_from_env({})
     assert default.schedule and default.admin_token is None and default.is_shapes and default.hub_push is None
@@ -257,6 +258,7 @@ def test_config_from_env_maps_every_variable(tmp_path: Path) -> None:
         ({"NCP_GENERATION_NICE": "20"}, "NCP_GENERATION_NICE"),
         ({"NCP_DEVICE": "tpu"}, "NCP_DEVICE"),
         ({"NCP_DEVICE": "cuda:first"}, "NCP_DEVICE"),
+        ({"NCP_CONTINUE_REJECTED": "-1"}, "continue_rejected"),
     ]:
         with pytest.raises(ValueError, match=match):
             app.config_from_env(bad)

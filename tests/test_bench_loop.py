@@ -35,7 +35,24 @@ def test_round_time_goal_reads_the_longest_round() -> None:
     slow = loop.goals(result([rnd("rejected", 200, 0.0, round_s=120), rnd("failed", 500, None, round_s=301)]))[1]
     assert quick.endswith("met (longest 299 s).") and "not met (longest 301 s)" in slow
     text = loop.markdown(result([rnd("promoted", 300, 0.02, version="v0001")]))
-    assert "| 1 | promoted | v0001 | 170 |" in text and "**Goals (generated).**" in text
+    assert "| 1 | promoted | v0001 | ? | 170 |" in text and "**Goals (generated).**" in text
+
+
+def test_started_from_column_follows_the_training_line() -> None:
+    rows = [rnd("rejected", 200, -0.02), rnd("promoted", 400, 0.03, version="v0001")]
+    for r, parent in zip(rows, ("base", "base"), strict=True):
+        r["parent"] = parent
+    unchained = loop.markdown(result(rows))  # a run from before the line: every round starts from the served version
+    assert (
+        "every round starts from the served version" in unchained
+        and "| 2 | promoted | v0001 | base | 170 |" in unchained
+    )
+    rows[1]["init"] = "rejected-1"
+    res = result(rows)
+    res["config"]["continue_rejected"] = 3
+    chained = loop.markdown(res)
+    assert "a rejected candidate seeds up to 3 following rounds" in chained
+    assert "| 1 | rejected |  | ? | 170 |" in chained and "| 2 | promoted | v0001 | rejected-1 | 170 |" in chained
 
 
 def test_another_base_gets_its_own_section_and_rerun_line() -> None:

@@ -30,7 +30,9 @@ def test_serving_bench_measures_every_part(tmp_path) -> None:
         assert 0 < r[part]["p50"] <= max(r[part].get("p95", 0), r[part].get("p99", 0))
     handler = r["server_handler_ms"]["vote"]  # the app's own timings, read over the admin API
     assert handler["n"] >= 4 * (4 + 16 * 5) and 0 < handler["p50"] <= handler["p99"] <= handler["max"]
-    assert handler["p50"] < min(r["vote_ms_1_client"]["p50"], r["vote_ms_1_client_browser"]["p50"])
+    # Each request's client time includes its handler time, and the handler's timings pool every part's votes: their
+    # median cannot exceed the largest per-part client median (a single-client median can, on a loaded CPU).
+    assert handler["p50"] <= max(r[part]["p50"] for part in votes)
     assert r["vote_ms_1_client_browser"]["p50"] < r["vote_ms_1_client"]["p50"]  # gradio_client polls every 50 ms
     (name, row), *others = r["variants"].items()
     assert not others and "default" in name

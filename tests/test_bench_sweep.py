@@ -111,3 +111,30 @@ def test_trainer_options_are_compared_with_plain_dpo_of_the_same_settings() -> N
     assert sweep._trainer_options({"runs": {"plain": res["runs"]["plain"]}}, 0.6) == []
     assert sweep._capacity(res, 0.6) == []  # option runs are not read as wider-LoRA evidence
     assert sweep.method(["dpo", "ncp", 1e-3, 5e5, "attn", 8, {"uncond": 30, "seed": 1}]) == "ncp-dpo +uncond 30 seed 1"
+
+
+def test_pairs_can_be_labelled_by_the_loop_benchmarks_simulated_rater(tmp_path: Path) -> None:
+    """--labels rater: a rater's vote sets each label; its ties (and both_bad) are written as 0.5/0.5 (dropped)."""
+    import pyarrow.parquet as pq
+
+    from bench.alignment_engine import LABELS, _write_pairs
+    from ncp.shapes.grammar import parse
+    from ncp.shapes.judge import score
+    from ncp.shapes.rater import SimulatedRater
+    from ncp.shapes.render import render
+
+    prompts = ["a large red circle on the left, gray background", "a small blue square on the right, white background"]
+    right = [render(parse(p)) for p in prompts]
+    images = [[right[0], right[1]], [right[0], right[1]]]  # pair 0: left matches; pair 1: right matches
+    rows = [(0, 0, 1), (1, 0, 1)]
+    judge = _write_pairs(tmp_path / "j.parquet", rows, prompts, images)
+    labels = pq.read_table(tmp_path / "j.parquet").column("label_0").to_pylist()
+    assert judge["ties"] == 0 and labels == [1.0, 0.0]
+    assert score(right[0], prompts[0]).overall > score(right[1], prompts[0]).overall
+    never = SimulatedRater(noise=0.0, both_bad_below=0.0, tie_margin=0.99)  # every pair a tie
+    assert _write_pairs(tmp_path / "r.parquet", rows, prompts, images, never)["ties"] == 2
+    exact = SimulatedRater(noise=0.0, both_bad_below=0.0)
+    _write_pairs(tmp_path / "e.parquet", rows, prompts, images, exact)
+    assert pq.read_table(tmp_path / "e.parquet").column("label_0").to_pylist() == labels
+    assert LABELS["judge"] is None and LABELS["rater"].noise == 0.05 and LABELS["rater"].both_bad_below == 0.3
+    assert "rater-labelled" in sweep._labelled({"labels": "rater"}) and sweep._labelled({}) == "judge-labelled"

@@ -130,3 +130,36 @@ def test_next_round_after_faults_still_promotes(runtime: Runtime) -> None:
     result = runtime.loop.run_round()
     assert result.status == "promoted", result.reason
     assert runtime.generation.serving_version == result.version == runtime.registry.current()
+
+
+def test_rejected_candidates_seed_the_next_rounds_up_to_the_limit(runtime: Runtime) -> None:
+    """A rejected candidate keeps training in the next round (its run records `init_adapter: rejected-<run>`) for at
+    most `continue_rejected` rounds in a row; then the line restarts from the served version, which never changed."""
+    rt = runtime
+    served = rt.registry.current()
+    vote = 0
+
+    def round_() -> object:
+        nonlocal vote  # a new vote per round: the round's snapshot grows as on a live arena
+        pair = rt.arena.next_pair(f"session-line-{vote}")
+        rt.arena.vote(f"session-line-{vote}", pair.token, "left", rt.rater_id(f"rater-{vote % 4}"))
+        vote += 1
+        return rt.loop.run_round()
+
+    # An injected gate that rejects every candidate (this tiny arena has no held-out pairs to fail the real one).
+    with_launcher(rt, None, continue_rejected=2)
+    real_gate, rt.loop.gate = rt.loop.gate, lambda ev, parent: (False, "injected: reject every candidate")
+    try:
+        results = [round_() for _ in range(4)]
+    finally:
+        rt.loop.gate = real_gate
+    assert [r.status for r in results] == ["rejected"] * 4, [r.reason for r in results]
+    inits = [rt.store.training_run(r.run_id).config["init_adapter"] for r in results]
+    first = results[0].run_id
+    assert inits == [served, f"rejected-{first}", f"rejected-{first + 1}", served]
+    assert rt.registry.current() == served == rt.generation.serving_version
+    # The line never outlives a promotion: the promoted candidate is the next round's start.
+    promoted = rt.loop.run_round()
+    assert promoted.status == "promoted", promoted.reason
+    after = round_()
+    assert rt.store.training_run(after.run_id).config["init_adapter"] == promoted.version

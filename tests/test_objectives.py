@@ -214,7 +214,9 @@ def test_objective_trains_on_tiny_pipeline(objective: str, space: str, build) ->
     out, chosen, rejected = _loss(pipe, batch, objective, space)
     # Value at init: LoRA B = 0, so the policy is the reference.
     if objective == "dpo":
-        assert out.loss.item() == pytest.approx(LN2, abs=1e-6)
+        # NCP's reference features come from a batched pass (target and reference together): float rounding of the
+        # two batch layouts differs by ~1e-11 on some CPUs, which beta = 5e5 turns into ~1e-6 of loss.
+        assert out.loss.item() == pytest.approx(LN2, abs=1e-6 if space == "latent" else 2e-5)
     elif objective == "cpo":
         inside = -BETA[space] * (chosen.detach() - rejected.detach())
         expected = torch.nn.functional.softplus(-inside).mean() + 0.5 * chosen.detach().mean()
