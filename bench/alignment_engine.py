@@ -125,11 +125,20 @@ class Bench:
     """The loaded model, data and probe sets, and the resumable state (`work/state.json`)."""
 
     def __init__(
-        self, mode: str, budget: Budget, grid: dict, work: Path, model: Path, device: str, labels: str = "judge"
+        self,
+        mode: str,
+        budget: Budget,
+        grid: dict,
+        work: Path,
+        model: Path,
+        device: str,
+        labels: str = "judge",
+        pairs_file: Path | None = None,
     ) -> None:
         if labels not in LABELS:
             raise ValueError(f"labels must be one of {sorted(LABELS)}, got {labels!r}.")
         self.mode, self.b, self.work, self.device, self.labels = mode, budget, work, device, labels
+        self.pairs_file = pairs_file  # train on these Pick-a-Pic rows (e.g. a loop snapshot) instead of sampling
         self.grid = grid  # (objective, space) -> [(lr, beta)]
         self.checkpoints = sorted(
             {round(budget.steps * k / budget.checkpoints) for k in range(1, budget.checkpoints + 1)}
@@ -215,6 +224,13 @@ class Bench:
     def make_data(self) -> None:
         """Pick-a-Pic v2 Parquet of judge-labelled on-policy pairs (cached in work/data), then the encoded datasets."""
         folder = self.work / "data"
+        if "data" not in self.state and self.pairs_file is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+            rows = pq.read_table(self.pairs_file)
+            pq.write_table(rows, folder / "train.parquet")
+            ties = sum(x == 0.5 for x in rows.column("label_0").to_pylist())
+            self.state["data"] = {"train": {"rows": rows.num_rows, "ties": ties, "from": str(self.pairs_file)}}
+            self.save()
         if "data" not in self.state:
             k = [3 if i < self.b.pool_prompts else 2 for i in range(len(self.train_prompts))]
             items = [(p, DATA_IMAGE_SEED + 3 * i + j) for i, p in enumerate(self.train_prompts) for j in range(k[i])]

@@ -8,6 +8,8 @@ budget, to choose the live loop's settings (issue 6) and to bound what any metho
         --workers 2 --configs 1,4 --out r.json && python bench/alignment_sweep.py --render r.json --name headroom
                                                                 # CPU, ~25 min: the same bound on a base with headroom
     python bench/alignment_sweep.py --merge a.json b.json --out r.json    # configs run later on the same base and data
+    python bench/alignment_sweep.py ... --labels rater           # pairs labelled by the loop's simulated rater
+    python bench/alignment_sweep.py ... --pairs-file snap/train.parquet   # train on a live loop's snapshot instead
 
 Same engine as `bench/alignment.py` (`bench.alignment_engine.Bench`: on-policy pairs from the shapes base model,
 labelled by the judge, ties dropped; LoRA rank 8 on attention unless a config says attn+conv; the trainer's own
@@ -84,7 +86,7 @@ def _bench(args: argparse.Namespace, work: Path):  # noqa: ANN202 - heavy import
     torch.set_num_threads(args.threads)
     budget = Budget(args.pairs, 0, args.val, 8, 8, 2, steps=args.steps, checkpoints=args.checkpoints, batch=8,
                     seeds=1, ablation_seeds=0, sample_steps=args.sample_steps)  # fmt: skip
-    bench = Bench("sweep", budget, {}, work, args.model, args.device, labels=args.labels)
+    bench = Bench("sweep", budget, {}, work, args.model, args.device, labels=args.labels, pairs_file=args.pairs_file)
     for key in ("runs", "evals"):
         bench.state.setdefault(key, {})
     return bench
@@ -239,8 +241,7 @@ def render(path: Path, name: str = "", docs: Path = ROOT / "docs") -> None:
         "(`bench/alignment_sweep.py`)",
         "",
         *([] if shipped or not name.startswith("headroom") else [f"Base built by `{HEADROOM_RECIPE}`.", ""]),
-        f"{d.get('loaded:all', {}).get('kept', '?')} {_labelled(s)} on-policy pairs from {s['pairs']} held-in "
-        f"prompts, {s['steps']} steps of 8 pairs, judged every {s['steps'] // s['checkpoints']} steps on "
+        f"{d.get('loaded:all', {}).get('kept', '?')} {_source(s)}, {s['steps']} steps of 8 pairs, judged every {s['steps'] // s['checkpoints']} steps on "
         f"{s['val']} validation prompts x 2 seeds (never the test probes; one score's standard error is about "
         f"{_se(res['base_val']):.3f}). Base: **{base:.3f}**. Ran on "
         f"`{s['device']}` {_wall(res)}; the last column "
@@ -259,6 +260,14 @@ def render(path: Path, name: str = "", docs: Path = ROOT / "docs") -> None:
     section = stem.replace("_", "-")
     write_section(docs / "BENCHMARKS.md", section, "\n".join(md))
     print(f"[sweep] wrote docs/benchmarks/{stem}.json, docs/{stem}.png, BENCHMARKS.md section {section}")
+
+
+def _source(settings: dict[str, Any]) -> str:
+    """Where the training pairs came from: sampled and labelled here, or a given Parquet (`--pairs-file`)."""
+    if settings.get("pairs_file"):
+        return (f"strict-preference pairs (ties dropped) read from `{settings['pairs_file']}` (`--pairs-file`: e.g. a "
+                "live loop's snapshot, rater votes on the served model's pairs)")  # fmt: skip
+    return f"{_labelled(settings)} on-policy pairs from {settings['pairs']} held-in prompts"
 
 
 def _labelled(settings: dict[str, Any]) -> str:
@@ -315,6 +324,7 @@ def _provenance(s: dict[str, Any], name: str) -> tuple[str, bool, str]:
              f"--checkpoints {s['checkpoints']} --workers {s['workers']}")  # fmt: skip
     flags += f" --configs {s['configs']}" if s.get("configs") else ""
     flags += f" --labels {s['labels']}" if s.get("labels", "judge") != "judge" else ""
+    flags += f" --pairs-file {s['pairs_file']}" if s.get("pairs_file") else ""
     rerun = f"`python bench/alignment_sweep.py {flags} --out r.json` then `--render r.json{f' --name {name}' * bool(name)}`"
     return rel, model == (ROOT / "models" / "shapes-tiny").resolve(), rerun
 
@@ -434,6 +444,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoints", type=int, default=6)
     p.add_argument("--sample-steps", type=int, default=12)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--pairs-file", type=Path, default=None,
+                   help="train on this Parquet of labelled pairs (e.g. a loop snapshot's train.parquet) instead of "
+                   "sampling --pairs prompts")  # fmt: skip
     p.add_argument("--labels", choices=("judge", "rater"), default="judge",
                    help="who labels the pairs: the judge's sign, or the loop benchmark's simulated rater")  # fmt: skip
     p.add_argument("--workers", type=int, default=1)
@@ -465,7 +478,8 @@ def main(argv: list[str] | None = None) -> None:
         return None
     keep = ["--device", args.device, "--model", str(args.model), "--pairs", str(args.pairs), "--val", str(args.val),
             "--steps", str(args.steps), "--checkpoints", str(args.checkpoints), "--threads", str(args.threads),
-            "--sample-steps", str(args.sample_steps), "--labels", args.labels]  # fmt: skip
+            "--sample-steps", str(args.sample_steps), "--labels", args.labels,
+            *(["--pairs-file", str(args.pairs_file)] if args.pairs_file else [])]  # fmt: skip
     args.passthrough = keep
     out = args.out or Path(tempfile.mkdtemp(prefix="ncp-sweep-out-")) / "sweep.json"
     result = run_all(args, out)

@@ -96,18 +96,27 @@ def load_pool(path: Path = POOL_FILE) -> list[PoolPrompt]:
 
 
 class PromptPool:
-    """Draws pool prompts uniformly over categories, then uniformly within the category."""
+    """Draws pool prompts over categories (uniformly, or by `weights`), then uniformly within the category."""
 
-    def __init__(self, prompts: list[PoolPrompt]) -> None:
+    def __init__(self, prompts: list[PoolPrompt], weights: dict[str, float] | None = None) -> None:
         if not prompts:
             raise ValueError("The prompt pool is empty.")
         self.by_category: dict[str, list[str]] = {}
         for p in prompts:
             self.by_category.setdefault(p.category, []).append(p.text)
         self._category_of = {p.text: p.category for p in prompts}
+        self.weights = dict(weights or {})
+        unknown = sorted(set(self.weights) - set(self.by_category))
+        if unknown or any(not (w >= 0) for w in self.weights.values()) or (weights and not sum(self.weights.values())):
+            raise ValueError(f"Category weights must be >= 0 with a positive sum over known categories, got "
+                             f"{self.weights} (unknown: {unknown}; categories: {sorted(self.by_category)}).")  # fmt: skip
 
     def draw(self, rng: random.Random) -> str:
-        cat = rng.choice(sorted(self.by_category))
+        cats = sorted(self.by_category)
+        if self.weights:
+            cat = rng.choices(cats, weights=[self.weights.get(c, 0.0) for c in cats])[0]
+        else:
+            cat = rng.choice(cats)
         return rng.choice(self.by_category[cat])
 
     def category(self, text: str) -> str:

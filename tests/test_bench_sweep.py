@@ -138,3 +138,24 @@ def test_pairs_can_be_labelled_by_the_loop_benchmarks_simulated_rater(tmp_path: 
     assert pq.read_table(tmp_path / "e.parquet").column("label_0").to_pylist() == labels
     assert LABELS["judge"] is None and LABELS["rater"].noise == 0.05 and LABELS["rater"].both_bad_below == 0.3
     assert "rater-labelled" in sweep._labelled({"labels": "rater"}) and sweep._labelled({}) == "judge-labelled"
+
+
+def test_a_sweep_can_train_on_a_given_parquet_of_pairs(tmp_path: Path) -> None:
+    """--pairs-file: the sweep trains on these rows (e.g. a live loop's snapshot) instead of sampling its own pairs."""
+    from bench.alignment_engine import Bench, Budget, _write_pairs
+    from ncp.shapes.grammar import parse
+    from ncp.shapes.render import render
+
+    prompts = ["a large red circle on the left, gray background", "a small blue square on the right, white background"]
+    right = [render(parse(p)) for p in prompts]
+    rows = tmp_path / "snapshot.parquet"
+    _write_pairs(rows, [(0, 0, 1), (1, 0, 1)], prompts, [[right[0], right[1]], [right[0], right[1]]])
+    budget = Budget(4, 0, 2, 1, 1, 1, steps=1, checkpoints=1, batch=2, seeds=1, ablation_seeds=0, sample_steps=2)
+    bench = Bench("sweep", budget, {}, tmp_path / "work", ROOT / "models" / "shapes-tiny", "cpu", pairs_file=rows)
+    bench.state.setdefault("evals", {})
+    bench.make_data()
+    assert bench.state["data"]["train"] == {"rows": 2, "ties": 0, "from": str(rows)}
+    assert len(bench.datasets["all"]) == 2 and bench.datasets["all"][0].prompt == prompts[0]
+    text = sweep._source({"pairs_file": "runs/snap.parquet", "pairs": 800})
+    assert text.startswith("strict-preference pairs (ties dropped) read from `runs/snap.parquet`")
+    assert sweep._source({"pairs": 800}) == "judge-labelled on-policy pairs from 800 held-in prompts"
