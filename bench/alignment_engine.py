@@ -98,7 +98,7 @@ class RunSpec:
     rank: int = LORA_RANK  # LoRA rank = alpha (the deployment's unless a sweep config asks for another)
     anchor: float = 0.0  # DPO-Positive lambda (ncp.objectives; 0 = plain DPO)
     draws: int = 1  # (t, eps) draws per pair per step
-    uncond: float = 0.0  # weight holding the empty-prompt prediction at the reference's (ncp.trainer.uncond_drift)
+    uncond: float = 0.0  # weight holding the empty-prompt prediction at the reference's (ncp.losses.uncond_drift)
 
     @property
     def method(self) -> str:

@@ -106,15 +106,15 @@ def _log(name: str, msg: str) -> None:
 @contextlib.contextmanager
 def _encoder_precision(encoder_fp32: bool) -> Iterator[None]:
     """pair_loss takes perception's default encoder_fp32=True; swap in False for the autocast-encoder variant."""
-    import ncp.trainer
+    import ncp.losses  # where pair_loss looks per_sample_errors up
 
-    original = ncp.trainer.per_sample_errors
+    original = ncp.losses.per_sample_errors
     if not encoder_fp32:
-        ncp.trainer.per_sample_errors = functools.partial(original, encoder_fp32=False)
+        ncp.losses.per_sample_errors = functools.partial(original, encoder_fp32=False)
     try:
         yield
     finally:
-        ncp.trainer.per_sample_errors = original
+        ncp.losses.per_sample_errors = original
 
 
 def worker(config: str, method: str, device_name: str, steps: int, warmup: int) -> dict:

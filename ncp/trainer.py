@@ -7,7 +7,7 @@ Run it through the CLI (`python -m ncp.train --help`, or `accelerate launch -m n
 
 Per step (METHOD.md): each pair draws ONE timestep t, ONE noise eps (and for NCP one variance noise z), SHARED by its
 chosen and rejected latents; `ncp.perception.per_sample_errors` measures policy (and reference) errors of the 2B
-images and `ncp.objectives.preference_loss` turns them into the loss. Randomness (data order, t, eps, z) is a pure
+images and `ncp.objectives.preference_loss` turns them into the loss (`ncp.losses.pair_loss`). Randomness (data order, t, eps, z) is a pure
 function of (seed, micro-step, process index), so a resumed run repeats an uninterrupted one exactly.
 
 Output: `out/` = the diffusers LoRA (`ncp.adapters.save_adapter`, alpha kept) + `metrics.json`, written into a
@@ -45,10 +45,9 @@ from ncp.adapters import (
     unwrap_unet,
 )
 from ncp.checkpoints import ProgressLog, atomic_dir, finite_json, load_checkpoint, resume_path, save_checkpoint
-from ncp.data import LatentCache, PairBatch, PreferenceDataset, collate_pairs, encode_pairs, load_pairs
-from ncp.objectives import PreferenceLoss, preference_loss
-from ncp.perception import noisy_latents, per_sample_errors
-from ncp.pipelines import Conditioning, encode_prompts, is_sdxl, load_pipeline, sdxl_time_ids, uncond_conditioning
+from ncp.data import LatentCache, PreferenceDataset, collate_pairs, encode_pairs, load_pairs
+from ncp.losses import pair_loss, uncond_drift  # noqa: F401 - re-exported: `from ncp.trainer import pair_loss`
+from ncp.pipelines import encode_prompts, is_sdxl, load_pipeline, sdxl_time_ids, uncond_conditioning
 
 logger = logging.getLogger(__name__)
 METRIC_KEYS = ("loss", "implicit_acc", "reward_margin", "chosen_err", "rejected_err")
@@ -181,97 +180,6 @@ def batch_indices(n: int, batch_size: int, micro_step: int, seed: int, num_proce
     permutations, cut into global batches of batch_size x num_processes, each process taking its own slice."""
     start = (micro_step * num_processes + process) * batch_size
     return [_permutation(n, seed, pos // n)[pos % n] for pos in range(start, start + batch_size)]
-
-
-def pair_loss(
-    unet: torch.nn.Module,
-    scheduler: DDPMScheduler,
-    batch: PairBatch,
-    cond: Conditioning,
-    config: TrainConfig,
-    generator: torch.Generator,
-    *,
-    sdxl: bool,
-    uncond: Conditioning | None = None,
-) -> PreferenceLoss:
-    """The loss of one micro-batch of B pairs: errors of the 2B images [chosen; rejected], then the objective.
-
-    With `noise_draws` K > 1 every pair is noised K times (K B rows per side) and its errors are averaged over the
-    draws BEFORE the objective: a lower-variance estimate of the expectation over (t, eps) that eq. 8 takes inside
-    the sigmoid (Jensen moves it outside only to allow one draw)."""
-    device = next(unwrap_unet(unet).parameters()).device
-    b, shape = batch.chosen.shape[0], batch.chosen.shape[1:]
-    k = config.noise_draws
-    # ONE timestep, noise and variance noise per pair and draw, shared by its chosen and rejected image (METHOD.md).
-    noise = torch.randn((k * b, *shape), generator=generator).repeat(2, 1, 1, 1).to(device)
-    steps = torch.randint(0, scheduler.config.num_train_timesteps, (k * b,), generator=generator).repeat(2).to(device)
-    z = (
-        torch.randn((k * b, *shape), generator=generator).repeat(2, 1, 1, 1).to(device)
-        if config.space == "ncp"
-        else None
-    )
-    reps = (k, 1, 1, 1)
-    latents = torch.cat([batch.chosen.repeat(reps), batch.rejected.repeat(reps)]).to(device)  # (2KB, C, h, w)
-    cond2 = cond.repeat(2 * k)
-    added = cond2.added_cond_kwargs(batch.time_ids.repeat(2 * k, 1)) if sdxl else None
-    errors = per_sample_errors(
-        unet,
-        scheduler,
-        latents,
-        noise,
-        steps,
-        (cond2.encoder_hidden_states, added),
-        space=config.space,
-        with_reference=config.objective == "dpo",
-        include_mid=config.include_mid,
-        normalize=config.normalize,
-        variance_noise=z,
-    )
-
-    def per_pair(err: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (2KB,) -> chosen, rejected: (B,) each
-        return tuple(half.view(k, b).mean(0) for half in err.chunk(2))
-
-    chosen, rejected = per_pair(errors.policy)
-    ref = (None, None) if errors.reference is None else per_pair(errors.reference)
-    out = preference_loss(
-        config.objective, chosen, rejected, *ref, beta=config.beta, sft_weight=config.sft_weight,
-        anchor=config.dpo_anchor,
-    )  # fmt: skip
-    if not config.uncond_weight:
-        return out
-    if uncond is None:
-        raise ValueError(
-            "uncond_weight > 0 needs the empty prompt's conditioning: pass uncond=uncond_conditioning(pipe)."
-        )
-    drift = uncond_drift(unet, scheduler, latents[:b], noise[:b], steps[:b], uncond, batch.time_ids, sdxl=sdxl)
-    return PreferenceLoss(out.loss + config.uncond_weight * drift, {**out.metrics, "uncond_drift": drift.item()})
-
-
-def uncond_drift(
-    unet: torch.nn.Module,
-    scheduler: DDPMScheduler,
-    latents: torch.Tensor,
-    noise: torch.Tensor,
-    steps: torch.Tensor,
-    uncond: Conditioning,
-    time_ids: torch.Tensor,
-    *,
-    sdxl: bool,
-) -> torch.Tensor:
-    """Mean squared difference of the policy's and the reference's empty-prompt eps on the pairs' noisy latents.
-
-    The preference objectives train the conditional prediction only, but the LoRA also moves the unconditional one,
-    never checked, and classifier-free guidance at scale g samples with (1 - g) eps(empty) + g eps(prompt): an
-    untrained drift of the empty-prompt branch enters g - 1 times over. Holding that branch at the reference leaves
-    the change prompt-specific, which guidance amplifies instead."""
-    b = latents.shape[0]
-    x_t = noisy_latents(scheduler, latents, noise, steps)
-    cond = uncond.repeat(b).to(latents.device)
-    added = cond.added_cond_kwargs(time_ids.to(latents.device)) if sdxl else None
-    eps = unet(x_t, steps, cond.encoder_hidden_states, added_cond_kwargs=added).sample
-    with torch.no_grad(), reference_mode(unet):
-        eps_ref = unwrap_unet(unet)(x_t, steps, cond.encoder_hidden_states, added_cond_kwargs=added).sample
-    return (eps.float() - eps_ref.float()).pow(2).mean()
 
 
 @torch.no_grad()

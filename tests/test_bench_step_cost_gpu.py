@@ -7,7 +7,7 @@ method with the intended weight/encoder precision, the encoder-precision overrid
 import math
 from pathlib import Path
 
-import ncp.trainer
+import ncp.losses
 from bench import step_cost_gpu as bench
 from ncp.perception import per_sample_errors
 
@@ -22,7 +22,7 @@ def test_tiny_workers_and_docs(tmp_path: Path) -> None:
         assert rec["latent"] == [2, 4, 8, 8] and rec["attention_processor"] == "AttnProcessor2_0"
         data["machine"] = rec.pop("machine")
         data["results"][method] = rec
-    assert ncp.trainer.per_sample_errors is per_sample_errors  # the encoder_fp32 override was undone
+    assert ncp.losses.per_sample_errors is per_sample_errors  # the encoder_fp32 override was undone
     latent, ncp_rec = data["results"]["latent-dpo"], data["results"]["ncp-dpo-enc-autocast"]
     assert (latent["unet_dtype"], latent["encoder_dtype"]) == ("bfloat16", None)  # trainer: latent casts the UNet
     assert (ncp_rec["unet_dtype"], ncp_rec["encoder_dtype"]) == ("float32", "bf16")

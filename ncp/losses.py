@@ -1,0 +1,113 @@
+"""The loss of one training micro-batch: per-sample errors of the pairs (`ncp.perception`) turned into the objective
+(`ncp.objectives`), with the trainer's options (noise draws per pair, DPO-Positive, the empty-prompt hold).
+
+Used by the trainer (`ncp.trainer.train`) and, unchanged, by the benchmarks, so what they measure is what trains:
+    out = pair_loss(unet, scheduler, batch, cond, config, generator, sdxl=False, uncond=uncond_conditioning(pipe))
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from diffusers import DDPMScheduler
+
+from ncp.adapters import reference_mode, unwrap_unet
+from ncp.data import PairBatch
+from ncp.objectives import PreferenceLoss, preference_loss
+from ncp.perception import noisy_latents, per_sample_errors
+from ncp.pipelines import Conditioning
+
+if TYPE_CHECKING:
+    from ncp.trainer import TrainConfig
+
+
+def pair_loss(
+    unet: torch.nn.Module,
+    scheduler: DDPMScheduler,
+    batch: PairBatch,
+    cond: Conditioning,
+    config: TrainConfig,
+    generator: torch.Generator,
+    *,
+    sdxl: bool,
+    uncond: Conditioning | None = None,
+) -> PreferenceLoss:
+    """The loss of one micro-batch of B pairs: errors of the 2B images [chosen; rejected], then the objective.
+
+    With `noise_draws` K > 1 every pair is noised K times (K B rows per side) and its errors are averaged over the
+    draws BEFORE the objective: a lower-variance estimate of the expectation over (t, eps) that eq. 8 takes inside
+    the sigmoid (Jensen moves it outside only to allow one draw)."""
+    device = next(unwrap_unet(unet).parameters()).device
+    b, shape = batch.chosen.shape[0], batch.chosen.shape[1:]
+    k = config.noise_draws
+    # ONE timestep, noise and variance noise per pair and draw, shared by its chosen and rejected image (METHOD.md).
+    noise = torch.randn((k * b, *shape), generator=generator).repeat(2, 1, 1, 1).to(device)
+    steps = torch.randint(0, scheduler.config.num_train_timesteps, (k * b,), generator=generator).repeat(2).to(device)
+    z = (
+        torch.randn((k * b, *shape), generator=generator).repeat(2, 1, 1, 1).to(device)
+        if config.space == "ncp"
+        else None
+    )
+    reps = (k, 1, 1, 1)
+    latents = torch.cat([batch.chosen.repeat(reps), batch.rejected.repeat(reps)]).to(device)  # (2KB, C, h, w)
+    cond2 = cond.repeat(2 * k)
+    added = cond2.added_cond_kwargs(batch.time_ids.repeat(2 * k, 1)) if sdxl else None
+    errors = per_sample_errors(
+        unet,
+        scheduler,
+        latents,
+        noise,
+        steps,
+        (cond2.encoder_hidden_states, added),
+        space=config.space,
+        with_reference=config.objective == "dpo",
+        include_mid=config.include_mid,
+        normalize=config.normalize,
+        variance_noise=z,
+    )
+
+    def per_pair(err: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (2KB,) -> chosen, rejected: (B,) each
+        return tuple(half.view(k, b).mean(0) for half in err.chunk(2))
+
+    chosen, rejected = per_pair(errors.policy)
+    ref = (None, None) if errors.reference is None else per_pair(errors.reference)
+    out = preference_loss(
+        config.objective, chosen, rejected, *ref, beta=config.beta, sft_weight=config.sft_weight,
+        anchor=config.dpo_anchor,
+    )  # fmt: skip
+    if not config.uncond_weight:
+        return out
+    if uncond is None:
+        raise ValueError(
+            "uncond_weight > 0 needs the empty prompt's conditioning: pass uncond=uncond_conditioning(pipe)."
+        )
+    drift = uncond_drift(unet, scheduler, latents[:b], noise[:b], steps[:b], uncond, batch.time_ids, sdxl=sdxl)
+    return PreferenceLoss(out.loss + config.uncond_weight * drift, {**out.metrics, "uncond_drift": drift.item()})
+
+
+def uncond_drift(
+    unet: torch.nn.Module,
+    scheduler: DDPMScheduler,
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    steps: torch.Tensor,
+    uncond: Conditioning,
+    time_ids: torch.Tensor,
+    *,
+    sdxl: bool,
+) -> torch.Tensor:
+    """Mean squared difference of the policy's and the reference's empty-prompt eps on the pairs' noisy latents.
+
+    The preference objectives train the conditional prediction only, but the LoRA also moves the unconditional one,
+    never checked, and classifier-free guidance at scale g samples with (1 - g) eps(empty) + g eps(prompt): an
+    untrained drift of the empty-prompt branch enters g - 1 times over. Holding that branch at the reference leaves
+    the change prompt-specific, which guidance amplifies instead."""
+    b = latents.shape[0]
+    x_t = noisy_latents(scheduler, latents, noise, steps)
+    cond = uncond.repeat(b).to(latents.device)
+    added = cond.added_cond_kwargs(time_ids.to(latents.device)) if sdxl else None
+    eps = unet(x_t, steps, cond.encoder_hidden_states, added_cond_kwargs=added).sample
+    with torch.no_grad(), reference_mode(unet):
+        eps_ref = unwrap_unet(unet)(x_t, steps, cond.encoder_hidden_states, added_cond_kwargs=added).sample
+    return (eps.float() - eps_ref.float()).pow(2).mean()
