@@ -99,6 +99,7 @@ class RunSpec:
     anchor: float = 0.0  # DPO-Positive lambda (ncp.objectives; 0 = plain DPO)
     draws: int = 1  # (t, eps) draws per pair per step
     uncond: float = 0.0  # weight holding the empty-prompt prediction at the reference's (ncp.losses.uncond_drift)
+    trange: tuple[float, float] = (0.0, 1.0)  # training timesteps as fractions of the schedule (ncp.losses)
 
     @property
     def method(self) -> str:
@@ -110,7 +111,8 @@ class RunSpec:
         return (f"{self.method}|lr={self.lr:g}|beta={beta}|seed={self.seed}|data={self.data}"
                 f"|mid={int(self.include_mid)}|lora={self.targets}"
                 + ("" if self.rank == LORA_RANK else f"|r={self.rank}")
-                + (f"|anchor={self.anchor:g}" if self.anchor else "") + (f"|draws={self.draws}" if self.draws > 1 else "") + (f"|uncond={self.uncond:g}" if self.uncond else ""))  # fmt: skip
+                + (f"|anchor={self.anchor:g}" if self.anchor else "") + (f"|draws={self.draws}" if self.draws > 1 else "") + (f"|uncond={self.uncond:g}" if self.uncond else "")
+                + ("" if tuple(self.trange) == (0.0, 1.0) else f"|t={self.trange[0]:g}-{self.trange[1]:g}"))  # fmt: skip
 
     def config(self, budget: Budget) -> TrainConfig:
         return TrainConfig(
@@ -118,6 +120,7 @@ class RunSpec:
             sft_weight=CPO_LAMBDA if self.objective == "cpo" else 0.0, batch_size=budget.batch,
             max_steps=budget.steps, lora_rank=self.rank, lora_alpha=self.rank, lora_targets=TARGETS[self.targets],
             include_mid=self.include_mid, dpo_anchor=self.anchor, noise_draws=self.draws, uncond_weight=self.uncond,
+            timestep_low=self.trange[0], timestep_high=self.trange[1],
         )  # fmt: skip
 
 

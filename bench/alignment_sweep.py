@@ -41,7 +41,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # (objective, space, lr, beta, targets[, LoRA rank = alpha, default 8[, options]]), in priority order: a budget cut drops
 # the last ones. 12-15: wider LoRA (convs too, rank 32) for a base with headroom. 16-: options `anchor` (DPO-Positive's
 # lambda: the chosen image may not get worse than under the reference, Pal et al. 2024) and `draws` ((t, eps) draws per
-# pair per step): can a trainer move further from the base without the collapse wider LoRA showed?
+# pair per step): can a trainer move further from the base without the collapse wider LoRA showed? 26-31: `uncond`
+# (holding the empty-prompt branch) and `seed`. 32-: `t`, the slice of the schedule the pairs are noised in: colour,
+# size and background, this base's weak attributes, are decided at high noise, where a uniform t spends half its draws.
 CONFIGS: list[tuple] = [
     ("dpo", "latent", 1e-3, 5e3, "attn"),
     ("dpo", "ncp", 1e-3, 5e5, "attn"),
@@ -75,6 +77,20 @@ CONFIGS: list[tuple] = [
     ("dpo", "ncp", 3e-3, 5e5, "attn", 8, {"uncond": 30}),
     ("dpo", "ncp", 1e-3, 5e5, "attn", 8, {"seed": 1}),
     ("dpo", "latent", 1e-3, 5e2, "attn", 8, {"uncond": 30}),
+    ("dpo", "ncp", 1e-3, 5e5, "attn", 8, {"t": (0.5, 1.0)}),
+    ("dpo", "ncp", 1e-3, 5e5, "attn", 8, {"t": (0.7, 1.0)}),
+    ("dpo", "ncp", 1e-3, 5e5, "attn", 8, {"t": (0.3, 1.0)}),
+    ("dpo", "ncp", 1e-3, 5e5, "attn", 8, {"t": (0.0, 0.5)}),
+    ("dpo", "latent", 1e-3, 5e2, "attn", 8, {"t": (0.5, 1.0)}),
+    ("dpo", "ncp", 3e-3, 5e5, "attn", 8, {"anchor": 5, "t": (0.5, 1.0)}),
+    ("sft", "latent", 3e-4, None, "attn", 8, {"t": (0.5, 1.0)}),
+    ("sft", "ncp", 1e-3, None, "attn", 8, {"t": (0.5, 1.0)}),
+    ("dpo", "ncp", 1e-3, 5e6, "attn", 8, {"t": (0.5, 1.0)}),
+    ("dpo", "ncp", 1e-3, 5e4, "attn", 8, {"t": (0.5, 1.0)}),
+    ("dpo", "ncp", 1e-3, 5e5, "attn", 8, {"t": (0.5, 1.0), "seed": 1}),
+    ("dpo", "ncp", 1e-3, 5e5, "attn", 8, {"t": (0.7, 1.0), "seed": 1}),
+    ("dpo", "ncp", 1e-3, 5e5, "attn", 8, {"t": (0.3, 1.0), "seed": 1}),
+    ("dpo", "ncp", 2e-3, 5e5, "attn", 8, {"t": (0.5, 1.0)}),
 ]
 
 
@@ -111,7 +127,8 @@ def worker(args: argparse.Namespace, work: Path, configs: list[int], result: Pat
         o, s, lr, beta, targets, *rest = CONFIGS[i]
         opts = options(CONFIGS[i])
         spec = RunSpec(o, s, lr, beta, seed=opts.get("seed", 0), targets=targets, rank=rest[0] if rest else LORA_RANK,
-                       anchor=opts.get("anchor", 0.0), draws=opts.get("draws", 1), uncond=opts.get("uncond", 0.0))  # fmt: skip
+                       anchor=opts.get("anchor", 0.0), draws=opts.get("draws", 1), uncond=opts.get("uncond", 0.0),
+                       trange=tuple(opts.get("t", (0.0, 1.0))))  # fmt: skip
         t0 = time.perf_counter()
         run = bench.train(spec)
         curve = [[0, bench.state["evals"]["base@0@val"]["judge"]]]
@@ -171,6 +188,7 @@ def method(config: list) -> str:
         (f" +pos {o['anchor']:g}" if o.get("anchor") else "")
         + (f" x{o['draws']} draws" if o.get("draws", 1) > 1 else "")
         + (f" +uncond {o['uncond']:g}" if o.get("uncond") else "")
+        + (f" t {o['t'][0]:g}-{o['t'][1]:g}" if o.get("t") else "")
         + (f" seed {o['seed']}" if o.get("seed") else "")
     )
     return f"{config[1]}-{config[0]}{extra}"
@@ -333,7 +351,7 @@ def _findings(res: dict[str, Any], base: float, steps: int) -> list[str]:
     """The sweep's conclusion, generated from its numbers."""
     best_run, best = max(((r, max(j for _, j in r["curve"])) for r in res["runs"].values()), key=lambda kv: kv[1])
     c = best_run["config"]
-    best_key = f"{method(c)}, lr {c[2]:g}, beta {'-' if c[3] is None else format(c[3], 'g')}, {lora(c)}"
+    best_key = f"{method(c)}, lr {c[2]:g}, beta {_beta(c)}, {lora(c)}"
     accs = [(r.get("final_metrics") or {}).get("implicit_acc") for r in res["runs"].values()]
     accs = [a for a in accs if a is not None]
     return [
@@ -352,6 +370,7 @@ def _findings(res: dict[str, Any], base: float, steps: int) -> list[str]:
         *_headroom(res, base, best),
         *_capacity(res, base),
         *_trainer_options(res, base),
+        *_timesteps(res, base),
         *(
             [
                 "- Configs that move the LoRA a lot (sft, cpo, ncp-dpo at lr 3e-3) only lose score. A likely reason, not "
@@ -396,6 +415,31 @@ def _capacity(res: dict[str, Any], base: float) -> list[str]:
             + "; ".join(parts) + "."]  # fmt: skip
 
 
+def _beta(config: list) -> str:
+    return "-" if config[3] is None else format(config[3], "g")
+
+
+def _timesteps(res: dict[str, Any], base: float) -> list[str]:
+    """Slices of the schedule the pairs are noised in, for the one method, lr, beta and LoRA that was run with several
+    (uniform t included): the mean gain of the last two checkpoints, averaged over the seeds run."""
+    groups: dict[tuple, dict[tuple[float, float], list[float]]] = {}
+    for r in res["runs"].values():
+        c, opts = r["config"], options(r["config"])
+        if set(opts) - {"t", "seed"} or len(r["curve"]) < 3:
+            continue
+        late = sum(j for _, j in r["curve"][-2:]) / 2 - base
+        groups.setdefault((*c[:4], lora(c)), {}).setdefault(tuple(opts.get("t", (0.0, 1.0))), []).append(late)
+    groups = {k: v for k, v in groups.items() if len(v) > 1 and (0.0, 1.0) in v}
+    if not groups:
+        return []
+    key, by_slice = max(groups.items(), key=lambda kv: len(kv[1]))
+    parts = [f"t in [{lo:g}, {hi:g}) T: {sum(g) / len(g):+.3f}" + (f" ({len(g)} seeds)" if len(g) > 1 else "")
+             for (lo, hi), g in sorted(by_slice.items(), key=lambda kv: -sum(kv[1]) / len(kv[1]))]  # fmt: skip
+    return [f"- Training timesteps ({key[1]}-{key[0]}, lr {key[2]:g}, beta {_beta(list(key))}, {key[4]}; gain vs base "
+            "averaged over the last two checkpoints and the seeds run): " + "; ".join(parts) + ". Uniform t is "
+            "the paper's (METHOD.md); a slice reweights the expectation over t that eq. 14 takes."]  # fmt: skip
+
+
 def _trainer_options(res: dict[str, Any], base: float) -> list[str]:
     """DPO-Positive and several draws per pair against plain DPO of the same method, lr, beta and LoRA (when run)."""
     runs = list(res["runs"].values())
@@ -410,7 +454,7 @@ def _trainer_options(res: dict[str, Any], base: float) -> list[str]:
     parts = []
     for r in sorted(tried, key=lambda r: -max(j for _, j in r["curve"])):
         twin = plain.get((*r["config"][:5], lora(r["config"])))
-        parts.append(f"{method(r['config'])} (lr {r['config'][2]:g}, beta {r['config'][3]:g}, {lora(r['config'])}): "
+        parts.append(f"{method(r['config'])} (lr {r['config'][2]:g}, beta {_beta(r['config'])}, {lora(r['config'])}): "
                      f"{gains(r)}" + (f" (plain DPO: {gains(twin)})" if twin else ""))  # fmt: skip
     return ["- Trainer options against plain DPO of the same lr, beta and LoRA (`+pos`: DPO-Positive's lambda; `xK draws`: "
             "(t, eps) draws per pair; `+uncond`: weight holding the empty-prompt branch; `seed`: another LoRA init "

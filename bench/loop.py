@@ -35,6 +35,7 @@ from jobs.loop import LoopConfig  # noqa: E402
 from jobs.runtime import SHAPES_MODEL, ArenaConfig, Runtime  # noqa: E402
 from ncp.serving import PairMix, SamplingConfig  # noqa: E402
 from ncp.shapes.model import DEFAULT_GUIDANCE, DEFAULT_STEPS  # noqa: E402
+from ncp.shapes.model import DEFAULT_TIMESTEP_LOW as SHAPES_TIMESTEP_LOW  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,6 +81,12 @@ def main(argv: list[str] | None = None) -> None:
         help="rounds in a row a rejected candidate seeds the next (0: always from the served version)",
     )
     p.add_argument("--space", default="ncp")
+    p.add_argument(
+        "--timestep-low",
+        type=float,
+        default=SHAPES_TIMESTEP_LOW,
+        help="lowest training timestep, a fraction of the schedule (the shapes world's default; 0: uniform t)",
+    )
     p.add_argument("--probes", type=int, default=48, help="judge probe prompts")
     p.add_argument("--probe-seeds", type=int, default=2)
     p.add_argument(
@@ -111,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
         beta=args.beta,
         objective=args.objective,
         continue_rejected=args.continue_rejected,
+        timestep_low=args.timestep_low,
         space=args.space,
         shapes_probes=args.probes,
         probe_seeds=args.probe_seeds,
@@ -226,6 +234,7 @@ def markdown(result: dict, stem: str = "loop") -> str:
         f"{result['raters'].get('votes', 0)} votes in {result['wall_s'] / 60:.1f} min on this 2-core CPU; "
         f"{result['config']['objective']} in {result['config']['space']} space, "
         f"{result['config']['max_steps']} steps per round, lr {result['config']['lr']}, beta {result['config']['beta']}"
+        + (f", timesteps t >= {low:g} T" if (low := result["config"].get("timestep_low")) else ", uniform timesteps")
         + _line_text(result["config"].get("continue_rejected")),
         "",
         "| round | status | version | started from | round time (s) | votes so far | judge | base "

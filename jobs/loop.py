@@ -54,6 +54,9 @@ class LoopConfig:
     batch_size: int = 8
     lora_rank: int = 8  # fixed for the life of a deployment (hot-swap needs the same rank and targets)
     lora_alpha: int = 8
+    # Lowest training timestep as a fraction of the schedule (ncp.train --timestep-low): 0 is the paper's uniform t;
+    # the shapes world trains on t >= 0.3 T, where its preferences are decided (ncp.shapes.model.DEFAULT_TIMESTEP_LOW).
+    timestep_low: float = 0.0
     extra_train_args: tuple[str, ...] = ()
     launcher: tuple[str, ...] = (sys.executable, "-m", "ncp.train")  # or ("accelerate", "launch", "-m", "ncp.train")
     evaluator: tuple[str, ...] = (sys.executable, "-m", "ncp.evaluate")
@@ -75,6 +78,8 @@ class LoopConfig:
     def __post_init__(self) -> None:
         if self.objective not in ("dpo", "cpo", "sft") or self.space not in ("latent", "ncp"):
             raise ValueError(f"objective must be dpo|cpo|sft and space latent|ncp, got {self.objective}/{self.space}.")
+        if not 0 <= self.timestep_low < 1:
+            raise ValueError(f"timestep_low is a fraction of the schedule in [0, 1), got {self.timestep_low}.")
         if self.continue_rejected < 0:
             raise ValueError(f"continue_rejected must be >= 0 rounds, got {self.continue_rejected}.")
         if not 0 < self.max_rater_share <= 1:
@@ -237,6 +242,8 @@ class AlignmentLoop:
             str(cfg.beta),
             "--lr",
             str(cfg.lr),
+            "--timestep-low",
+            str(cfg.timestep_low),
             "--max-steps",
             str(cfg.max_steps),
             "--batch-size",

@@ -20,6 +20,7 @@ from jobs.runtime import SHAPES_MODEL, ArenaConfig
 from ncp.serving import SamplingConfig
 from ncp.shapes.model import DEFAULT_GUIDANCE as SHAPES_GUIDANCE
 from ncp.shapes.model import DEFAULT_STEPS as SHAPES_STEPS
+from ncp.shapes.model import DEFAULT_TIMESTEP_LOW as SHAPES_TIMESTEP_LOW
 
 
 # -- configuration ---------------------------------------------------------------------------------------------------
@@ -51,6 +52,11 @@ ENV_VARS: tuple[EnvVar, ...] = (
         "NCP_CONTINUE_REJECTED",
         str(_LOOP.continue_rejected),
         "rounds in a row a rejected candidate seeds the next round (0: always restart from the served version)",
+    ),
+    EnvVar(
+        "NCP_TIMESTEP_LOW",
+        f"{_LOOP.timestep_low:g} (shapes model: {SHAPES_TIMESTEP_LOW:g})",
+        "lowest training timestep of a round, as a fraction of the noise schedule (0: uniform t, as the paper)",
     ),
     EnvVar("NCP_STEPS", f"{_SAMPLING.steps} (shapes model: {SHAPES_STEPS})", "diffusion steps per arena image"),
     EnvVar("NCP_GUIDANCE", str(_SAMPLING.guidance), "classifier-free guidance scale of arena images"),
@@ -147,6 +153,9 @@ def config_from_env(env: Mapping[str, str]) -> ArenaConfig:
         train_every_s=float(env_value(env, "NCP_TRAIN_EVERY_S", float, _LOOP.train_every_s)),
         min_new_votes=int(env_value(env, "NCP_MIN_NEW_VOTES", int, _LOOP.min_new_votes)),
         continue_rejected=int(env_value(env, "NCP_CONTINUE_REJECTED", int, _LOOP.continue_rejected)),
+        timestep_low=float(
+            env_value(env, "NCP_TIMESTEP_LOW", float, SHAPES_TIMESTEP_LOW if shapes else _LOOP.timestep_low)
+        ),
     )
     sampling = SamplingConfig(
         steps=int(env_value(env, "NCP_STEPS", int, SHAPES_STEPS if shapes else _SAMPLING.steps)),

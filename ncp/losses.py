@@ -22,6 +22,14 @@ if TYPE_CHECKING:
     from ncp.trainer import TrainConfig
 
 
+def timestep_bounds(config: TrainConfig, num_train_timesteps: int) -> tuple[int, int]:
+    """[lo, hi) of the training timesteps: the whole schedule by default (METHOD.md: t ~ U{0..T-1}), or the slice
+    `timestep_low`..`timestep_high` of it. Diffusion-DPO's loss is an expectation over t (Wallace et al. eq. 14);
+    restricting t reweights it towards the noise levels at which the preferred attributes are decided."""
+    lo = min(int(config.timestep_low * num_train_timesteps), num_train_timesteps - 1)
+    return lo, max(lo + 1, round(config.timestep_high * num_train_timesteps))
+
+
 def pair_loss(
     unet: torch.nn.Module,
     scheduler: DDPMScheduler,
@@ -43,7 +51,8 @@ def pair_loss(
     k = config.noise_draws
     # ONE timestep, noise and variance noise per pair and draw, shared by its chosen and rejected image (METHOD.md).
     noise = torch.randn((k * b, *shape), generator=generator).repeat(2, 1, 1, 1).to(device)
-    steps = torch.randint(0, scheduler.config.num_train_timesteps, (k * b,), generator=generator).repeat(2).to(device)
+    lo, hi = timestep_bounds(config, scheduler.config.num_train_timesteps)
+    steps = torch.randint(lo, hi, (k * b,), generator=generator).repeat(2).to(device)
     z = (
         torch.randn((k * b, *shape), generator=generator).repeat(2, 1, 1, 1).to(device)
         if config.space == "ncp"

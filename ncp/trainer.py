@@ -78,6 +78,12 @@ class TrainConfig:
         "then amplifies only the prompt-specific change; 0 = off",
     )
     noise_draws: int = _opt(1, "(t, eps) draws per pair per step, averaged inside the loss: less variance, K x cost")
+    timestep_low: float = _opt(0.0, "lowest training timestep, as a fraction of the schedule (0 = t from 0)")
+    timestep_high: float = _opt(
+        1.0,
+        "highest training timestep, as a fraction of the schedule; t ~ U[low T, high T). Global attributes "
+        "(colour, size, background) are decided at high noise, so a preference on them is learned there",
+    )
     lr: float = _opt(1e-5, "AdamW learning rate (constant after warm-up)")
     lr_warmup_steps: int = _opt(0, "linear learning-rate warm-up, in optimizer steps")
     weight_decay: float = _opt(1e-2, "AdamW weight decay (paper: 1e-2)")
@@ -117,6 +123,8 @@ class TrainConfig:
             "sft_weight": self.sft_weight >= 0 and math.isfinite(self.sft_weight),
             "dpo_anchor": self.dpo_anchor >= 0 and math.isfinite(self.dpo_anchor),
             "noise_draws": self.noise_draws >= 1,
+            "timestep_low": 0.0 <= self.timestep_low < self.timestep_high,
+            "timestep_high": self.timestep_low < self.timestep_high <= 1.0,
             "uncond_weight": self.uncond_weight >= 0 and math.isfinite(self.uncond_weight),
             "lr": self.lr > 0 and math.isfinite(self.lr),
             "max_grad_norm": self.max_grad_norm > 0,

@@ -20,6 +20,7 @@ from gradio_client import Client
 import app
 from jobs.registry import BASE
 from ncp.serving import PairMix
+from ncp.shapes.model import DEFAULT_TIMESTEP_LOW as SHAPES_TIMESTEP_LOW
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTCOMES = ("left", "right", "tie", "both_bad")
@@ -225,6 +226,7 @@ def test_config_from_env_maps_every_variable(tmp_path: Path) -> None:
         "NCP_TRAIN_EVERY_S": "60",
         "NCP_MIN_NEW_VOTES": "5",
         "NCP_CONTINUE_REJECTED": "0",
+        "NCP_TIMESTEP_LOW": "0.5",
         "NCP_STEPS": "7",
         "NCP_GUIDANCE": "1.5",
         "NCP_SCHEDULE": "0",
@@ -244,10 +246,14 @@ def test_config_from_env_maps_every_variable(tmp_path: Path) -> None:
     assert cfg.data_dir == tmp_path / "d" and cfg.model == str(tmp_path / "m") and cfg.loop.model == cfg.model
     assert (cfg.admin_token, cfg.admin_users, cfg.rater_salt) == ("tok", ("alice", "bob"), "0123456789abcdef0123")
     assert (cfg.loop.train_every_s, cfg.loop.min_new_votes, cfg.loop.continue_rejected) == (60.0, 5, 0)
+    assert cfg.loop.timestep_low == 0.5
     assert (cfg.sampling.steps, cfg.sampling.guidance, cfg.schedule, cfg.prefetch) == (7, 1.5, False, 3)
     default = app.config_from_env({})
     assert default.schedule and default.admin_token is None and default.is_shapes and default.hub_push is None
     assert default.generation_worker and default.device == "auto"  # the app generates in its own process
+    # The shapes world trains on its high-noise slice; another model keeps the paper's uniform t unless told.
+    other = app.config_from_env({"NCP_MODEL": str(tmp_path / "m")})
+    assert default.loop.timestep_low == SHAPES_TIMESTEP_LOW > 0 == other.loop.timestep_low
     for bad, match in [
         ({"NCP_STEPS": "many"}, "NCP_STEPS"),
         ({"NCP_SCHEDULE": "yes"}, "NCP_SCHEDULE"),
@@ -259,6 +265,7 @@ def test_config_from_env_maps_every_variable(tmp_path: Path) -> None:
         ({"NCP_DEVICE": "tpu"}, "NCP_DEVICE"),
         ({"NCP_DEVICE": "cuda:first"}, "NCP_DEVICE"),
         ({"NCP_CONTINUE_REJECTED": "-1"}, "continue_rejected"),
+        ({"NCP_TIMESTEP_LOW": "1"}, "timestep_low"),
     ]:
         with pytest.raises(ValueError, match=match):
             app.config_from_env(bad)

@@ -159,3 +159,24 @@ def test_a_sweep_can_train_on_a_given_parquet_of_pairs(tmp_path: Path) -> None:
     text = sweep._source({"pairs_file": "runs/snap.parquet", "pairs": 800})
     assert text.startswith("strict-preference pairs (ties dropped) read from `runs/snap.parquet`")
     assert sweep._source({"pairs": 800}) == "judge-labelled on-policy pairs from 800 held-in prompts"
+
+
+def test_timestep_slices_are_compared_with_uniform_t_averaged_over_seeds() -> None:
+    def run(options: dict, late: tuple[float, float], objective: str = "dpo") -> dict:
+        config = [objective, "ncp", 1e-3, None if objective == "sft" else 5e5, "attn", 8, options]
+        return {"config": config, "curve": [[0, 0.6], [300, 0.61], [600, late[0]], [900, late[1]]]}
+
+    res = {"runs": {
+        "uniform": run({}, (0.62, 0.62)),
+        "uniform-seed": run({"seed": 1}, (0.61, 0.63)),
+        "high": run({"t": [0.3, 1.0]}, (0.64, 0.66)),
+        "low": run({"t": [0.0, 0.5]}, (0.55, 0.57)),
+        "anchored": run({"t": [0.3, 1.0], "anchor": 5}, (0.70, 0.70)),  # another method: not in this comparison
+        "sft": run({"t": [0.5, 1.0]}, (0.5, 0.5), objective="sft"),  # beta None renders as "-"
+    }}  # fmt: skip
+    (line,) = sweep._timesteps(res, 0.6)
+    assert "t in [0.3, 1) T: +0.050; t in [0, 1) T: +0.020 (2 seeds); t in [0, 0.5) T: -0.040." in line
+    assert "ncp-dpo, lr 0.001, beta 500000, attn" in line and "0.70" not in line
+    assert sweep._timesteps({"runs": {"high": res["runs"]["high"]}}, 0.6) == []  # no uniform-t twin: no comparison
+    assert sweep.method(res["runs"]["high"]["config"]) == "ncp-dpo t 0.3-1"
+    assert "ncp-sft t 0.5-1 (lr 0.001, beta -, attn)" in sweep._trainer_options(res, 0.6)[0]

@@ -8,6 +8,7 @@ Each round runs the real `python -m ncp.train` and `python -m ncp.evaluate` subp
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -70,10 +71,13 @@ def with_launcher(rt: Runtime, mode: str | None, **overrides) -> None:
 
 def test_two_rounds_promote_hot_swap_and_record_lineage(runtime: Runtime) -> None:
     rt = runtime
-    with_launcher(rt, None)
+    with_launcher(rt, None, timestep_low=0.3)
     first = rt.loop.run_round()
     assert first.status == "promoted", first.reason
     assert first.version == "v0001" and first.parent == "base"
+    # The round's trainer ran with the loop's timestep floor (its own record, next to the published weights).
+    trained = json.loads((rt.registry.info("v0001").folder / "metrics.json").read_text())["config"]
+    assert (trained["timestep_low"], trained["timestep_high"]) == (0.3, 1.0)
     assert rt.registry.current() == "v0001" == rt.generation.serving_version
     # Raters keep voting between rounds; the new votes come from the new version.
     pair = rt.arena.next_pair("session-x")

@@ -21,8 +21,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import ncp.losses
 from ncp.adapters import LoraSettings, add_lora, lora_parameters
 from ncp.data import PairBatch
+from ncp.losses import timestep_bounds
 from ncp.pipelines import (
     build_tiny_sd15,
     build_tiny_sdxl,
@@ -196,7 +198,8 @@ def test_config_validation_and_generated_help() -> None:
     with pytest.raises(ValueError, match="mixed_precision='fp8'"):
         TrainConfig(mixed_precision="fp8")  # type: ignore[arg-type]
     bad_values = (dict(beta=0.0), dict(lr=float("nan")), dict(batch_size=0), dict(resolution=30), dict(max_steps=0),
-                  dict(noise_draws=0), dict(dpo_anchor=-1.0))  # fmt: skip
+                  dict(noise_draws=0), dict(dpo_anchor=-1.0), dict(timestep_low=-0.1), dict(timestep_high=1.5),
+                  dict(timestep_low=0.6, timestep_high=0.5))  # fmt: skip
     for bad in bad_values:
         with pytest.raises(ValueError, match="out of range"):
             TrainConfig(**bad)
@@ -240,6 +243,38 @@ def test_two_process_accelerate_launch(world: dict[str, Path]) -> None:
     m1, m2 = (json.loads((f / "metrics.json").read_text()) for f in (single, out))
     assert m1.keys() == m2.keys() and m2["num_processes"] == 2 and m2["effective_batch"] == 4
     assert m2["replicas_in_sync"] is True and m2["steps"] == 4
+
+
+def test_training_timesteps_stay_in_the_configured_slice_of_the_schedule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`timestep_low`/`timestep_high` bound the t that pair_loss draws (all of 0..T-1 by default, as METHOD.md), and a
+    pair's chosen and rejected image still share theirs."""
+    assert timestep_bounds(TrainConfig(), 1000) == (0, 1000)
+    assert timestep_bounds(TrainConfig(timestep_low=0.3), 1000) == (300, 1000)
+    assert timestep_bounds(TrainConfig(timestep_low=0.5, timestep_high=0.5005), 1000) == (500, 501)  # never empty
+    torch.manual_seed(0)
+    pipe = build_tiny_sd15(seed=1)
+    add_lora(pipe.unet, LoraSettings(rank=4, alpha=4))
+    batch = PairBatch(("a red circle", "a blue square"), torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8),
+                      torch.zeros(2, 6))  # fmt: skip
+    cond = encode_prompts(pipe, list(batch.prompts))
+    seen: list[torch.Tensor] = []
+    real = ncp.losses.per_sample_errors
+
+    def spy(unet, scheduler, latents, noise, steps, *args, **kwargs):  # noqa: ANN001, ANN202
+        seen.append(steps.clone())
+        return real(unet, scheduler, latents, noise, steps, *args, **kwargs)
+
+    monkeypatch.setattr(ncp.losses, "per_sample_errors", spy)
+    for low, high in [(0.0, 1.0), (0.7, 1.0), (0.0, 0.2)]:
+        seen.clear()
+        config = TrainConfig(space="ncp", beta=5e5, noise_draws=32, timestep_low=low, timestep_high=high)
+        pair_loss(pipe.unet, pipe.scheduler, batch, cond, config, torch.Generator().manual_seed(0), sdxl=False)
+        steps = seen[0]
+        chosen, rejected = steps.chunk(2)
+        assert torch.equal(chosen, rejected)  # shared by the pair's two images
+        t_max = pipe.scheduler.config.num_train_timesteps
+        assert int(steps.min()) >= low * t_max and int(steps.max()) < high * t_max
+        assert int(steps.max()) - int(steps.min()) > 0.5 * (high - low) * t_max  # spread over the slice, not one t
 
 
 def test_noise_draws_average_errors_over_draws_and_cut_the_loss_variance() -> None:

@@ -29,6 +29,10 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # steps score within 0.015 of 20 on the judge (bench/shapes_recipe.py) and keep a pair under 1 s on this CPU.
 DEFAULT_STEPS = 12
 DEFAULT_GUIDANCE = 4.0
+# Lowest training timestep (fraction of the schedule) of the live loop's preference rounds on this world. Colour, size
+# and background are decided at high noise; NCP-DPO on t < 0.5 T alone lowered the judge score, on t >= 0.3 T it gained
+# about twice what a uniform t gained (docs/BENCHMARKS.md, section alignment-sweep-headroom-timesteps).
+DEFAULT_TIMESTEP_LOW = 0.3
 NOISE_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
 # SD1.5's schedule: its terminal SNR is small but not zero, which eps-prediction needs to get the coarse layout
 # (background colour, position) right at the high-noise end (Lin et al. 2023, "Common Diffusion Noise Schedules and
