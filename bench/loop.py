@@ -224,8 +224,9 @@ def markdown(result: dict, stem: str = "loop") -> str:
     model, name = result["config"].get("model", ""), stem.removeprefix("loop").lstrip("_")
     head = ["## The live loop (`python -m bench.loop`)", ""]
     if name:  # another base: name it, and say how to rebuild it and rerun
-        votes = result["config"].get("votes", 2000)
-        flags = f" --votes {votes}" if votes != 2000 else ""  # the default budget needs no flag
+        c = result["config"]  # flags only where the run differed from the defaults
+        flags = "".join(f" --{k.replace('_', '-')} {c[k]:g}" for k, v in (("votes", 2000), ("minutes", 30.0),
+                        ("timestep_low", SHAPES_TIMESTEP_LOW)) if k in c and c[k] != v)  # fmt: skip
         head = [f"## The live loop on `{model}`", "", f"Rerun: `python -m bench.loop --model {model}{flags} --name {name}` "
                 f"(how that base is built: section `alignment-sweep-{name}`).", ""]  # fmt: skip
     lines = [

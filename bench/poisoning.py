@@ -24,14 +24,17 @@ arm is the judge score of the version served after the last round minus the base
 from __future__ import annotations
 
 import math
+import multiprocessing
 import random
 import shutil
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import torch
 from PIL import Image
 
 from feedback_store import VoteRejected
@@ -40,6 +43,7 @@ from jobs.loop import LoopConfig
 from jobs.runtime import SHAPES_MODEL, ArenaConfig, Runtime
 from ncp.serving import SamplingConfig
 from ncp.shapes.model import DEFAULT_STEPS
+from ncp.shapes.model import DEFAULT_TIMESTEP_LOW as SHAPES_TIMESTEP_LOW
 from ncp.shapes.rater import SimulatedRater
 
 ARMS = ("clean", "poisoned", "defended")
@@ -49,8 +53,10 @@ ARMS = ("clean", "poisoned", "defended")
 class PoisonSettings:
     raters: int = 10
     adversarial_share: float = 0.2
-    rounds: int = 2
-    votes_per_round: int = 300  # votes of all raters together between two rounds
+    # The live loop on a base with headroom gained only after about 4 rounds (docs/BENCHMARKS.md, loop-headroom): the
+    # clean arm needs as many for a gain the defended one can be a share of.
+    rounds: int = 5
+    votes_per_round: int = 600  # votes of all raters together between two rounds
     ratings_per_pair: int = 3  # sessions a pool pair is shown to (the consensus the disagreement rule reads)
     noise: float = 0.05  # logistic temperature of every rater's choice (SimulatedRater)
     median_vote_ms: float = 4000.0
@@ -58,14 +64,19 @@ class PoisonSettings:
     # (SimulatedRater's default for adversaries, 0.3, turns most pairs of a decent model into both_bad: no effect).
     adversary_both_bad_below: float = 0.0
     steps: int = DEFAULT_STEPS  # arena sampling steps (the shapes model's default)
-    max_steps: int = 120  # training steps per round
-    lr: float = 5e-4
+    max_steps: int = 100  # training steps per round (the live loop benchmark's)
+    lr: float = LoopConfig().lr
     beta: float = LoopConfig().beta
+    timestep_low: float = SHAPES_TIMESTEP_LOW  # the shapes world's training timesteps (jobs/settings.py)
     probes: int = 48  # judge probe prompts of each round's evaluation
-    probe_seeds: int = 2
+    probe_seeds: int = 4  # 4 seeds: the paired gain's 95% CI about 0.015 where 2 seeds gave 0.022
     seed: int = 0
     keep_data: bool = False
     model: str = str(SHAPES_MODEL)  # the base every arm serves and trains (a base with headroom: --model)
+    # Arms run in this many processes at once. Each arm mostly keeps one core busy (it votes, then trains, then
+    # judges), so on 2 cores 3 arms take about half the serial time. Results do not depend on it (each arm has its own
+    # seeds and data dir); the round seconds do.
+    parallel_arms: int = 3
 
 
 def adversaries(s: PoisonSettings) -> set[int]:
@@ -90,6 +101,7 @@ def arm_config(arm: str, s: PoisonSettings, data_dir: Path) -> ArenaConfig:
         max_steps=s.max_steps,
         lr=s.lr,
         beta=s.beta,
+        timestep_low=s.timestep_low,
         shapes_probes=s.probes,
         probe_seeds=s.probe_seeds,
         min_new_votes=1,
@@ -204,9 +216,20 @@ def round_row(rt: Runtime, res, adv_ids: set[str], seconds: float) -> dict:
     }
 
 
+def _run_arm_alone(arm: str, s: PoisonSettings, work: Path) -> dict:
+    torch.set_num_threads(1)  # the parent's setting does not reach a spawned process
+    return run_arm(arm, s, work)
+
+
 def run(s: PoisonSettings, work: Path | None = None, arms: tuple[str, ...] = ARMS) -> dict:
     work = Path(work or tempfile.mkdtemp(prefix="ncp-poisoning-"))
-    results = {arm: run_arm(arm, s, work) for arm in arms}
+    if s.parallel_arms > 1 and len(arms) > 1:
+        # spawn: a fresh interpreter per arm (forking a process that holds torch's thread pools is unsafe)
+        with ProcessPoolExecutor(s.parallel_arms, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {arm: pool.submit(_run_arm_alone, arm, s, work) for arm in arms}
+            results = {arm: f.result() for arm, f in futures.items()}
+    else:
+        results = {arm: run_arm(arm, s, work) for arm in arms}
     out = {"settings": asdict(s) | {"adversary_indices": sorted(adversaries(s))}, "arms": results}
     out["goal"] = goal(results)
     return out

@@ -6,8 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench.docs import ROOT, repo_path
+from bench.poisoning import PoisonSettings
 from bench.reliability_http import LoadSettings, server_env
 from jobs.abuse import AbuseConfig
+
+_F = PoisonSettings()  # the poisoning part's full size (bench/reliability.py FULL)
 
 LOAD_GOAL = (
     "32 clients x 300 votes, hot-swap every 10 s, a training round: 0 failed requests, 0 lost or duplicated acks"
@@ -195,7 +198,9 @@ def poisoning_section(r: dict) -> list[str]:
         f"{s['adversary_indices']}), {s['rounds']} round(s) of {s['votes_per_round']} votes, each pool pair shown to "
         f"{s['ratings_per_pair']} raters, rater noise {s['noise']}, median time to vote {s['median_vote_ms']:.0f} ms, "
         f"adversaries say both_bad below {s.get('adversary_both_bad_below', 0.3)}; "
-        f"NCP-DPO {s['max_steps']} steps per round, lr {s['lr']}, beta {s['beta']:g}; judge on {s['probes']} probe "
+        f"NCP-DPO {s['max_steps']} steps per round, lr {s['lr']}, beta {s['beta']:g}"
+        + (f", timesteps t >= {s['timestep_low']:g} T" if s.get("timestep_low") else "")
+        + f"; judge on {s['probes']} probe "
         f"prompts x {s['probe_seeds']} seed(s); seed {s['seed']}. Whole part {r['part_wall_s'] / 60:.1f} min.",
         "",
         "| arm | defences | adversaries | pairs trained (from adversaries) per round | shadow-excluded "
@@ -267,8 +272,9 @@ def render(result: dict) -> str:
         "```",
         "",
         "Full sizes: load and crash 32 clients x 300 votes through `python app.py` as is (its default round: "
-        "120 training steps, 24 judge probes x 2 seeds); poisoning 10 raters, 2 rounds of 300 votes, 120 steps, "
-        "48 probes x 2 seeds. Quick sizes: 8 clients x 30 votes with a 10-step round (bench/reliability_server.py "
+        f"120 training steps, 24 judge probes x 2 seeds); poisoning {_F.raters} raters, {_F.rounds} rounds of "
+        f"{_F.votes_per_round} votes, {_F.max_steps} steps, {_F.probes} probes x {_F.probe_seeds} seeds, the 3 arms in "
+        f"{_F.parallel_arms} processes at once. Quick sizes: 8 clients x 30 votes with a 10-step round (bench/reliability_server.py "
         "runs app.py's `main()` with only the round's LoopConfig fields replaced); poisoning 5 raters (1 adversary), 1 round of "
         "150 votes, 20 steps, 8 probes x 1 seed. A part last run at quick size gets a full-size time estimate at the end "
         "of this page.",
@@ -312,10 +318,12 @@ def estimates(parts: dict) -> list[str]:
         for a in r["arms"].values():
             rounds = sum(x["seconds"] for x in a["rounds"])
             voting = a["seconds"] - rounds
-            total += voting * (2 * 300) / (s["rounds"] * s["votes_per_round"])
-            total += 2 * rounds / s["rounds"] * (120 / s["max_steps"] + 48 * 2 / (s["probes"] * s["probe_seeds"])) / 2
+            total += voting * (_F.rounds * _F.votes_per_round) / (s["rounds"] * s["votes_per_round"])
+            per_probe = _F.probes * _F.probe_seeds / (s["probes"] * s["probe_seeds"])
+            total += _F.rounds * rounds / s["rounds"] * (_F.max_steps / s["max_steps"] + per_probe) / 2
         lines.append(
-            f"- poisoning: about {total / 60:.0f} min (3 arms x 2 rounds; a coarse scaling of the quick run)."
+            f"- poisoning: about {total / 60:.0f} min run one arm after another (3 arms x {_F.rounds} rounds; a coarse "
+            f"scaling of the quick run), less with the {_F.parallel_arms} arms in parallel."
         )
     return lines
 

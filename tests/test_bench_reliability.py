@@ -8,6 +8,7 @@ poisoning arms run end to end; the doc renders from the results.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,22 @@ def test_poisoning_arm_runs_a_round_and_reports_its_gain(tmp_path) -> None:
     assert diag["adversaries"]["raters"] == 1 and diag["honest"]["raters"] == 4 and diag["honest"]["votes"] > 0
     doc = render({"parts": {"poisoning": out | {"mode": "test", "finished": "now", "part_wall_s": 1.0}}})
     assert "## 4. Poisoning" in doc
+
+
+@pytest.mark.slow
+def test_poisoning_arms_run_in_parallel_processes_with_their_own_settings(tmp_path) -> None:
+    """parallel_arms > 1: each arm in a spawned process; both come back whole, with the clean arm's adversary-free
+    raters and the trainer's timestep floor from the settings."""
+    s = poisoning.PoisonSettings(raters=5, rounds=1, votes_per_round=30, max_steps=2, probes=2, probe_seeds=1,
+                                 steps=2, parallel_arms=2, keep_data=True)  # fmt: skip
+    out = poisoning.run(s, tmp_path, arms=("clean", "poisoned"))
+    assert set(out["arms"]) == {"clean", "poisoned"} and "goal" in out
+    assert (out["arms"]["clean"]["adversaries"], out["arms"]["poisoned"]["adversaries"]) == (0, 1)
+    for arm in ("clean", "poisoned"):
+        (row,) = out["arms"][arm]["rounds"]
+        assert row["status"] == "promoted" and row["pairs_trained"] > 0, row
+        (metrics,) = (tmp_path / arm).rglob("adapters/v0001/metrics.json")
+        assert json.loads(metrics.read_text())["config"]["timestep_low"] == s.timestep_low > 0
 
 
 def test_training_data_line_counts_what_reached_the_trainer_per_arm() -> None:
