@@ -53,10 +53,11 @@ ARMS = ("clean", "poisoned", "defended")
 class PoisonSettings:
     raters: int = 10
     adversarial_share: float = 0.2
-    # The live loop on a base with headroom gained only after about 4 rounds (docs/BENCHMARKS.md, loop-headroom): the
-    # clean arm needs as many for a gain the defended one can be a share of.
-    rounds: int = 5
-    votes_per_round: int = 600  # votes of all raters together between two rounds
+    # The clean arm needs a gain above its CI for the defended arm's to be a share of: on a base with headroom the
+    # gain grows with the steps of the training line, about +0.03 after 800 (docs/BENCHMARKS.md, loop-headroom and
+    # alignment-sweep-headroom-timesteps), more than with the votes once there are a thousand.
+    rounds: int = 4
+    votes_per_round: int = 400  # votes of all raters together between two rounds
     ratings_per_pair: int = 3  # sessions a pool pair is shown to (the consensus the disagreement rule reads)
     noise: float = 0.05  # logistic temperature of every rater's choice (SimulatedRater)
     median_vote_ms: float = 4000.0
@@ -64,7 +65,7 @@ class PoisonSettings:
     # (SimulatedRater's default for adversaries, 0.3, turns most pairs of a decent model into both_bad: no effect).
     adversary_both_bad_below: float = 0.0
     steps: int = DEFAULT_STEPS  # arena sampling steps (the shapes model's default)
-    max_steps: int = 100  # training steps per round (the live loop benchmark's)
+    max_steps: int = 200  # training steps per round (twice the live loop benchmark's: the arm has fewer rounds)
     lr: float = LoopConfig().lr
     beta: float = LoopConfig().beta
     timestep_low: float = SHAPES_TIMESTEP_LOW  # the shapes world's training timesteps (jobs/settings.py)

@@ -299,6 +299,8 @@ class AlignmentLoop:
             str(cfg.threads),
             "--version",
             f"candidate={cand}",
+            "--timestep-low",
+            str(cfg.timestep_low),
         ]
         if parent != BASE:
             ecmd += ["--version", f"serving={self.registry.info(parent).folder}"]

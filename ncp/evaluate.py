@@ -34,9 +34,17 @@ PROBE_SEED = 777  # probe prompts come from this seed; the arena's prompt pool e
 
 @torch.no_grad()
 def reward_margins(
-    pipe, adapters: Sequence[str], data: Sequence[str | Path], *, draws: int = 4, seed: int = 0, batch: int = 16
+    pipe,
+    adapters: Sequence[str],
+    data: Sequence[str | Path],
+    *,
+    draws: int = 4,
+    seed: int = 0,
+    batch: int = 16,
+    timestep_low: float = 0.0,
 ) -> dict[str, np.ndarray]:
-    """Per held-out pair, the implicit reward margin r(chosen) - r(rejected) of each loaded adapter name."""
+    """Per held-out pair, the implicit reward margin r(chosen) - r(rejected) of each loaded adapter name, over t in
+    [timestep_low T, T): the slice the rounds train on (ncp.losses.timestep_bounds), where the reward lives."""
     pairs, _ = load_pairs(list(data))
     if not pairs:
         return {a: np.zeros(0) for a in adapters}
@@ -44,6 +52,8 @@ def reward_margins(
     encoded = encode_pairs(pairs, pipe.vae, resolution=size, model_key="eval")
     sched, unet, sdxl = pipe.scheduler, pipe.unet, is_sdxl(pipe)
     gen = torch.Generator().manual_seed(seed)
+    t_max = sched.config.num_train_timesteps
+    lo = min(int(timestep_low * t_max), t_max - 1)
     out = {a: [] for a in adapters}
     for i in range(0, len(encoded), batch):
         chunk = encoded[i : i + batch]
@@ -54,7 +64,7 @@ def reward_margins(
         for _ in range(draws):
             # One t and eps per pair, shared by its two images (METHOD.md).
             eps = torch.randn((len(chunk), *lat.shape[1:]), generator=gen).repeat(2, 1, 1, 1)
-            t = torch.randint(0, sched.config.num_train_timesteps, (len(chunk),), generator=gen).repeat(2)
+            t = torch.randint(lo, t_max, (len(chunk),), generator=gen).repeat(2)
             x_t = noisy_latents(sched, lat, eps, t)
 
             def err(x_t=x_t, t=t, eps=eps, cond=cond, added=added) -> torch.Tensor:
@@ -119,13 +129,14 @@ def evaluate(
     guidance: float = 3.0,
     draws: int = 4,
     probe_cache: Path | None = None,
+    timestep_low: float = 0.0,
 ) -> dict:
     pipe = load_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
     for name, folder in versions.items():
         pipe.load_lora_weights(str(folder), adapter_name=name)  # raises on a corrupt or incompatible adapter
     result: dict = {"versions": {}}
-    margins = reward_margins(pipe, list(versions), data, draws=draws) if data else {}
+    margins = reward_margins(pipe, list(versions), data, draws=draws, timestep_low=timestep_low) if data else {}
     n_pairs = len(next(iter(margins.values()))) if margins else 0
     result["eval_pairs"] = n_pairs
     probes, cache = None, ProbeCache(probe_cache)
@@ -206,6 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=20, help="sampling steps for probe images")
     p.add_argument("--guidance", type=float, default=3.0, help="guidance scale for probe images")
     p.add_argument("--draws", type=int, default=4, help="(t, eps) draws per held-out pair")
+    p.add_argument("--timestep-low", type=float, default=0.0, help="draw t from [this x T, T), as the rounds train")
     p.add_argument(
         "--probe-cache", type=Path, help="JSON file caching probe scores of base and versions across rounds"
     )
@@ -230,6 +242,7 @@ def main(argv: list[str] | None = None) -> None:
         guidance=args.guidance,
         draws=args.draws,
         probe_cache=args.probe_cache,
+        timestep_low=args.timestep_low,
     )
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(res, indent=2))

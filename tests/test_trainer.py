@@ -336,3 +336,28 @@ def test_uncond_weight_adds_the_empty_prompt_drift_and_pulls_it_back(build) -> N
     optimizer = torch.optim.SGD(params, lr=1e-2 / max(p.grad.abs().max().item() for p in params if p.grad is not None))
     optimizer.step()
     assert losses()[1].metrics["uncond_drift"] < drift
+
+
+def test_held_out_margins_read_the_slice_of_the_schedule_the_rounds_train_on(
+    world: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ncp.evaluate.reward_margins draws t from [timestep_low T, T) (the loop passes its own floor), a finite margin per
+    held-out pair either way."""
+    import ncp.evaluate
+
+    out = world["root"] / "margins-adapter"
+    train(TrainConfig(**FAST, max_steps=2), model=str(world["model"]), data=str(world["data"]), out=out,
+          show_progress=False)  # fmt: skip
+    pipe = load_pipeline(str(world["model"]))
+    pipe.load_lora_weights(str(out), adapter_name="cand")
+    seen: list[torch.Tensor] = []
+    real = ncp.evaluate.noisy_latents
+    monkeypatch.setattr(ncp.evaluate, "noisy_latents", lambda s, x, e, t: seen.append(t) or real(s, x, e, t))
+    for low in (0.0, 0.6):
+        seen.clear()
+        margins = ncp.evaluate.reward_margins(pipe, ["cand"], [world["data"]], draws=3, timestep_low=low)["cand"]
+        assert margins.shape == (16,) and np.isfinite(margins).all()
+        steps = torch.cat(seen)
+        t_max = pipe.scheduler.config.num_train_timesteps
+        assert int(steps.min()) >= low * t_max and int(steps.max()) < t_max
+        assert (int(steps.min()) < 0.3 * t_max) == (low == 0.0)  # 48 uniform draws reach the low-noise end
