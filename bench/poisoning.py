@@ -30,7 +30,7 @@ import shutil
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -78,6 +78,10 @@ class PoisonSettings:
     # judges), so on 2 cores 3 arms take about half the serial time. Results do not depend on it (each arm has its own
     # seeds and data dir); the round seconds do.
     parallel_arms: int = 3
+    # The whole part this many times, with seeds seed, seed + 1, ... After round 1 each arm serves and trains its own
+    # versions, so one seed's arm-to-arm difference is mostly training noise (one run had the poisoned arm gain twice
+    # the clean one); the goal reads the mean gains over the replicates.
+    replicates: int = 3
 
 
 def adversaries(s: PoisonSettings) -> set[int]:
@@ -234,6 +238,50 @@ def run(s: PoisonSettings, work: Path | None = None, arms: tuple[str, ...] = ARM
     out = {"settings": asdict(s) | {"adversary_indices": sorted(adversaries(s))}, "arms": results}
     out["goal"] = goal(results)
     return out
+
+
+def replicate(s: PoisonSettings, work: Path | None = None) -> dict:
+    """`run` for seeds s.seed .. s.seed + replicates - 1: the first seed's full result, every seed's gains under
+    "replicates", and "goal" read from the mean gains (the first seed's own under "first_goal")."""
+    work = Path(work or tempfile.mkdtemp(prefix="ncp-poisoning-"))
+    outs = [run(replace(s, seed=s.seed + k), work / f"seed{s.seed + k}") for k in range(s.replicates)]
+    return combine(outs)
+
+
+def combine(outs: list[dict]) -> dict:
+    """One result from runs of the same settings with different seeds (the first is kept whole)."""
+    first = dict(outs[0])
+    if len(outs) > 1:
+        first["replicates"] = [arm_gains(o) for o in outs]
+        first["first_goal"], first["goal"] = first["goal"], replicate_goal(first["replicates"])
+    return first
+
+
+def arm_gains(out: dict) -> dict:
+    """A run's seed and, per arm, its gain and what it trained on."""
+    arms = {
+        name: {
+            "gain": a["gain"],
+            "gain_ci95": a["gain_ci95"],
+            "pairs_trained": sum(r["pairs_trained"] or 0 for r in a["rounds"]),
+            "adversary_pairs_trained": sum(r["adversary_pairs_trained"] or 0 for r in a["rounds"]),
+        }
+        for name, a in out["arms"].items()
+    }
+    return {"seed": out["settings"]["seed"], "arms": arms}
+
+
+def replicate_goal(reps: list[dict]) -> dict:
+    """Mean gain per arm over the replicates; the defended share is measurable when the clean gain is positive in
+    every replicate (a share of a gain that is sometimes negative means nothing)."""
+    names = list(reps[0]["arms"])
+    gains = {a: [r["arms"][a]["gain"] for r in reps] for a in names}
+    mean = {a: sum(g) / len(g) for a, g in gains.items()}
+    sd = {a: (sum((x - mean[a]) ** 2 for x in g) / max(1, len(g) - 1)) ** 0.5 for a, g in gains.items()}
+    measurable = "clean" in gains and all(x > 0 for x in gains["clean"])
+    share = mean["defended"] / mean["clean"] if measurable and "defended" in mean else None
+    return {"target": 0.8, "replicates": len(reps), "mean_gain": mean, "sd_gain": sd, "defended_share": share,
+            "met": None if share is None else share >= 0.8}  # fmt: skip
 
 
 def goal(results: dict) -> dict:

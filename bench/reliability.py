@@ -60,7 +60,7 @@ QUICK = {
     "crash": reliability_http.LoadSettings(clients=8, votes=30, crash_after=0.5, loop_overrides=QUICK_LOOP),
     # 5 raters (1 adversary) so each casts enough votes in one round for the review's rules to judge it.
     "poisoning": poisoning.PoisonSettings(
-        raters=5, rounds=1, votes_per_round=150, max_steps=20, probes=8, probe_seeds=1
+        raters=5, rounds=1, votes_per_round=150, max_steps=20, probes=8, probe_seeds=1, replicates=1
     ),
 }
 
@@ -77,7 +77,7 @@ def run_part(part: str, quick: bool, work: Path, model: Path = SHAPES_MODEL) -> 
             rows = bad_input.run_cases(srv)
         out = {"settings": {"model": "shapes-tiny", "steps": 2, "server": "in-process demo.launch"}, "cases": rows}
     else:
-        out = poisoning.run(settings, work / part)
+        out = poisoning.replicate(settings, work / part)
     out["mode"] = "quick" if quick else "full"
     out["part_wall_s"] = time.time() - t0
     return out

@@ -79,7 +79,9 @@ def summary(parts: dict) -> list[str]:
         lines.append(f"| poisoning | {POISON_GOAL} | not run yet | | |")
     else:
         arms = r["arms"]
-        res = ", ".join(f"{a} {_f(arms[a]['gain'], '+.3f')}" for a in arms)
+        mean = r["goal"].get("mean_gain")  # replicated: the goal reads the mean over seeds
+        res = ", ".join(f"{a} {_f(mean[a] if mean else arms[a]['gain'], '+.3f')}" for a in arms)
+        res += f" (mean of {r['goal']['replicates']} seeds)" if mean else ""
         share = r["goal"]["defended_share"]
         res += (
             f"; defended/clean {_f(share, '.0%')} ({r['mode']})"
@@ -237,14 +239,36 @@ def poisoning_section(r: dict) -> list[str]:
     reasons = sorted({e["reason"] for a in r["arms"].values() for e in a["shadow_excluded"] if e["reason"]})
     if reasons:
         lines += ["", "Why raters were excluded: " + "; ".join(reasons[:6])]
-    lines += findings(r) + training_data(r)
+    lines += findings(r) + training_data(r) + replicates_table(r)
     goal = r["goal"]
     lines += [
         "",
-        f"Goal (defended gain >= 80% of the clean gain): {_yes(goal['met'])}"
+        f"Goal (defended gain >= 80% of the clean gain{', mean over the seeds' if 'mean_gain' in goal else ''}): "
+        f"{_yes(goal['met'])}"
         + ("" if goal["defended_share"] is None else f" ({goal['defended_share']:.0%})")
         + ". Read it with the CIs: a gain within its CI of zero says little either way.",
     ]
+    return lines
+
+
+def replicates_table(r: dict) -> list[str]:
+    """The part's gains per seed (each seed its own prompts, pairs and raters' streams) and their mean."""
+    reps, goal = r.get("replicates"), r["goal"]
+    if not reps:
+        return []
+    arms = list(reps[0]["arms"])
+    lines = ["", f"The whole part with {len(reps)} seeds (the tables above are seed {reps[0]['seed']}'s). After "
+             "round 1 each arm serves its own versions, so arms differ by training noise as well as by their votes. "
+             "Gain (95% CI over probes) per arm, and adversarial pairs trained / all pairs trained:", "",
+             "| seed | " + " | ".join(arms) + " | " + " | ".join(f"{a} pairs (adversarial)" for a in arms[1:]) + " |",
+             "|---|" + "---|" * (2 * len(arms) - 1)]  # fmt: skip
+    for rep in reps:
+        a = rep["arms"]
+        lines.append(f"| {rep['seed']} | " + " | ".join(f"{a[n]['gain']:+.3f} ± {a[n]['gain_ci95'] or 0:.3f}" for n in arms)
+                     + " | " + " | ".join(f"{a[n]['pairs_trained']} ({a[n]['adversary_pairs_trained']})"
+                                          for n in arms[1:]) + " |")  # fmt: skip
+    lines.append("| mean ± sd | " + " | ".join(f"{goal['mean_gain'][n]:+.3f} ± {goal['sd_gain'][n]:.3f}" for n in arms)
+                 + " |" + " |" * (len(arms) - 1))  # fmt: skip
     return lines
 
 
@@ -274,7 +298,7 @@ def render(result: dict) -> str:
         "Full sizes: load and crash 32 clients x 300 votes through `python app.py` as is (its default round: "
         f"120 training steps, 24 judge probes x 2 seeds); poisoning {_F.raters} raters, {_F.rounds} rounds of "
         f"{_F.votes_per_round} votes, {_F.max_steps} steps, {_F.probes} probes x {_F.probe_seeds} seeds, the 3 arms in "
-        f"{_F.parallel_arms} processes at once. Quick sizes: 8 clients x 30 votes with a 10-step round (bench/reliability_server.py "
+        f"{_F.parallel_arms} processes at once, the whole part for {_F.replicates} seeds. Quick sizes: 8 clients x 30 votes with a 10-step round (bench/reliability_server.py "
         "runs app.py's `main()` with only the round's LoopConfig fields replaced); poisoning 5 raters (1 adversary), 1 round of "
         "150 votes, 20 steps, 8 probes x 1 seed. A part last run at quick size gets a full-size time estimate at the end "
         "of this page.",
@@ -322,8 +346,9 @@ def estimates(parts: dict) -> list[str]:
             per_probe = _F.probes * _F.probe_seeds / (s["probes"] * s["probe_seeds"])
             total += _F.rounds * rounds / s["rounds"] * (_F.max_steps / s["max_steps"] + per_probe) / 2
         lines.append(
-            f"- poisoning: about {total / 60:.0f} min run one arm after another (3 arms x {_F.rounds} rounds; a coarse "
-            f"scaling of the quick run), less with the {_F.parallel_arms} arms in parallel."
+            f"- poisoning: about {total / 60:.0f} min per seed run one arm after another (3 arms x {_F.rounds} rounds; "
+            f"a coarse scaling of the quick run), less with the {_F.parallel_arms} arms in parallel; {_F.replicates} "
+            "seeds."
         )
     return lines
 

@@ -109,3 +109,29 @@ def test_poisoning_base_model_is_a_setting_named_in_the_doc(tmp_path) -> None:
     assert poisoning.PoisonSettings().model == str(ROOT / "models" / "shapes-tiny")
     assert reliability_render.model_name({"model": str(ROOT / "runs" / "x")}) == "runs/x"
     assert reliability_render.model_name({}) == "models/shapes-tiny"  # results from before the setting existed
+
+
+def test_replicated_poisoning_reads_the_goal_from_mean_gains_over_seeds() -> None:
+    def out(seed: int, gains: dict[str, float]) -> dict:
+        arms = {a: {"gain": g, "gain_ci95": 0.01, "rounds": [{"pairs_trained": 100, "adversary_pairs_trained":
+                20 if a == "poisoned" else 0}]} for a, g in gains.items()}  # fmt: skip
+        return {"settings": {"seed": seed}, "arms": arms, "goal": poisoning.goal(arms)}
+
+    # Seed 0 alone: the poisoned arm gains twice the clean one (training noise), the defended share reads 150%.
+    runs = [out(0, {"clean": 0.02, "poisoned": 0.04, "defended": 0.03}),
+            out(1, {"clean": 0.04, "poisoned": 0.01, "defended": 0.03}),
+            out(2, {"clean": 0.03, "poisoned": 0.01, "defended": 0.015})]  # fmt: skip
+    combined = poisoning.combine(runs)
+    assert combined["first_goal"]["defended_share"] == pytest.approx(1.5)
+    goal = combined["goal"]
+    assert goal["mean_gain"] == pytest.approx({"clean": 0.03, "poisoned": 0.02, "defended": 0.025})
+    assert goal["defended_share"] == pytest.approx(0.025 / 0.03) and goal["met"] is True
+    assert goal["sd_gain"]["clean"] == pytest.approx(0.01)
+    assert [r["arms"]["poisoned"]["adversary_pairs_trained"] for r in combined["replicates"]] == [20, 20, 20]
+    # A clean gain that is not positive in every seed: no share.
+    runs[2] = out(2, {"clean": -0.01, "poisoned": 0.0, "defended": 0.0})
+    assert poisoning.combine(runs)["goal"]["defended_share"] is None
+    assert poisoning.combine(runs[:1]) == runs[0]  # one seed: the result as `run` gave it
+    table = "\n".join(reliability_render.replicates_table(combined))
+    assert "| 1 | +0.040 ± 0.010 | +0.010 ± 0.010 | +0.030 ± 0.010 | 100 (20) | 100 (0) |" in table
+    assert "| mean ± sd | +0.030 ± 0.010 | +0.020 ± 0.017 | +0.025 ± 0.009 | | |" in table
