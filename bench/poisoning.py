@@ -3,8 +3,8 @@ clean loop's judge-score gain survives, without and with the abuse defences? (be
 
 Three arms with the same seeds (same prompts, pairs, raters and their random streams): `clean` (every rater honest),
 `poisoned` (the adversaries vote, no defences: ArenaConfig.abuse=None, no per-rater share cap) and `defended`
-(the same adversaries, app.py's default AbuseConfig and LoopConfig.max_rater_share). Each arm runs in this process,
-no HTTP: a Runtime on the embedded shapes model, raters taking turns (a shuffled order per cycle) asking
+(the same adversaries, app.py's default AbuseConfig and LoopConfig.max_rater_share). Each arm runs in one process
+(the arms side by side, `parallel_arms`), no HTTP: a Runtime on the shapes model, raters taking turns (a shuffled order per cycle) asking
 `arena.next_pair` and answering `arena.vote` with the time to vote a human would take (lognormal around
 `median_vote_ms`, at least 1.6 s, so the too-fast rule does not catch anyone trivially), on a simulated clock that
 the rate limiter reads, then `loop.run_round()` after every `votes_per_round` votes.
@@ -18,7 +18,8 @@ sessions), the one-side and speed rules, and the per-rater share cap of a round'
 The promotion gate is off in every arm (every trained candidate is served): in the shapes world it reads the pixel
 judge, an oracle a real deployment does not have, and would hide what the votes did to the weights. The gain of an
 arm is the judge score of the version served after the last round minus the base model's, on the fixed probe set
-(prompts x seeds disjoint from the raters' pool), with the 95% CI of the paired difference.
+(prompts x seeds disjoint from the raters' pool), with the 95% CI of the paired difference. The whole part runs for
+`replicates` seeds and the goal reads the mean gains (`replicate`).
 """
 
 from __future__ import annotations
