@@ -245,18 +245,23 @@ def test_two_process_accelerate_launch(world: dict[str, Path]) -> None:
     assert m2["replicas_in_sync"] is True and m2["steps"] == 4
 
 
+def _two_pairs_on_tiny_sd15() -> tuple:
+    """A tiny SD1.5 with a fresh LoRA, a batch of 2 random-latent pairs and their prompts' conditioning."""
+    torch.manual_seed(0)
+    pipe = build_tiny_sd15(seed=1)
+    add_lora(pipe.unet, LoraSettings(rank=4, alpha=4))
+    batch = PairBatch(("a red circle", "a blue square"), torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8),
+                      torch.zeros(2, 6))  # fmt: skip
+    return pipe, batch, encode_prompts(pipe, list(batch.prompts))
+
+
 def test_training_timesteps_stay_in_the_configured_slice_of_the_schedule(monkeypatch: pytest.MonkeyPatch) -> None:
     """`timestep_low`/`timestep_high` bound the t that pair_loss draws (all of 0..T-1 by default, as METHOD.md), and a
     pair's chosen and rejected image still share theirs."""
     assert timestep_bounds(TrainConfig(), 1000) == (0, 1000)
     assert timestep_bounds(TrainConfig(timestep_low=0.3), 1000) == (300, 1000)
     assert timestep_bounds(TrainConfig(timestep_low=0.5, timestep_high=0.5005), 1000) == (500, 501)  # never empty
-    torch.manual_seed(0)
-    pipe = build_tiny_sd15(seed=1)
-    add_lora(pipe.unet, LoraSettings(rank=4, alpha=4))
-    batch = PairBatch(("a red circle", "a blue square"), torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8),
-                      torch.zeros(2, 6))  # fmt: skip
-    cond = encode_prompts(pipe, list(batch.prompts))
+    pipe, batch, cond = _two_pairs_on_tiny_sd15()
     seen: list[torch.Tensor] = []
     real = ncp.losses.per_sample_errors
 
@@ -280,12 +285,7 @@ def test_training_timesteps_stay_in_the_configured_slice_of_the_schedule(monkeyp
 def test_noise_draws_average_errors_over_draws_and_cut_the_loss_variance() -> None:
     """K (t, eps) draws per pair: the per-pair errors are means over K draws, so their spread over random streams
     shrinks about as 1 / sqrt(K) (here K = 8: ratio ~0.35), at K times the rows."""
-    torch.manual_seed(0)
-    pipe = build_tiny_sd15(seed=1)
-    add_lora(pipe.unet, LoraSettings(rank=4, alpha=4))
-    batch = PairBatch(("a red circle", "a blue square"), torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8),
-                      torch.zeros(2, 6))  # fmt: skip
-    cond = encode_prompts(pipe, list(batch.prompts))
+    pipe, batch, cond = _two_pairs_on_tiny_sd15()
 
     def spread(k: int) -> float:
         config = TrainConfig(objective="dpo", space="ncp", noise_draws=k, beta=5e5)
