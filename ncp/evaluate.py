@@ -25,8 +25,10 @@ import torch
 from tqdm import tqdm
 
 from ncp.data import encode_pairs, load_pairs
+from ncp.losses import timestep_bounds
 from ncp.perception import noisy_latents
 from ncp.pipelines import encode_prompts, is_sdxl, load_pipeline
+from ncp.trainer import TrainConfig
 
 logger = logging.getLogger(__name__)
 PROBE_SEED = 777  # probe prompts come from this seed; the arena's prompt pool excludes them
@@ -52,8 +54,8 @@ def reward_margins(
     encoded = encode_pairs(pairs, pipe.vae, resolution=size, model_key="eval")
     sched, unet, sdxl = pipe.scheduler, pipe.unet, is_sdxl(pipe)
     gen = torch.Generator().manual_seed(seed)
-    t_max = sched.config.num_train_timesteps
-    lo = min(int(timestep_low * t_max), t_max - 1)
+    # The trainer's own bounds (one definition of the slice): [timestep_low T, T).
+    lo, t_max = timestep_bounds(TrainConfig(timestep_low=timestep_low), sched.config.num_train_timesteps)
     out = {a: [] for a in adapters}
     for i in range(0, len(encoded), batch):
         chunk = encoded[i : i + batch]
