@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -32,12 +34,16 @@ from bench.raters import run_raters  # noqa: E402
 from feedback_store import FeedbackStore  # noqa: E402
 from feedback_store.stats import leaderboard  # noqa: E402
 from jobs.loop import LoopConfig  # noqa: E402
+from jobs.registry import AdapterRegistry  # noqa: E402
 from jobs.runtime import SHAPES_MODEL, ArenaConfig, Runtime  # noqa: E402
 from ncp.serving import PairMix, SamplingConfig  # noqa: E402
 from ncp.shapes.model import DEFAULT_GUIDANCE, DEFAULT_STEPS  # noqa: E402
 from ncp.shapes.model import DEFAULT_TIMESTEP_LOW as SHAPES_TIMESTEP_LOW  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+# Defaults of the flags that shape a run; a published section's rerun line names the ones its run changed.
+RERUN_DEFAULTS = {"votes": 2000, "minutes": 30.0, "train_every": 45.0, "max_steps": 100,
+                  "timestep_low": SHAPES_TIMESTEP_LOW}  # fmt: skip
 
 
 def round_row(last: dict, t_start: float, votes: int) -> dict:
@@ -64,12 +70,12 @@ def round_row(last: dict, t_start: float, votes: int) -> dict:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--raters", type=int, default=8)
-    p.add_argument("--votes", type=int, default=2000, help="total votes across raters")
-    p.add_argument("--minutes", type=float, default=30.0, help="wall-clock budget")
+    p.add_argument("--votes", type=int, default=RERUN_DEFAULTS["votes"], help="total votes across raters")
+    p.add_argument("--minutes", type=float, default=RERUN_DEFAULTS["minutes"], help="wall-clock budget")
     p.add_argument("--pace", type=float, default=0.2, help="seconds each rater looks at a pair")
-    p.add_argument("--train-every", type=float, default=45.0)
+    p.add_argument("--train-every", type=float, default=RERUN_DEFAULTS["train_every"])
     p.add_argument("--min-new-votes", type=int, default=150)
-    p.add_argument("--max-steps", type=int, default=100)
+    p.add_argument("--max-steps", type=int, default=RERUN_DEFAULTS["max_steps"])
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=LoopConfig().lr)
     p.add_argument("--beta", type=float, default=LoopConfig().beta)
@@ -84,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--timestep-low",
         type=float,
-        default=SHAPES_TIMESTEP_LOW,
+        default=RERUN_DEFAULTS["timestep_low"],
         help="lowest training timestep, a fraction of the schedule (the shapes world's default; 0: uniform t)",
     )
     p.add_argument("--probes", type=int, default=48, help="judge probe prompts")
@@ -94,6 +100,12 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         default=100,
         help="held-out pairs before implicit accuracy gates (as the app)",
+    )
+    p.add_argument(
+        "--confirm-seeds",
+        type=int,
+        default=4,
+        help="after the run, judge the served version on this many fresh seeds per probe prompt (0: skip)",
     )
     p.add_argument("--model", default=str(SHAPES_MODEL))
     p.add_argument("--data-dir", type=Path, default=None)
@@ -180,6 +192,9 @@ def main(argv: list[str] | None = None) -> None:
         "leaderboard": board.rows(),
         "raters": {k: v for k, v in summary.items() if k != "vote_ids"},
     }
+    served = served_round(rounds)
+    if served is not None and args.confirm_seeds:
+        result["confirm"] = confirm(args.model, data_dir, served["version"], args.probes, args.confirm_seeds)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, default=str))
     publish(result, stem)
@@ -225,8 +240,8 @@ def markdown(result: dict, stem: str = "loop") -> str:
     head = ["## The live loop (`python -m bench.loop`)", ""]
     if name:  # another base: name it, and say how to rebuild it and rerun
         c = result["config"]  # flags only where the run differed from the defaults
-        flags = "".join(f" --{k.replace('_', '-')} {c[k]:g}" for k, v in (("votes", 2000), ("minutes", 30.0),
-                        ("timestep_low", SHAPES_TIMESTEP_LOW)) if k in c and c[k] != v)  # fmt: skip
+        flags = "".join(f" --{k.replace('_', '-')} {c[k]:g}" for k, v in RERUN_DEFAULTS.items()
+                        if k in c and c[k] != v)  # fmt: skip
         head = [f"## The live loop on `{model}`", "", f"Rerun: `python -m bench.loop --model {model}{flags} --name {name}` "
                 f"(how that base is built: section `alignment-sweep-{name}`).", ""]  # fmt: skip
     lines = [
@@ -273,15 +288,41 @@ def _line_text(continue_rejected: int | None) -> str:
 
 
 ROUND_GOAL_S, GAIN_GOAL, WITHIN_S = 300.0, 0.10, 1800.0  # issue goals: round <= 5 min; +0.10 judge within 30 min
+CONFIRM_SEED_OFFSET = 1000  # fresh probe images: the gate judged seeds 0..probe_seeds-1
+
+
+def served_round(rounds: list[dict]) -> dict | None:
+    """The round that promoted the version served at 30 min: the last promotion finished within the window."""
+    served = None
+    for r in rounds:
+        if r["status"] == "promoted" and r.get("finished_at_s", 0) <= WITHIN_S and r["gain_vs_base"] is not None:
+            served = r
+    return served
+
+
+def confirm(model: str, data_dir: Path, version: str, probes: int, seeds: int) -> dict:
+    """The served version against the base on fresh images of the same probe prompts (seeds the gate never saw).
+
+    The gate promotes a candidate when its probe score beats the served one's, so the promoted version's score on
+    those very probes is selected on its own noise and reads high (the winner's curse); fresh seeds do not."""
+    out = data_dir / "confirm.json"
+    folder = AdapterRegistry(data_dir / "adapters").info(version).folder
+    cmd = [sys.executable, "-m", "ncp.evaluate", "--model", model, "--out", str(out), "--threads", "2",
+           "--version", f"served={folder}", "--shapes-probes", str(probes), "--probe-seeds", str(seeds),
+           "--probe-seed-offset", str(CONFIRM_SEED_OFFSET), "--steps", str(DEFAULT_STEPS),
+           "--guidance", str(DEFAULT_GUIDANCE)]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True)
+    ev = json.loads(out.read_text())
+    row = ev["versions"]["served"]
+    return {"version": version, "seeds": seeds, "seed_offset": CONFIRM_SEED_OFFSET, "judge": row["judge"],
+            "base_judge": ev["base_judge"], "gain_vs_base": row["judge_gain_vs_base"],
+            "gain_ci95": row["judge_gain_ci"]}  # fmt: skip
 
 
 def goals(result: dict) -> list[str]:
     """The loop's two goals, judged from the rounds (generated, so a rerun cannot leave a stale verdict)."""
     times = [r["round_s"] for r in result["rounds"] if r.get("round_s")]
-    served = None  # the served version's gain at 30 min: the last promotion finished within the window
-    for r in result["rounds"]:
-        if r["status"] == "promoted" and r.get("finished_at_s", 0) <= WITHIN_S and r["gain_vs_base"] is not None:
-            served = r
+    served = served_round(result["rounds"])
     met = (
         served is not None and served["gain_vs_base"] - served["gain_ci95"] > 0 and served["gain_vs_base"] >= GAIN_GOAL
     )
@@ -296,7 +337,18 @@ def goals(result: dict) -> list[str]:
         + ("met" if met else "not met")
         + f" ({gain}). What the model's own samples allow, and what reaching "
         "+0.10 would need: section `best-of-n`.",
+        *_confirmation(result.get("confirm")),
     ]
+
+
+def _confirmation(c: dict | None) -> list[str]:
+    if not c:
+        return []
+    last = c["seed_offset"] + c["seeds"] - 1
+    return [f"- The served {c['version']} on fresh images of the same probe prompts (seeds {c['seed_offset']}-{last}, "
+            f"which no gate saw): judge {c['judge']:.3f} against the base's {c['base_judge']:.3f}, "
+            f"**{c['gain_vs_base']:+.3f} ± {c['gain_ci95']:.3f}**. The gate selects on the probe images' noise, so the "
+            "served version's gain on them reads high; this one does not."]  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -67,6 +67,9 @@ class LoopConfig:
     probe_guidance: float = 3.0
     gate_min_acc_delta: float = -0.02  # promote if candidate implicit acc >= serving's + this (held-out pairs)
     gate_min_eval_pairs: int = 8  # fewer held-out pairs than this: the accuracy criterion is not used
+    # The evaluator scores only the newest this many held-out pairs (0: all). The held-out split grows with every
+    # vote, and scoring all of it made a round's evaluation grow with the arena's age (ncp.evaluate --max-pairs).
+    eval_max_pairs: int = 256
     gate_min_judge_delta: float = 0.0  # shapes: promote only if judge(candidate) - judge(serving) >= this
     keep_versions: int = 5
     # A rejected candidate seeds the next round (more steps on more votes) up to this many rounds in a row before the
@@ -80,6 +83,8 @@ class LoopConfig:
             raise ValueError(f"objective must be dpo|cpo|sft and space latent|ncp, got {self.objective}/{self.space}.")
         if not 0 <= self.timestep_low < 1:
             raise ValueError(f"timestep_low is a fraction of the schedule in [0, 1), got {self.timestep_low}.")
+        if self.eval_max_pairs < 0:
+            raise ValueError(f"eval_max_pairs must be >= 0 (0: all held-out pairs), got {self.eval_max_pairs}.")
         if self.continue_rejected < 0:
             raise ValueError(f"continue_rejected must be >= 0 rounds, got {self.continue_rejected}.")
         if not 0 < self.max_rater_share <= 1:
@@ -301,6 +306,8 @@ class AlignmentLoop:
             f"candidate={cand}",
             "--timestep-low",
             str(cfg.timestep_low),
+            "--max-pairs",
+            str(cfg.eval_max_pairs),
         ]
         if parent != BASE:
             ecmd += ["--version", f"serving={self.registry.info(parent).folder}"]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -115,28 +115,61 @@ def lora_parameters(unet: nn.Module, adapter_name: str | None = None) -> list[nn
     return found
 
 
-@contextmanager
-def reference_mode(unet: nn.Module) -> Iterator[nn.Module]:
-    """Run the UNet as the frozen reference: every LoRA adapter disabled inside the block.
+# A UNet that carries a frozen adapter of this name uses it as the DPO reference policy instead of the bare base
+# (ncp.trainer's `reference="init"`: the version a round continues from). The NCP encoder stays the base's.
+REFERENCE_ADAPTER = "reference"
 
-    On exit, normal or by exception, each layer's previous enabled/disabled state and each adapter parameter's
-    `requires_grad` are restored exactly (peft's `enable_adapters` would otherwise mark every active adapter
-    trainable). Nesting is safe. Yields the UNet.
+
+@contextmanager
+def reference_mode(unet: nn.Module, adapter: str | None = None) -> Iterator[nn.Module]:
+    """Run the UNet as a frozen reference: every LoRA adapter disabled inside the block, or, with `adapter`, only that
+    adapter active.
+
+    On exit, normal or by exception, each layer's previous enabled/disabled state, its active adapters and each adapter
+    parameter's `requires_grad` are restored exactly (peft's `enable_adapters` and `set_adapter` would otherwise mark
+    the active adapter trainable). Nesting is safe. Yields the UNet.
     """
     layers = _tuner_layers(unet)
     if not layers:
         raise ValueError("reference_mode needs a UNet with a LoRA adapter (add_lora first); this one has none.")
+    if adapter is not None and adapter not in getattr(unwrap_unet(unet), "peft_config", {}):
+        raise ValueError(f"The UNet has no adapter named {adapter!r} to use as the reference.")
     was_disabled = [layer.disable_adapters for layer in layers]
+    was_active = [list(layer.active_adapters) for layer in layers]
     grads = [(p, p.requires_grad) for p in lora_parameters(unet)]
     try:
         for layer in layers:
-            layer.enable_adapters(False)
+            if adapter is None:
+                layer.enable_adapters(False)
+            else:
+                layer.set_adapter(adapter)
+                layer.enable_adapters(True)
         yield unet
     finally:
-        for layer, disabled in zip(layers, was_disabled, strict=True):
+        for layer, disabled, active in zip(layers, was_disabled, was_active, strict=True):
+            layer.set_adapter(active)
             layer.enable_adapters(not disabled)
         for p, flag in grads:
             p.requires_grad_(flag)
+
+
+def policy_reference_mode(unet: nn.Module) -> AbstractContextManager[nn.Module]:
+    """The DPO reference policy: the frozen `REFERENCE_ADAPTER` when the UNet carries one, else the base (adapters
+    off). The NCP perception encoder does not use this: its feature space stays the base's, one fixed metric."""
+    has_ref = REFERENCE_ADAPTER in getattr(unwrap_unet(unet), "peft_config", {})
+    return reference_mode(unet, REFERENCE_ADAPTER if has_ref else None)
+
+
+def add_reference_adapter(unet: nn.Module, settings: LoraSettings, folder: str | Path) -> None:
+    """Load the adapter in `folder` as the frozen `REFERENCE_ADAPTER` beside the trainable "default" one, which stays
+    the active (and only trainable) adapter."""
+    base = unwrap_unet(unet)
+    add_lora(base, settings, adapter_name=REFERENCE_ADAPTER)
+    load_adapter_weights(base, folder, adapter_name=REFERENCE_ADAPTER)
+    base.set_adapter("default")
+    base.requires_grad_(False)
+    for p in lora_parameters(base, "default"):
+        p.requires_grad_(True)
 
 
 def _peft_config_dict(unet: nn.Module, adapter_name: str) -> dict[str, Any]:

@@ -44,10 +44,17 @@ def reward_margins(
     seed: int = 0,
     batch: int = 16,
     timestep_low: float = 0.0,
+    max_pairs: int = 0,
 ) -> dict[str, np.ndarray]:
     """Per held-out pair, the implicit reward margin r(chosen) - r(rejected) of each loaded adapter name, over t in
-    [timestep_low T, T): the slice the rounds train on (ncp.losses.timestep_bounds), where the reward lives."""
+    [timestep_low T, T): the slice the rounds train on (ncp.losses.timestep_bounds), where the reward lives.
+
+    `max_pairs` > 0 keeps only the last that many pairs of the data (a snapshot lists votes in vote order, so these
+    are the newest, rated on the versions served most recently): the held-out split grows with every vote, and
+    without a cap a round's evaluation grows with it (a live loop's round went from 57 s to 146 s in 30 min)."""
     pairs, _ = load_pairs(list(data))
+    if max_pairs > 0:
+        pairs = pairs[-max_pairs:]
     if not pairs:
         return {a: np.zeros(0) for a in adapters}
     size = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
@@ -132,13 +139,19 @@ def evaluate(
     draws: int = 4,
     probe_cache: Path | None = None,
     timestep_low: float = 0.0,
+    max_pairs: int = 0,
+    probe_seed_offset: int = 0,
 ) -> dict:
     pipe = load_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
     for name, folder in versions.items():
         pipe.load_lora_weights(str(folder), adapter_name=name)  # raises on a corrupt or incompatible adapter
     result: dict = {"versions": {}}
-    margins = reward_margins(pipe, list(versions), data, draws=draws, timestep_low=timestep_low) if data else {}
+    margins = (
+        reward_margins(pipe, list(versions), data, draws=draws, timestep_low=timestep_low, max_pairs=max_pairs)
+        if data
+        else {}
+    )
     n_pairs = len(next(iter(margins.values()))) if margins else 0
     result["eval_pairs"] = n_pairs
     probes, cache = None, ProbeCache(probe_cache)
@@ -146,13 +159,14 @@ def evaluate(
         from ncp.shapes.grammar import probe_prompts
 
         probes = probe_prompts(shapes_probes, seed=PROBE_SEED, two_object_prob=0.3)
-        settings = [str(model), shapes_probes, probe_seeds, steps, guidance, PROBE_SEED]
+        seeds = range(probe_seed_offset, probe_seed_offset + probe_seeds)
+        settings = [str(model), shapes_probes, probe_seeds, steps, guidance, PROBE_SEED, probe_seed_offset]
 
         def scores(name: str | None, folder: Path | None) -> np.ndarray:
             key = json.dumps([*settings, "base" if folder is None else adapter_identity(folder)])
             hit = cache.get(key)
             if hit is None:
-                hit = judge_probe(pipe, name, probes, range(probe_seeds), steps=steps, guidance=guidance)
+                hit = judge_probe(pipe, name, probes, seeds, steps=steps, guidance=guidance)
                 cache.put(key, hit)
             return hit
 
@@ -216,16 +230,28 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--version", action="append", default=[], metavar="NAME=FOLDER", help="adapter to evaluate")
     p.add_argument("--shapes-probes", type=int, default=0, help="shapes world: number of judge probe prompts (0: off)")
     p.add_argument("--probe-seeds", type=int, default=2, help="seeds per probe prompt")
+    p.add_argument(
+        "--probe-seed-offset",
+        type=int,
+        default=0,
+        help="first probe seed (the gate uses 0..N-1; another offset gives fresh images of the same prompts, to "
+        "confirm a promoted version without the gate's selection bias)",
+    )
     p.add_argument("--steps", type=int, default=20, help="sampling steps for probe images")
     p.add_argument("--guidance", type=float, default=3.0, help="guidance scale for probe images")
     p.add_argument("--draws", type=int, default=4, help="(t, eps) draws per held-out pair")
     p.add_argument("--timestep-low", type=float, default=0.0, help="draw t from [this x T, T), as the rounds train")
+    p.add_argument(
+        "--max-pairs", type=int, default=0, help="score only the newest N held-out pairs (0: all), bounds the cost"
+    )
     p.add_argument(
         "--probe-cache", type=Path, help="JSON file caching probe scores of base and versions across rounds"
     )
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--out", type=Path, required=True, help="JSON result file")
     args = p.parse_args(argv)
+    if args.max_pairs < 0:
+        p.error(f"--max-pairs must be >= 0 (0: all pairs), got {args.max_pairs}")
     logging.basicConfig(level=logging.INFO)
     torch.set_num_threads(args.threads)
     versions = {}
@@ -245,6 +271,8 @@ def main(argv: list[str] | None = None) -> None:
         draws=args.draws,
         probe_cache=args.probe_cache,
         timestep_low=args.timestep_low,
+        max_pairs=args.max_pairs,
+        probe_seed_offset=args.probe_seed_offset,
     )
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(res, indent=2))

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 from diffusers import DDPMScheduler
 
-from ncp.adapters import reference_mode, unwrap_unet
+from ncp.adapters import policy_reference_mode, unwrap_unet
 from ncp.data import PairBatch
 from ncp.objectives import PreferenceLoss, preference_loss
 from ncp.perception import noisy_latents, per_sample_errors
@@ -117,6 +117,6 @@ def uncond_drift(
     cond = uncond.repeat(b).to(latents.device)
     added = cond.added_cond_kwargs(time_ids.to(latents.device)) if sdxl else None
     eps = unet(x_t, steps, cond.encoder_hidden_states, added_cond_kwargs=added).sample
-    with torch.no_grad(), reference_mode(unet):
+    with torch.no_grad(), policy_reference_mode(unet):
         eps_ref = unwrap_unet(unet)(x_t, steps, cond.encoder_hidden_states, added_cond_kwargs=added).sample
     return (eps.float() - eps_ref.float()).pow(2).mean()

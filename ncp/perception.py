@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ncp.adapters import reference_mode, unwrap_unet
+from ncp.adapters import policy_reference_mode, reference_mode, unwrap_unet
 
 Cond = tuple[Tensor, dict[str, Tensor] | None]
 logger = logging.getLogger(__name__)
@@ -266,7 +266,7 @@ def per_sample_errors(
     eps_theta = unet(x_t, timesteps, ehs, added_cond_kwargs=added).sample
     eps_ref = None
     if with_reference:  # the unwrapped UNet: no DDP bookkeeping for a no-grad pass
-        with torch.no_grad(), reference_mode(unet):
+        with torch.no_grad(), policy_reference_mode(unet):  # the base, or the frozen reference adapter
             eps_ref = unwrap_unet(unet)(x_t, timesteps, ehs, added_cond_kwargs=added).sample
 
     if space == "latent":  # paper eq. 8

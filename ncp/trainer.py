@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from ncp.adapters import (
     LoraSettings,
     add_lora,
+    add_reference_adapter,
     load_adapter_weights,
     lora_parameters,
     reference_mode,
@@ -111,6 +112,11 @@ class TrainConfig:
     checkpoint_dir: str = _opt("", "where checkpoints go (default: '<out>.checkpoints'); the latest 2 are kept")
     resume: str = _opt("", "'latest' (newest in checkpoint_dir, if any) or a checkpoint folder; empty = fresh")
     init_adapter: str = _opt("", "adapter folder to continue from (same LoRA rank, alpha and targets)")
+    reference: Literal["base", "init"] = _opt(
+        "base",
+        "dpo/cpo reference policy: base (adapters off, the paper) or init (the init adapter, frozen: iterative DPO, "
+        "each round's KL is measured from the version it continues, so rounds move past one round's tilt)",
+    )
     progress_file: str = _opt("", "JSON-lines progress file (start/step/end/error events); empty = none")
 
     def __post_init__(self) -> None:
@@ -142,6 +148,8 @@ class TrainConfig:
             if not ok:
                 hint = TrainConfig.__dataclass_fields__[name].metadata["help"]
                 raise ValueError(f"{name}={getattr(self, name)!r} is out of range ({hint}).")
+        if self.reference == "init" and not self.init_adapter:
+            raise ValueError("reference='init' needs init_adapter: the adapter whose frozen copy is the reference.")
         if self.dpo_anchor and self.objective != "dpo":
             raise ValueError(
                 f"dpo_anchor={self.dpo_anchor} needs objective 'dpo' (DPO-Positive), not {self.objective!r}."
@@ -247,7 +255,9 @@ def _prepare_models(pipe: Any, config: TrainConfig, accelerator: Accelerator) ->
     if config.init_adapter:
         load_adapter_weights(unet, config.init_adapter)
         logger.info("Continuing from adapter %s.", config.init_adapter)
-    params = lora_parameters(unet)
+        if config.reference == "init":  # a frozen copy is the policy reference (ncp.adapters.policy_reference_mode)
+            add_reference_adapter(unet, config.lora_settings(), config.init_adapter)
+    params = lora_parameters(unet, "default")
     for p in params:  # trainable LoRA weights stay fp32 under mixed precision
         p.data = p.data.float()
     if config.gradient_checkpointing:

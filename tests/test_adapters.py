@@ -10,11 +10,14 @@ import torch
 from ncp.adapters import (
     CONFIG_NAME,
     METADATA_NAME,
+    REFERENCE_ADAPTER,
     WEIGHTS_NAME,
     LoraSettings,
     add_lora,
+    add_reference_adapter,
     load_adapter_weights,
     lora_parameters,
+    policy_reference_mode,
     reference_mode,
     save_adapter,
 )
@@ -162,3 +165,47 @@ def test_load_adapter_weights_continues_from_a_saved_adapter(tmp_path: Path) -> 
         load_adapter_weights(other.unet, tmp_path / "missing")
     with pytest.raises(ValueError, match="do not match"):
         save_adapter(pipe, pipe.unet, tmp_path / "v2", LoraSettings(rank=4, alpha=4))
+
+
+def test_reference_adapter_is_the_frozen_policy_reference_beside_the_trained_one(tmp_path: Path) -> None:
+    """add_reference_adapter loads a saved version as a frozen second adapter: policy_reference_mode runs it (the
+    iterative-DPO reference), reference_mode still runs the bare base (the NCP encoder), and outside both the
+    trainable "default" adapter alone shapes the output and alone has gradients."""
+    settings = LoraSettings(rank=4, alpha=8)
+    pipe = build_tiny_sdxl()
+    base_out = _unet_out(pipe)
+    add_lora(pipe.unet, settings)
+    _randomize(lora_parameters(pipe.unet), seed=3)
+    init_out = _unet_out(pipe)
+    save_adapter(type(pipe), pipe.unet, tmp_path / "v1", settings)
+    with policy_reference_mode(pipe.unet):  # no reference adapter: the reference is the base
+        assert torch.equal(_unet_out(pipe), base_out)
+    with pytest.raises(ValueError, match="no adapter named"):
+        with reference_mode(pipe.unet, REFERENCE_ADAPTER):
+            pass
+
+    pipe = build_tiny_sdxl()
+    add_lora(pipe.unet, settings)
+    load_adapter_weights(pipe.unet, tmp_path / "v1")
+    add_reference_adapter(pipe.unet, settings, tmp_path / "v1")
+    trained = lora_parameters(pipe.unet, "default")
+    frozen = lora_parameters(pipe.unet, REFERENCE_ADAPTER)
+    assert torch.allclose(_unet_out(pipe), init_out, atol=1e-6)  # only "default" is active
+    assert all(p.requires_grad for p in trained) and not any(p.requires_grad for p in frozen)
+    _randomize(trained, seed=4)  # the policy moves on; the reference stays at v1
+    moved = _unet_out(pipe)
+    assert not torch.allclose(moved, init_out, atol=1e-4)
+    with pytest.raises(RuntimeError, match="boom"):
+        with policy_reference_mode(pipe.unet):
+            assert torch.allclose(_unet_out(pipe), init_out, atol=1e-6)
+            with reference_mode(pipe.unet):  # the NCP encoder's base, nested inside
+                assert torch.equal(_unet_out(pipe), base_out)
+            assert torch.allclose(_unet_out(pipe), init_out, atol=1e-6)
+            raise RuntimeError("boom")
+    assert torch.equal(_unet_out(pipe), moved)
+    assert all(p.requires_grad for p in trained) and not any(p.requires_grad for p in frozen)
+    save_adapter(type(pipe), pipe.unet, tmp_path / "v2", settings)  # the saved version is the trained adapter only
+    other = build_tiny_sdxl()
+    add_lora(other.unet, settings)
+    load_adapter_weights(other.unet, tmp_path / "v2")
+    assert torch.allclose(_unet_out(other), moved, atol=1e-6)

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+import torch
+
 from bench import loop
+from jobs.runtime import SHAPES_MODEL
+from ncp.shapes.model import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
 
 def rnd(
@@ -69,3 +76,42 @@ def test_another_base_gets_its_own_section_and_rerun_line() -> None:
     assert ", timesteps t >= 0.3 T;" in text
     res["config"] |= {"minutes": 20.0, "timestep_low": 0.0}
     assert "--votes 12000 --minutes 20 --timestep-low 0 --name" in loop.markdown(res, "loop_headroom")
+
+
+def test_confirmation_line_reports_the_fresh_seed_gain() -> None:
+    res = result([rnd("promoted", 300, 0.05, version="v0001")])
+    assert not [g for g in loop.goals(res) if "fresh images" in g]  # runs from before the confirmation
+    res["confirm"] = {"version": "v0001", "seeds": 4, "seed_offset": 1000, "judge": 0.75, "base_judge": 0.72,
+                      "gain_vs_base": 0.03, "gain_ci95": 0.012}  # fmt: skip
+    line = loop.goals(res)[-1]
+    assert "served v0001 on fresh images" in line and "(seeds 1000-1003" in line and "**+0.030 ± 0.012**" in line
+
+
+@pytest.mark.slow
+def test_confirm_judges_the_served_version_on_seeds_the_gate_never_used(tmp_path: Path) -> None:
+    """bench.loop.confirm runs the real evaluator on the registry's version with probe seeds from CONFIRM_SEED_OFFSET:
+    its base score is the base's on those seeds, not on the gate's seeds 0..N-1."""
+    from jobs.registry import AdapterRegistry
+    from ncp.adapters import LoraSettings, add_lora, lora_parameters, save_adapter
+    from ncp.evaluate import PROBE_SEED, judge_probe
+    from ncp.pipelines import load_pipeline
+    from ncp.shapes.grammar import probe_prompts
+
+    model = str(SHAPES_MODEL)
+    pipe = load_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    settings = LoraSettings(rank=4, alpha=4)
+    add_lora(pipe.unet, settings)
+    with torch.no_grad():
+        for p in lora_parameters(pipe.unet):
+            p.add_(0.05 * torch.randn_like(p))  # B != 0: the version draws other images than the base
+    save_adapter(pipe, pipe.unet, tmp_path / "cand", settings)
+    AdapterRegistry(tmp_path / "adapters").publish(tmp_path / "cand", parent="base", snapshot_id=None, metrics={})
+    c = loop.confirm(model, tmp_path, "v0001", probes=3, seeds=1)
+    assert (c["version"], c["seeds"], c["seed_offset"]) == ("v0001", 1, loop.CONFIRM_SEED_OFFSET)
+    assert c["gain_vs_base"] == pytest.approx(c["judge"] - c["base_judge"], abs=1e-6)
+    prompts = probe_prompts(3, seed=PROBE_SEED, two_object_prob=0.3)
+    pipe.disable_lora()
+    fresh, gate = (judge_probe(pipe, None, prompts, [s], steps=DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE)
+                   for s in (loop.CONFIRM_SEED_OFFSET, 0))  # fmt: skip
+    assert c["base_judge"] == pytest.approx(float(fresh.mean()), abs=1e-6) != pytest.approx(float(gate.mean()))

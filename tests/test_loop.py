@@ -12,8 +12,10 @@ import json
 import sys
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
+from feedback_store.export import eval_mask
 from jobs.loop import LoopConfig
 from jobs.runtime import ArenaConfig, Runtime
 from ncp.pipelines import build_tiny_sd15
@@ -83,10 +85,17 @@ def test_two_rounds_promote_hot_swap_and_record_lineage(runtime: Runtime) -> Non
     pair = rt.arena.next_pair("session-x")
     assert rt.store.image(rt.store.pair(pair.pair_id).left_image_id).adapter_version == "v0001"
     rt.arena.vote("session-x", pair.token, "left", rt.rater_id("rater-0"))
+    # Three votes on a prompt of the held-out split; the evaluator then scores only the newest two held-out pairs.
+    held_prompt = next(c for i in range(1000) if eval_mask(pa.array([c := f"a red circle, take {i}"]), 0.1)[0].as_py())
+    for _ in range(3):
+        pair = rt.arena.next_pair("session-y", prompt=held_prompt)
+        rt.arena.vote("session-y", pair.token, "right", rt.rater_id("rater-1"))
+    with_launcher(rt, None, eval_max_pairs=2)
     second = rt.loop.run_round()
     assert second.status == "promoted", second.reason
     assert (second.version, second.parent) == ("v0002", "v0001")
     assert rt.generation.serving_version == "v0002"
+    assert second.metrics["eval"]["eval_pairs"] == 2
     # Lineage: each version names its parent and the snapshot (vote ids) it was trained on.
     for res in (first, second):
         av = rt.store.adapter_version(res.version)

@@ -4,6 +4,7 @@ from an adapter, non-finite loss, the wall-clock limit, config validation, and a
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import io
 import json
@@ -22,8 +23,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import ncp.losses
-from ncp.adapters import LoraSettings, add_lora, lora_parameters
-from ncp.data import PairBatch
+from ncp.adapters import REFERENCE_ADAPTER, LoraSettings, add_lora, add_reference_adapter, lora_parameters, save_adapter
+from ncp.data import PairBatch, load_pairs
 from ncp.losses import timestep_bounds
 from ncp.pipelines import (
     build_tiny_sd15,
@@ -140,6 +141,16 @@ def test_resume_repeats_an_uninterrupted_run_and_init_adapter_continues(world: d
     moved = sum((c[k] - a[k]).abs().sum() for k in a) / sum(a[k].abs().sum() for k in a)
     assert 0 < moved < 0.2
 
+    # Iterative DPO: with the init adapter as the frozen reference, the first step starts at policy == reference again
+    # (loss ln 2 exactly, as from the base), and the published weights are the trained adapter's alone.
+    progress = root / "iterative.jsonl"
+    train(dataclasses.replace(cont, reference="init", progress_file=str(progress)), out=root / "iterative", **kw)
+    first = next(e for e in _events(progress) if e["event"] == "step")
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    it = _weights(root / "iterative")
+    assert it.keys() == a.keys() and any(not torch.equal(it[k], a[k]) for k in a)
+    assert json.loads((root / "iterative" / "metrics.json").read_text())["config"]["reference"] == "init"
+
 
 def test_sd15_pipeline_trains_with_mid_block_and_normalized_ncp(world: dict[str, Path]) -> None:
     """The embedded shapes model is SD1.5-architecture: no pooled embeds, no time ids. Same loop, same stock loader."""
@@ -207,6 +218,10 @@ def test_config_validation_and_generated_help() -> None:
         TrainConfig(lora_rank=0)
     with pytest.raises(ValueError, match="needs objective 'dpo'"):
         TrainConfig(objective="sft", dpo_anchor=5.0)
+    with pytest.raises(ValueError, match="reference='init' needs init_adapter"):
+        TrainConfig(reference="init")
+    with pytest.raises(ValueError, match="reference='last'"):
+        TrainConfig(reference="last")  # type: ignore[arg-type]
     if importlib.util.find_spec("bitsandbytes") is None:
         with pytest.raises(ValueError, match="pip install bitsandbytes"):
             TrainConfig(adam_8bit=True)
@@ -253,6 +268,35 @@ def _two_pairs_on_tiny_sd15() -> tuple:
     batch = PairBatch(("a red circle", "a blue square"), torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8),
                       torch.zeros(2, 6))  # fmt: skip
     return pipe, batch, encode_prompts(pipe, list(batch.prompts))
+
+
+@pytest.mark.parametrize("space", ["ncp", "latent"])
+def test_a_reference_adapter_replaces_the_base_as_the_dpo_reference(tmp_path: Path, space: str) -> None:
+    """With the version a round continues from loaded as the frozen reference adapter, DPO starts at policy ==
+    reference (loss ln 2, zero margin) however far that version is from the base; with the base as reference the
+    same policy starts elsewhere. Only the trained adapter gets gradients."""
+    pipe, batch, cond = _two_pairs_on_tiny_sd15()
+    settings = LoraSettings(rank=4, alpha=4)
+    trained = lora_parameters(pipe.unet, "default")
+    with torch.no_grad():
+        for p in trained:
+            p.add_(0.3 * torch.randn_like(p))  # a version far from the base
+    save_adapter(pipe, pipe.unet, tmp_path / "v1", settings)
+    config = TrainConfig(beta=5e5 if space == "ncp" else 5e3, space=space)
+
+    def loss() -> ncp.losses.PreferenceLoss:
+        return pair_loss(pipe.unet, pipe.scheduler, batch, cond, config, torch.Generator().manual_seed(0), sdxl=False)
+
+    from_base = loss()
+    assert abs(from_base.loss.item() - math.log(2)) > 1e-2
+    add_reference_adapter(pipe.unet, settings, tmp_path / "v1")
+    from_v1 = loss()
+    # Equal up to float rounding: the policy pass (with autograd) and the no-grad reference pass run other kernels.
+    assert from_v1.loss.item() == pytest.approx(math.log(2), abs=1e-4)
+    assert abs(from_v1.metrics["reward_margin"]) < 1e-3 * abs(from_base.metrics["reward_margin"])
+    from_v1.loss.backward()
+    assert all(p.grad is not None for p in trained)
+    assert all(p.grad is None for p in lora_parameters(pipe.unet, REFERENCE_ADAPTER))
 
 
 def test_training_timesteps_stay_in_the_configured_slice_of_the_schedule(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -338,11 +382,11 @@ def test_uncond_weight_adds_the_empty_prompt_drift_and_pulls_it_back(build) -> N
     assert losses()[1].metrics["uncond_drift"] < drift
 
 
-def test_held_out_margins_read_the_slice_of_the_schedule_the_rounds_train_on(
+def test_held_out_margins_read_the_rounds_slice_and_the_newest_pairs(
     world: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """ncp.evaluate.reward_margins draws t from [timestep_low T, T) (the loop passes its own floor), a finite margin per
-    held-out pair either way."""
+    held-out pair either way; with `max_pairs` it scores only the newest pairs."""
     import ncp.evaluate
 
     out = world["root"] / "margins-adapter"
@@ -361,3 +405,11 @@ def test_held_out_margins_read_the_slice_of_the_schedule_the_rounds_train_on(
         t_max = pipe.scheduler.config.num_train_timesteps
         assert int(steps.min()) >= low * t_max and int(steps.max()) < t_max
         assert (int(steps.min()) < 0.3 * t_max) == (low == 0.0)  # 48 uniform draws reach the low-noise end
+    # A cap keeps the newest pairs (the snapshot's last rows), so a round's evaluation stops growing with the arena.
+    encoded: list[list[str]] = []
+    real_encode = ncp.evaluate.encode_pairs
+    monkeypatch.setattr(ncp.evaluate, "encode_pairs", lambda pairs, *a, **k: encoded.append([p.prompt for p in pairs])
+                        or real_encode(pairs, *a, **k))  # fmt: skip
+    capped = ncp.evaluate.reward_margins(pipe, ["cand"], [world["data"]], draws=1, max_pairs=5)["cand"]
+    assert capped.shape == (5,) and np.isfinite(capped).all()
+    assert encoded == [[p.prompt for p in load_pairs([world["data"]])[0][-5:]]]
