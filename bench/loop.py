@@ -43,7 +43,7 @@ from ncp.shapes.model import DEFAULT_TIMESTEP_LOW as SHAPES_TIMESTEP_LOW  # noqa
 ROOT = Path(__file__).resolve().parents[1]
 # Defaults of the flags that shape a run; a published section's rerun line names the ones its run changed.
 RERUN_DEFAULTS = {"votes": 2000, "minutes": 30.0, "train_every": 45.0, "max_steps": 100,
-                  "timestep_low": SHAPES_TIMESTEP_LOW}  # fmt: skip
+                  "timestep_low": SHAPES_TIMESTEP_LOW, "reference": "base"}  # fmt: skip
 
 
 def round_row(last: dict, t_start: float, votes: int) -> dict:
@@ -93,6 +93,12 @@ def main(argv: list[str] | None = None) -> None:
         default=RERUN_DEFAULTS["timestep_low"],
         help="lowest training timestep, a fraction of the schedule (the shapes world's default; 0: uniform t)",
     )
+    p.add_argument(
+        "--reference",
+        choices=("base", "init"),
+        default=RERUN_DEFAULTS["reference"],
+        help="DPO reference of a round that continues an adapter: the base, or that adapter (iterative DPO)",
+    )
     p.add_argument("--probes", type=int, default=48, help="judge probe prompts")
     p.add_argument("--probe-seeds", type=int, default=2)
     p.add_argument(
@@ -131,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
         objective=args.objective,
         continue_rejected=args.continue_rejected,
         timestep_low=args.timestep_low,
+        reference=args.reference,
         space=args.space,
         shapes_probes=args.probes,
         probe_seeds=args.probe_seeds,
@@ -240,8 +247,8 @@ def markdown(result: dict, stem: str = "loop") -> str:
     head = ["## The live loop (`python -m bench.loop`)", ""]
     if name:  # another base: name it, and say how to rebuild it and rerun
         c = result["config"]  # flags only where the run differed from the defaults
-        flags = "".join(f" --{k.replace('_', '-')} {c[k]:g}" for k, v in RERUN_DEFAULTS.items()
-                        if k in c and c[k] != v)  # fmt: skip
+        flags = "".join(f" --{k.replace('_', '-')} {c[k] if isinstance(c[k], str) else format(c[k], 'g')}"
+                        for k, v in RERUN_DEFAULTS.items() if k in c and c[k] != v)  # fmt: skip
         head = [f"## The live loop on `{model}`", "", f"Rerun: `python -m bench.loop --model {model}{flags} --name {name}` "
                 f"(how that base is built: section `alignment-sweep-{name}`).", ""]  # fmt: skip
     lines = [
@@ -251,6 +258,8 @@ def markdown(result: dict, stem: str = "loop") -> str:
         f"{result['config']['objective']} in {result['config']['space']} space, "
         f"{result['config']['max_steps']} steps per round, lr {result['config']['lr']}, beta {result['config']['beta']}"
         + (f", timesteps t >= {low:g} T" if (low := result["config"].get("timestep_low")) else ", uniform timesteps")
+        + (", each round's DPO reference the version it continues (iterative DPO)"
+           if result["config"].get("reference") == "init" else "")  # fmt: skip
         + _line_text(result["config"].get("continue_rejected")),
         "",
         "| round | status | version | started from | round time (s) | votes so far | judge | base "

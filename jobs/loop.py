@@ -57,6 +57,10 @@ class LoopConfig:
     # Lowest training timestep as a fraction of the schedule (ncp.train --timestep-low): 0 is the paper's uniform t;
     # the shapes world trains on t >= 0.3 T, where its preferences are decided (ncp.shapes.model.DEFAULT_TIMESTEP_LOW).
     timestep_low: float = 0.0
+    # DPO reference of a round that continues an adapter (ncp.train --reference): "base" (the paper: every round's KL
+    # is measured from the base, so rounds converge to one tilt of it) or "init" (iterative DPO: the version the round
+    # continues is the reference, so each round is one more step of a bounded size beyond the last).
+    reference: str = "base"
     extra_train_args: tuple[str, ...] = ()
     launcher: tuple[str, ...] = (sys.executable, "-m", "ncp.train")  # or ("accelerate", "launch", "-m", "ncp.train")
     evaluator: tuple[str, ...] = (sys.executable, "-m", "ncp.evaluate")
@@ -81,6 +85,8 @@ class LoopConfig:
     def __post_init__(self) -> None:
         if self.objective not in ("dpo", "cpo", "sft") or self.space not in ("latent", "ncp"):
             raise ValueError(f"objective must be dpo|cpo|sft and space latent|ncp, got {self.objective}/{self.space}.")
+        if self.reference not in ("base", "init"):
+            raise ValueError(f"reference must be base|init, got {self.reference!r}.")
         if not 0 <= self.timestep_low < 1:
             raise ValueError(f"timestep_low is a fraction of the schedule in [0, 1), got {self.timestep_low}.")
         if self.eval_max_pairs < 0:
@@ -267,7 +273,7 @@ class AlignmentLoop:
             *cfg.extra_train_args,
         ]
         if init is not None:
-            cmd += ["--init-adapter", str(init)]
+            cmd += ["--init-adapter", str(init), "--reference", cfg.reference]
 
         def poll() -> None:
             lines = read_progress(progress)

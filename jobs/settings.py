@@ -58,6 +58,11 @@ ENV_VARS: tuple[EnvVar, ...] = (
         f"{_LOOP.timestep_low:g} (shapes model: {SHAPES_TIMESTEP_LOW:g})",
         "lowest training timestep of a round, as a fraction of the noise schedule (0: uniform t, as the paper)",
     ),
+    EnvVar(
+        "NCP_DPO_REFERENCE",
+        _LOOP.reference,
+        "DPO reference of a round that continues a version: base (the paper) or init (that version: iterative DPO)",
+    ),
     EnvVar("NCP_STEPS", f"{_SAMPLING.steps} (shapes model: {SHAPES_STEPS})", "diffusion steps per arena image"),
     EnvVar("NCP_GUIDANCE", str(_SAMPLING.guidance), "classifier-free guidance scale of arena images"),
     EnvVar("NCP_SCHEDULE", "1", "1: train on a timer; 0: only when an admin runs a round"),
@@ -156,6 +161,7 @@ def config_from_env(env: Mapping[str, str]) -> ArenaConfig:
         timestep_low=float(
             env_value(env, "NCP_TIMESTEP_LOW", float, SHAPES_TIMESTEP_LOW if shapes else _LOOP.timestep_low)
         ),
+        reference=str(env_value(env, "NCP_DPO_REFERENCE", str, _LOOP.reference)),
     )
     sampling = SamplingConfig(
         steps=int(env_value(env, "NCP_STEPS", int, SHAPES_STEPS if shapes else _SAMPLING.steps)),

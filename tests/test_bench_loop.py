@@ -76,6 +76,10 @@ def test_another_base_gets_its_own_section_and_rerun_line() -> None:
     assert ", timesteps t >= 0.3 T;" in text
     res["config"] |= {"minutes": 20.0, "timestep_low": 0.0}
     assert "--votes 12000 --minutes 20 --timestep-low 0 --name" in loop.markdown(res, "loop_headroom")
+    res["config"] |= {"max_steps": 300, "reference": "init"}
+    text = loop.markdown(res, "loop_headroom")
+    assert "--timestep-low 0 --max-steps 300 --reference init --name" in text
+    assert "each round's DPO reference the version it continues (iterative DPO)" in text
 
 
 def test_confirmation_line_reports_the_fresh_seed_gain() -> None:

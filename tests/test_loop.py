@@ -90,12 +90,15 @@ def test_two_rounds_promote_hot_swap_and_record_lineage(runtime: Runtime) -> Non
     for _ in range(3):
         pair = rt.arena.next_pair("session-y", prompt=held_prompt)
         rt.arena.vote("session-y", pair.token, "right", rt.rater_id("rater-1"))
-    with_launcher(rt, None, eval_max_pairs=2)
+    with_launcher(rt, None, eval_max_pairs=2, reference="init")
     second = rt.loop.run_round()
     assert second.status == "promoted", second.reason
     assert (second.version, second.parent) == ("v0002", "v0001")
     assert rt.generation.serving_version == "v0002"
     assert second.metrics["eval"]["eval_pairs"] == 2
+    # The second round continued v0001 with v0001 itself as its DPO reference (iterative DPO); the first had none.
+    trained = json.loads((rt.registry.info("v0002").folder / "metrics.json").read_text())
+    assert (trained["config"]["reference"], trained["init_adapter"]) == ("init", str(rt.registry.info("v0001").folder))
     # Lineage: each version names its parent and the snapshot (vote ids) it was trained on.
     for res in (first, second):
         av = rt.store.adapter_version(res.version)
