@@ -42,7 +42,7 @@ from ncp.shapes.model import DEFAULT_TIMESTEP_LOW as SHAPES_TIMESTEP_LOW  # noqa
 
 ROOT = Path(__file__).resolve().parents[1]
 # Defaults of the flags that shape a run; a published section's rerun line names the ones its run changed.
-RERUN_DEFAULTS = {"votes": 2000, "minutes": 30.0, "train_every": 45.0, "max_steps": 100,
+RERUN_DEFAULTS = {"votes": 2000, "minutes": 30.0, "train_every": 15.0, "max_steps": 200,
                   "timestep_low": SHAPES_TIMESTEP_LOW, "reference": "base"}  # fmt: skip
 
 

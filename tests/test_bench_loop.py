@@ -21,7 +21,7 @@ def rnd(
 
 
 def result(rounds: list[dict]) -> dict:
-    config = {"raters": 8, "objective": "dpo", "space": "ncp", "max_steps": 100, "lr": 1e-3, "beta": 5e5}
+    config = {"raters": 8, "objective": "dpo", "space": "ncp", "max_steps": 200, "lr": 1e-3, "beta": 5e5}
     return {"config": config, "raters": {"votes": 2000}, "wall_s": 1000.0, "rounds": rounds, "leaderboard": []}
 
 
@@ -78,7 +78,7 @@ def test_another_base_gets_its_own_section_and_rerun_line() -> None:
     assert "--votes 12000 --minutes 20 --timestep-low 0 --name" in loop.markdown(res, "loop_headroom")
     res["config"] |= {"max_steps": 300, "reference": "init"}
     text = loop.markdown(res, "loop_headroom")
-    assert "--timestep-low 0 --max-steps 300 --reference init --name" in text
+    assert "--minutes 20 --max-steps 300 --timestep-low 0 --reference init --name" in text
     assert "each round's DPO reference the version it continues (iterative DPO)" in text
 
 
