@@ -42,8 +42,8 @@ from ncp.shapes.model import DEFAULT_TIMESTEP_LOW as SHAPES_TIMESTEP_LOW  # noqa
 
 ROOT = Path(__file__).resolve().parents[1]
 # Defaults of the flags that shape a run; a published section's rerun line names the ones its run changed.
-RERUN_DEFAULTS = {"votes": 2000, "minutes": 30.0, "train_every": 15.0, "max_steps": 200,
-                  "timestep_low": SHAPES_TIMESTEP_LOW, "reference": "base"}  # fmt: skip
+RERUN_DEFAULTS = {"votes": 2000, "minutes": 30.0, "train_every": 15.0, "min_new_votes": 150, "max_steps": 200,
+                  "timestep_low": SHAPES_TIMESTEP_LOW, "reference": "base", "train_window": "all"}  # fmt: skip
 
 
 def round_row(last: dict, t_start: float, votes: int) -> dict:
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--minutes", type=float, default=RERUN_DEFAULTS["minutes"], help="wall-clock budget")
     p.add_argument("--pace", type=float, default=0.2, help="seconds each rater looks at a pair")
     p.add_argument("--train-every", type=float, default=RERUN_DEFAULTS["train_every"])
-    p.add_argument("--min-new-votes", type=int, default=150)
+    p.add_argument("--min-new-votes", type=int, default=RERUN_DEFAULTS["min_new_votes"])
     p.add_argument("--max-steps", type=int, default=RERUN_DEFAULTS["max_steps"])
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=LoopConfig().lr)
@@ -98,6 +98,12 @@ def main(argv: list[str] | None = None) -> None:
         choices=("base", "init"),
         default=RERUN_DEFAULTS["reference"],
         help="DPO reference of a round that continues an adapter: the base, or that adapter (iterative DPO)",
+    )
+    p.add_argument(
+        "--train-window",
+        choices=("all", "serving"),
+        default=RERUN_DEFAULTS["train_window"],
+        help="votes a round trains on: all, or only the served version's own pairs (on-policy)",
     )
     p.add_argument("--probes", type=int, default=48, help="judge probe prompts")
     p.add_argument("--probe-seeds", type=int, default=2)
@@ -138,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
         continue_rejected=args.continue_rejected,
         timestep_low=args.timestep_low,
         reference=args.reference,
+        train_window=args.train_window,
         space=args.space,
         shapes_probes=args.probes,
         probe_seeds=args.probe_seeds,
@@ -249,8 +256,10 @@ def markdown(result: dict, stem: str = "loop") -> str:
         c = result["config"]  # flags only where the run differed from the defaults
         flags = "".join(f" --{k.replace('_', '-')} {c[k] if isinstance(c[k], str) else format(c[k], 'g')}"
                         for k, v in RERUN_DEFAULTS.items() if k in c and c[k] != v)  # fmt: skip
-        head = [f"## The live loop on `{model}`", "", f"Rerun: `python -m bench.loop --model {model}{flags} --name {name}` "
-                f"(how that base is built: section `alignment-sweep-{name}`).", ""]  # fmt: skip
+        base = Path(model).name.removeprefix("shapes-")  # runs/shapes-headroom: section `alignment-sweep-headroom`
+        head = [f"## The live loop on `{model}`" + ("" if name == base else f" ({name})"), "",
+                f"Rerun: `python -m bench.loop --model {model}{flags} --name {name}` "
+                f"(how that base is built: section `alignment-sweep-{base}`).", ""]  # fmt: skip
     lines = [
         *head,
         f"Shapes world, {result['config']['raters']} simulated raters over HTTP, "
@@ -259,7 +268,9 @@ def markdown(result: dict, stem: str = "loop") -> str:
         f"{result['config']['max_steps']} steps per round, lr {result['config']['lr']}, beta {result['config']['beta']}"
         + (f", timesteps t >= {low:g} T" if (low := result["config"].get("timestep_low")) else ", uniform timesteps")
         + (", each round's DPO reference the version it continues (iterative DPO)"
-           if result["config"].get("reference") == "init" else "")  # fmt: skip
+           if result["config"].get("reference") == "init" else "")
+        + (", trained only on the served version's own pairs (on-policy)"
+           if result["config"].get("train_window") == "serving" else "")  # fmt: skip
         + _line_text(result["config"].get("continue_rejected")),
         "",
         "| round | status | version | started from | round time (s) | votes so far | judge | base "
@@ -357,7 +368,7 @@ def _confirmation(c: dict | None) -> list[str]:
     return [f"- The served {c['version']} on fresh images of the same probe prompts (seeds {c['seed_offset']}-{last}, "
             f"which no gate saw): judge {c['judge']:.3f} against the base's {c['base_judge']:.3f}, "
             f"**{c['gain_vs_base']:+.3f} ± {c['gain_ci95']:.3f}**. The gate selects on the probe images' noise, so the "
-            "served version's gain on them reads high; this one does not."]  # fmt: skip
+            "served version's gain on them can read high; on fresh images it cannot."]  # fmt: skip
 
 
 if __name__ == "__main__":

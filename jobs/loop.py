@@ -61,6 +61,10 @@ class LoopConfig:
     # is measured from the base, so rounds converge to one tilt of it) or "init" (iterative DPO: the version the round
     # continues is the reference, so each round is one more step of a bounded size beyond the last).
     reference: str = "base"
+    # Which votes a round trains on: "all" (the whole snapshot) or "serving" (only pairs the serving version drew both
+    # images of: on-policy data, what iterative DPO with reference "init" assumes; with it, every round starts from
+    # the serving version, since a rejected candidate has no pairs of its own).
+    train_window: str = "all"
     extra_train_args: tuple[str, ...] = ()
     launcher: tuple[str, ...] = (sys.executable, "-m", "ncp.train")  # or ("accelerate", "launch", "-m", "ncp.train")
     evaluator: tuple[str, ...] = (sys.executable, "-m", "ncp.evaluate")
@@ -87,6 +91,8 @@ class LoopConfig:
             raise ValueError(f"objective must be dpo|cpo|sft and space latent|ncp, got {self.objective}/{self.space}.")
         if self.reference not in ("base", "init"):
             raise ValueError(f"reference must be base|init, got {self.reference!r}.")
+        if self.train_window not in ("all", "serving"):
+            raise ValueError(f"train_window must be all|serving, got {self.train_window!r}.")
         if not 0 <= self.timestep_low < 1:
             raise ValueError(f"timestep_low is a fraction of the schedule in [0, 1), got {self.timestep_low}.")
         if self.eval_max_pairs < 0:
@@ -122,11 +128,15 @@ class RoundResult:
     seconds: float = 0.0
 
 
-def cap_rater_share(src: Path, dst: Path, max_share: float, min_pairs: int) -> int:
+def cap_rater_share(src: Path, dst: Path, max_share: float, min_pairs: int, only_version: str | None = None) -> int:
     """Write the strict-preference rows of `src` to `dst` with no rater above `max_share` of the rows (the newest
-    rows of an over-represented rater are dropped); returns the row count."""
+    rows of an over-represented rater are dropped); returns the row count. With `only_version`, only pairs whose two
+    images that version drew (its on-policy pairs) are kept, before the cap."""
     table = pq.read_table(src)
     table = table.filter((pc.field("has_label")) & (pc.field("label_0") != 0.5))
+    if only_version is not None:
+        table = table.filter((pc.field("adapter_version_0") == only_version)
+                             & (pc.field("adapter_version_1") == only_version))  # fmt: skip
     raters = table.column("rater").to_pylist()
     cap = max(1, math.floor(max_share * max(len(raters), min_pairs)))
     seen: dict[str, int] = {}
@@ -216,7 +226,8 @@ class AlignmentLoop:
         round_dir.mkdir(parents=True, exist_ok=True)
         self.status.round_dir = str(round_dir)
         train_file = round_dir / "train.parquet"
-        n = cap_rater_share(snap.path / "train.parquet", train_file, cfg.max_rater_share, cfg.min_pairs)
+        only = parent if cfg.train_window == "serving" else None
+        n = cap_rater_share(snap.path / "train.parquet", train_file, cfg.max_rater_share, cfg.min_pairs, only)
         init, line_len = self._init_adapter(parent)
         run_id = self.store.start_training_run(
             snap.snapshot_id,
@@ -231,7 +242,8 @@ class AlignmentLoop:
             )
 
         if n < cfg.min_pairs:
-            return fail("failed", f"only {n} trainable strict-preference pairs; need {cfg.min_pairs}")
+            what = f" of {parent}'s own images" if only else ""
+            return fail("failed", f"only {n} trainable strict-preference pairs{what}; need {cfg.min_pairs}")
 
         # -- train ---------------------------------------------------------------------------------------------------
         self.status.state = "training"
@@ -366,7 +378,7 @@ class AlignmentLoop:
         candidate while the serving version is still the one it was compared with (no promotion or rollback since) and
         the line has seeded fewer than `continue_rejected` rounds; else the serving version's adapter (None for base)."""
         line = self._line
-        if line is not None:
+        if line is not None and self.config.train_window == "all":  # on-policy rounds start from the served version
             folder, line_parent, length, _ = line
             if line_parent == parent and length <= self.config.continue_rejected and folder.is_dir():
                 return folder, length

@@ -63,6 +63,11 @@ ENV_VARS: tuple[EnvVar, ...] = (
         _LOOP.reference,
         "DPO reference of a round that continues a version: base (the paper) or init (that version: iterative DPO)",
     ),
+    EnvVar(
+        "NCP_TRAIN_WINDOW",
+        _LOOP.train_window,
+        "votes a round trains on: all, or serving (only pairs the served version drew: on-policy, for iterative DPO)",
+    ),
     EnvVar("NCP_STEPS", f"{_SAMPLING.steps} (shapes model: {SHAPES_STEPS})", "diffusion steps per arena image"),
     EnvVar("NCP_GUIDANCE", str(_SAMPLING.guidance), "classifier-free guidance scale of arena images"),
     EnvVar("NCP_SCHEDULE", "1", "1: train on a timer; 0: only when an admin runs a round"),
@@ -162,6 +167,7 @@ def config_from_env(env: Mapping[str, str]) -> ArenaConfig:
             env_value(env, "NCP_TIMESTEP_LOW", float, SHAPES_TIMESTEP_LOW if shapes else _LOOP.timestep_low)
         ),
         reference=str(env_value(env, "NCP_DPO_REFERENCE", str, _LOOP.reference)),
+        train_window=str(env_value(env, "NCP_TRAIN_WINDOW", str, _LOOP.train_window)),
     )
     sampling = SamplingConfig(
         steps=int(env_value(env, "NCP_STEPS", int, SHAPES_STEPS if shapes else _SAMPLING.steps)),

@@ -228,6 +228,7 @@ def test_config_from_env_maps_every_variable(tmp_path: Path) -> None:
         "NCP_CONTINUE_REJECTED": "0",
         "NCP_TIMESTEP_LOW": "0.5",
         "NCP_DPO_REFERENCE": "init",
+        "NCP_TRAIN_WINDOW": "serving",
         "NCP_STEPS": "7",
         "NCP_GUIDANCE": "1.5",
         "NCP_SCHEDULE": "0",
@@ -247,7 +248,7 @@ def test_config_from_env_maps_every_variable(tmp_path: Path) -> None:
     assert cfg.data_dir == tmp_path / "d" and cfg.model == str(tmp_path / "m") and cfg.loop.model == cfg.model
     assert (cfg.admin_token, cfg.admin_users, cfg.rater_salt) == ("tok", ("alice", "bob"), "0123456789abcdef0123")
     assert (cfg.loop.train_every_s, cfg.loop.min_new_votes, cfg.loop.continue_rejected) == (60.0, 5, 0)
-    assert cfg.loop.timestep_low == 0.5 and cfg.loop.reference == "init"
+    assert (cfg.loop.timestep_low, cfg.loop.reference, cfg.loop.train_window) == (0.5, "init", "serving")
     assert (cfg.sampling.steps, cfg.sampling.guidance, cfg.schedule, cfg.prefetch) == (7, 1.5, False, 3)
     default = app.config_from_env({})
     assert default.schedule and default.admin_token is None and default.is_shapes and default.hub_push is None
@@ -268,6 +269,7 @@ def test_config_from_env_maps_every_variable(tmp_path: Path) -> None:
         ({"NCP_CONTINUE_REJECTED": "-1"}, "continue_rejected"),
         ({"NCP_TIMESTEP_LOW": "1"}, "timestep_low"),
         ({"NCP_DPO_REFERENCE": "previous"}, "reference"),
+        ({"NCP_TRAIN_WINDOW": "recent"}, "train_window"),
     ]:
         with pytest.raises(ValueError, match=match):
             app.config_from_env(bad)

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from feedback_store.export import eval_mask
@@ -179,3 +180,32 @@ def test_rejected_candidates_seed_the_next_rounds_up_to_the_limit(runtime: Runti
     assert promoted.status == "promoted", promoted.reason
     after = round_()
     assert rt.store.training_run(after.run_id).config["init_adapter"] == promoted.version
+
+
+def test_on_policy_window_trains_only_on_the_served_versions_own_pairs(runtime: Runtime) -> None:
+    """train_window="serving": a round trains only on pairs whose two images the served version drew (iterative DPO's
+    on-policy data, with that version as the reference), and starts from the served version even after a rejection."""
+    rt = runtime
+    served = rt.registry.current()
+    for i in range(12):  # fresh pairs: the served version draws both images (PairMix on_policy=1.0)
+        pair = rt.arena.next_pair(f"session-window-{i}")
+        rt.arena.vote(f"session-window-{i}", pair.token, "left" if i % 2 else "right", rt.rater_id(f"rater-{i % 4}"))
+    with_launcher(rt, None, train_window="serving", reference="init", continue_rejected=2, min_pairs=1000)
+    starved = rt.loop.run_round()
+    assert starved.status == "failed" and f"pairs of {served}'s own images; need 1000" in starved.reason
+    with_launcher(rt, None, train_window="serving", reference="init", continue_rejected=2, min_pairs=8)
+    real_gate, rt.loop.gate = rt.loop.gate, lambda ev, parent: (False, "injected: reject every candidate")
+    try:
+        results = []
+        for _ in range(2):
+            results.append(rt.loop.run_round())
+            table = pq.read_table(Path(rt.loop.status.round_dir) / "train.parquet")
+            versions = set(table.column("adapter_version_0").to_pylist() + table.column("adapter_version_1").to_pylist())
+            snapshot = pq.read_table(rt.loop.snapshots_dir / results[-1].snapshot_id / "train.parquet")
+            assert versions == {served} and 8 <= table.num_rows < snapshot.num_rows  # earlier versions' pairs dropped
+    finally:
+        rt.loop.gate = real_gate
+    assert [r.status for r in results] == ["rejected"] * 2, [r.reason for r in results]
+    runs = [rt.store.training_run(r.run_id).config for r in results]
+    assert [c["init_adapter"] for c in runs] == [served, served]  # no rejected line: on-policy rounds restart
+    assert all(c["train_window"] == "serving" and c["reference"] == "init" for c in runs)
