@@ -42,8 +42,9 @@ from ncp.shapes.model import DEFAULT_TIMESTEP_LOW as SHAPES_TIMESTEP_LOW  # noqa
 
 ROOT = Path(__file__).resolve().parents[1]
 # Defaults of the flags that shape a run; a published section's rerun line names the ones its run changed.
-RERUN_DEFAULTS = {"votes": 2000, "minutes": 30.0, "train_every": 15.0, "min_new_votes": 150, "max_steps": 200,
-                  "timestep_low": SHAPES_TIMESTEP_LOW, "reference": "base", "train_window": "all"}  # fmt: skip
+RERUN_DEFAULTS = {"votes": 2000, "minutes": 30.0, "train_every": 15.0, "min_new_votes": 150, "min_pairs": 16,
+                  "max_steps": 200, "timestep_low": SHAPES_TIMESTEP_LOW, "reference": "base",
+                  "train_window": "all"}  # fmt: skip
 
 
 def round_row(last: dict, t_start: float, votes: int) -> dict:
@@ -75,6 +76,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pace", type=float, default=0.2, help="seconds each rater looks at a pair")
     p.add_argument("--train-every", type=float, default=RERUN_DEFAULTS["train_every"])
     p.add_argument("--min-new-votes", type=int, default=RERUN_DEFAULTS["min_new_votes"])
+    p.add_argument(
+        "--min-pairs",
+        type=int,
+        default=RERUN_DEFAULTS["min_pairs"],
+        help="pairs a round needs (with --train-window serving: of the served version's own images)",
+    )
     p.add_argument("--max-steps", type=int, default=RERUN_DEFAULTS["max_steps"])
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=LoopConfig().lr)
@@ -136,6 +143,7 @@ def main(argv: list[str] | None = None) -> None:
         model=args.model,
         train_every_s=args.train_every,
         min_new_votes=args.min_new_votes,
+        min_pairs=args.min_pairs,
         max_steps=args.max_steps,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -187,6 +195,8 @@ def main(argv: list[str] | None = None) -> None:
             last = rt.loop.status.last
             if last is not None and last is not seen:
                 seen = last
+                if last["status"] == "skipped":  # a round that waited for pairs (train_window serving) trained nothing
+                    continue
                 rounds.append(round_row(last, t0, rt.store.counts()["votes"]))
                 print(json.dumps(rounds[-1]), flush=True)
             if not raters.is_alive() and rt.loop.status.state == "idle" and time.time() - t0 > 60:
@@ -267,10 +277,16 @@ def markdown(result: dict, stem: str = "loop") -> str:
         f"{result['config']['objective']} in {result['config']['space']} space, "
         f"{result['config']['max_steps']} steps per round, lr {result['config']['lr']}, beta {result['config']['beta']}"
         + (f", timesteps t >= {low:g} T" if (low := result["config"].get("timestep_low")) else ", uniform timesteps")
-        + (", each round's DPO reference the version it continues (iterative DPO)"
-           if result["config"].get("reference") == "init" else "")
-        + (", trained only on the served version's own pairs (on-policy)"
-           if result["config"].get("train_window") == "serving" else "")  # fmt: skip
+        + (
+            ", each round's DPO reference the version it continues (iterative DPO)"
+            if result["config"].get("reference") == "init"
+            else ""
+        )
+        + (
+            ", trained only on the served version's own pairs (on-policy)"
+            if result["config"].get("train_window") == "serving"
+            else ""
+        )  # fmt: skip
         + _line_text(result["config"].get("continue_rejected")),
         "",
         "| round | status | version | started from | round time (s) | votes so far | judge | base "

@@ -102,7 +102,9 @@ def markdown(res: dict) -> str:
     ]
     rounds = max(len(rows) for rows in res["arms"].values())
     for i in range(rounds):
-        cells = [f"{rows[i]['gain']:+.3f} ± {rows[i]['ci']:.3f}" if i < len(rows) else "" for rows in res["arms"].values()]
+        cells = [
+            f"{rows[i]['gain']:+.3f} ± {rows[i]['ci']:.3f}" if i < len(rows) else "" for rows in res["arms"].values()
+        ]
         steps = next(rows[i]["steps"] for rows in res["arms"].values() if i < len(rows))
         lines.append(f"| {i + 1} | {steps} | " + " | ".join(cells) + " |")
     lines += ["", "![round chain](round_chain.png)", "", *findings(res)]

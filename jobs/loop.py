@@ -63,7 +63,8 @@ class LoopConfig:
     reference: str = "base"
     # Which votes a round trains on: "all" (the whole snapshot) or "serving" (only pairs the serving version drew both
     # images of: on-policy data, what iterative DPO with reference "init" assumes; with it, every round starts from
-    # the serving version, since a rejected candidate has no pairs of its own).
+    # the serving version, since a rejected candidate has no pairs of its own, and a round waits (skipped, no run
+    # recorded) until the serving version has `min_pairs` of them: raise min_pairs for this window).
     train_window: str = "all"
     extra_train_args: tuple[str, ...] = ()
     launcher: tuple[str, ...] = (sys.executable, "-m", "ncp.train")  # or ("accelerate", "launch", "-m", "ncp.train")
@@ -228,6 +229,9 @@ class AlignmentLoop:
         train_file = round_dir / "train.parquet"
         only = parent if cfg.train_window == "serving" else None
         n = cap_rater_share(snap.path / "train.parquet", train_file, cfg.max_rater_share, cfg.min_pairs, only)
+        if only is not None and n < cfg.min_pairs:  # a new version has few pairs yet: wait for them, no failed run
+            return RoundResult("skipped", f"only {n} pairs of {parent}'s own images; waiting for {cfg.min_pairs}",
+                               parent=parent, snapshot_id=snap.snapshot_id, seconds=time.monotonic() - t0)  # fmt: skip
         init, line_len = self._init_adapter(parent)
         run_id = self.store.start_training_run(
             snap.snapshot_id,
@@ -242,8 +246,7 @@ class AlignmentLoop:
             )
 
         if n < cfg.min_pairs:
-            what = f" of {parent}'s own images" if only else ""
-            return fail("failed", f"only {n} trainable strict-preference pairs{what}; need {cfg.min_pairs}")
+            return fail("failed", f"only {n} trainable strict-preference pairs; need {cfg.min_pairs}")
 
         # -- train ---------------------------------------------------------------------------------------------------
         self.status.state = "training"

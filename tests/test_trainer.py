@@ -23,7 +23,14 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import ncp.losses
-from ncp.adapters import REFERENCE_ADAPTER, LoraSettings, add_lora, add_reference_adapter, lora_parameters, save_adapter
+from ncp.adapters import (
+    REFERENCE_ADAPTER,
+    LoraSettings,
+    add_lora,
+    add_reference_adapter,
+    lora_parameters,
+    save_adapter,
+)
 from ncp.data import PairBatch, load_pairs
 from ncp.losses import timestep_bounds
 from ncp.pipelines import (
