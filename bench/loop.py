@@ -287,7 +287,7 @@ def markdown(result: dict, stem: str = "loop") -> str:
             if result["config"].get("train_window") == "serving"
             else ""
         )  # fmt: skip
-        + _line_text(result["config"].get("continue_rejected")),
+        + _line_text(result["config"].get("continue_rejected"), result["config"].get("train_window", "all")),
         "",
         "| round | status | version | started from | round time (s) | votes so far | judge | base "
         "| gain vs base (95% CI) |",
@@ -314,9 +314,11 @@ def markdown(result: dict, stem: str = "loop") -> str:
     return "\n".join(lines)
 
 
-def _line_text(continue_rejected: int | None) -> str:
+def _line_text(continue_rejected: int | None, train_window: str = "all") -> str:
     """How rounds chain (`LoopConfig.continue_rejected`; runs before it existed started every round from the served
-    version)."""
+    version, as on-policy rounds always do)."""
+    if train_window == "serving":
+        return "; every round starts from the served version (a rejected candidate has no pairs of its own)."
     if not continue_rejected:
         return "; every round starts from the served version."
     return (f"; a rejected candidate seeds up to {continue_rejected} following rounds before the line restarts from the "

@@ -84,9 +84,11 @@ def test_another_base_gets_its_own_section_and_rerun_line() -> None:
     text = loop.markdown(res, "loop_headroom-iterative")  # a variant of the run on the same base
     assert text.startswith("## The live loop on `runs/shapes-headroom` (headroom-iterative)")
     assert (
-        "--min-new-votes 600 --min-pairs 300 --max-steps 300 --timestep-low 0 --reference init --train-window serving --name" in text
+        "--min-new-votes 600 --min-pairs 300 --max-steps 300 --timestep-low 0 --reference init --train-window serving --name"
+        in text
     )
     assert "trained only on the served version's own pairs (on-policy)" in text
+    assert "every round starts from the served version (a rejected candidate has no pairs of its own)" in text
     assert "(how that base is built: section `alignment-sweep-headroom`)" in text
 
 
