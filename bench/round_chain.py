@@ -95,7 +95,9 @@ def markdown(res: dict) -> str:
         f"fresh AdamW each, as the live loop's rounds) on `{s['model']}`, all on one fixed snapshot of the live loop "
         f"(`{s['pairs_file']}`), judged after every round on the loop's probe set ({s['probes']} prompts x "
         f"{s['probe_seeds']} seeds). Round 1 is shared. {res['wall_s'] / 60:.1f} min on this 2-core CPU. Rerun: "
-        f"`python -m bench.round_chain --model {s['model']} --pairs-file <a snapshot's train.parquet>`.",
+        f"`python -m bench.round_chain --model {s['model']} --pairs-file <a snapshot's train.parquet> "
+        f"--rounds {s['rounds']} --steps {s['steps']}` (this run's file: the last round's `train.parquet` of the "
+        "`loop-headroom` run, `python -m bench.loop ... --data-dir D`).",
         "",
         "| round | steps | " + " | ".join(f"reference `{a}`: gain vs base (95% CI)" for a in res["arms"]) + " |",
         "|---|---|" + "---|" * len(res["arms"]),
