@@ -27,7 +27,7 @@ def _result() -> dict:
     def row(r: int, gain: float) -> dict:
         return {"round": r, "steps": 400 * r, "judge": 0.65 + gain, "base_judge": 0.65, "gain": gain, "ci": 0.02}
 
-    settings = {"model": "runs/shapes-headroom", "pairs_file": "snap.parquet", "steps": 400, "lr": 1e-3,
+    settings = {"model": "runs/shapes-headroom", "pairs_file": "snap.parquet", "rounds": 3, "steps": 400, "lr": 1e-3,
                 "beta": 5e5, "timestep_low": 0.3, "probes": 48, "probe_seeds": 2}  # fmt: skip
     return {"settings": settings, "wall_s": 600.0,
             "arms": {"base": [row(1, 0.01), row(2, 0.03), row(3, 0.02)],
