@@ -37,6 +37,7 @@ def _result() -> dict:
 def test_section_reads_both_arms_from_the_rows() -> None:
     text = round_chain.markdown(_result())
     assert "| 2 | 800 | +0.030 ± 0.020 | -0.020 ± 0.020 |" in text
+    assert "--pairs-file <a snapshot's train.parquet> --rounds 3 --steps 400`" in text
     assert "- Reference `base`: mean gain over rounds 2-3 +0.025; best +0.030 after round 2; last +0.020." in text
     assert "- Reference `init`: mean gain over rounds 2-3 -0.035; best +0.010 after round 1; last -0.050." in text
 
