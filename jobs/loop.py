@@ -21,13 +21,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from feedback_store import FeedbackStore
 from feedback_store.export import export_snapshot
 from jobs.registry import BASE, AdapterRegistry, RegistryError
 from jobs.subprocess_run import read_progress, run_child
+from jobs.training_pairs import cap_rater_share
 
 logger = logging.getLogger(__name__)
 
@@ -127,29 +127,6 @@ class RoundResult:
     snapshot_id: str | None = None
     metrics: dict = field(default_factory=dict)
     seconds: float = 0.0
-
-
-def cap_rater_share(src: Path, dst: Path, max_share: float, min_pairs: int, only_version: str | None = None) -> int:
-    """Write the strict-preference rows of `src` to `dst` with no rater above `max_share` of the rows (the newest
-    rows of an over-represented rater are dropped); returns the row count. With `only_version`, only pairs whose two
-    images that version drew (its on-policy pairs) are kept, before the cap."""
-    table = pq.read_table(src)
-    table = table.filter((pc.field("has_label")) & (pc.field("label_0") != 0.5))
-    if only_version is not None:
-        table = table.filter((pc.field("adapter_version_0") == only_version)
-                             & (pc.field("adapter_version_1") == only_version))  # fmt: skip
-    raters = table.column("rater").to_pylist()
-    cap = max(1, math.floor(max_share * max(len(raters), min_pairs)))
-    seen: dict[str, int] = {}
-    keep = []
-    for r in raters:
-        seen[r] = seen.get(r, 0) + 1
-        keep.append(seen[r] <= cap)
-    import pyarrow as pa
-
-    table = table.filter(pa.array(keep))
-    pq.write_table(table, dst)
-    return table.num_rows
 
 
 class AlignmentLoop:

@@ -1,0 +1,32 @@
+"""Which of a snapshot's pairs a round trains on: strict preferences only, optionally only the served version's own
+pairs (on-policy), and no rater above a share of them (the poisoning bound)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+
+def cap_rater_share(src: Path, dst: Path, max_share: float, min_pairs: int, only_version: str | None = None) -> int:
+    """Write the strict-preference rows of `src` to `dst` with no rater above `max_share` of the rows (the newest
+    rows of an over-represented rater are dropped); returns the row count. With `only_version`, only pairs whose two
+    images that version drew (its on-policy pairs) are kept, before the cap."""
+    table = pq.read_table(src)
+    table = table.filter((pc.field("has_label")) & (pc.field("label_0") != 0.5))
+    if only_version is not None:
+        table = table.filter((pc.field("adapter_version_0") == only_version)
+                             & (pc.field("adapter_version_1") == only_version))  # fmt: skip
+    raters = table.column("rater").to_pylist()
+    cap = max(1, math.floor(max_share * max(len(raters), min_pairs)))
+    seen: dict[str, int] = {}
+    keep = []
+    for r in raters:
+        seen[r] = seen.get(r, 0) + 1
+        keep.append(seen[r] <= cap)
+    table = table.filter(pa.array(keep))
+    pq.write_table(table, dst)
+    return table.num_rows
