@@ -27,6 +27,6 @@ def cap_rater_share(src: Path, dst: Path, max_share: float, min_pairs: int, only
     for r in raters:
         seen[r] = seen.get(r, 0) + 1
         keep.append(seen[r] <= cap)
-    table = table.filter(pa.array(keep))
+    table = table.filter(pa.array(keep, type=pa.bool_()))  # typed: an empty list would be a null array
     pq.write_table(table, dst)
     return table.num_rows
