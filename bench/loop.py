@@ -342,7 +342,7 @@ def confirm(model: str, data_dir: Path, version: str, probes: int, seeds: int) -
     """The served version against the base on fresh images of the same probe prompts (seeds the gate never saw).
 
     The gate promotes a candidate when its probe score beats the served one's, so the promoted version's score on
-    those very probes is selected on its own noise and reads high (the winner's curse); fresh seeds do not."""
+    those very probes is selected on its own noise and can read high (the winner's curse); fresh seeds cannot."""
     out = data_dir / "confirm.json"
     folder = AdapterRegistry(data_dir / "adapters").info(version).folder
     cmd = [sys.executable, "-m", "ncp.evaluate", "--model", model, "--out", str(out), "--threads", "2",
