@@ -44,7 +44,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # Defaults of the flags that shape a run; a published section's rerun line names the ones its run changed.
 RERUN_DEFAULTS = {"votes": 2000, "minutes": 30.0, "train_every": 15.0, "min_new_votes": 150, "min_pairs": 16,
                   "max_steps": 200, "timestep_low": SHAPES_TIMESTEP_LOW, "reference": "base",
-                  "train_window": "all"}  # fmt: skip
+                  "train_window": "all", "probe_seeds": 4, "gate_acc_z": LoopConfig().gate_acc_z}  # fmt: skip
+# What a result file written before a flag existed ran with (its rerun line must name it to reproduce the run).
+LEGACY_CONFIG = {"gate_acc_z": 0.0}
 
 
 def round_row(last: dict, t_start: float, votes: int) -> dict:
@@ -113,7 +115,16 @@ def main(argv: list[str] | None = None) -> None:
         help="votes a round trains on: all, or only the served version's own pairs (on-policy)",
     )
     p.add_argument("--probes", type=int, default=48, help="judge probe prompts")
-    p.add_argument("--probe-seeds", type=int, default=2)
+    p.add_argument(
+        "--probe-seeds", type=int, default=RERUN_DEFAULTS["probe_seeds"], help="seeds per probe prompt at the gate"
+    )
+    p.add_argument(
+        "--gate-acc-z",
+        type=float,
+        default=RERUN_DEFAULTS["gate_acc_z"],
+        help="the held-out accuracy criterion rejects only a drop beyond its margin by this many paired standard "
+        "errors (0: the point estimate)",
+    )
     p.add_argument(
         "--gate-min-eval-pairs",
         type=int,
@@ -156,6 +167,7 @@ def main(argv: list[str] | None = None) -> None:
         space=args.space,
         shapes_probes=args.probes,
         probe_seeds=args.probe_seeds,
+        gate_acc_z=args.gate_acc_z,
         time_limit_s=300,
         eval_time_limit_s=240,
         gate_min_eval_pairs=args.gate_min_eval_pairs,
@@ -263,7 +275,7 @@ def markdown(result: dict, stem: str = "loop") -> str:
     model, name = result["config"].get("model", ""), stem.removeprefix("loop").lstrip("_")
     head = ["## The live loop (`python -m bench.loop`)", ""]
     if name:  # another base: name it, and say how to rebuild it and rerun
-        c = result["config"]  # flags only where the run differed from the defaults
+        c = LEGACY_CONFIG | result["config"]  # flags only where the run differed from the defaults
         flags = "".join(f" --{k.replace('_', '-')} {c[k] if isinstance(c[k], str) else format(c[k], 'g')}"
                         for k, v in RERUN_DEFAULTS.items() if k in c and c[k] != v)  # fmt: skip
         base = Path(model).name.removeprefix("shapes-")  # runs/shapes-headroom: section `alignment-sweep-headroom`
@@ -287,7 +299,8 @@ def markdown(result: dict, stem: str = "loop") -> str:
             if result["config"].get("train_window") == "serving"
             else ""
         )  # fmt: skip
-        + _line_text(result["config"].get("continue_rejected"), result["config"].get("train_window", "all")),
+        + _line_text(result["config"].get("continue_rejected"), result["config"].get("train_window", "all"))
+        + _gate_text(LEGACY_CONFIG | result["config"]),
         "",
         "| round | status | version | started from | round time (s) | votes so far | judge | base "
         "| gain vs base (95% CI) |",
@@ -312,6 +325,15 @@ def markdown(result: dict, stem: str = "loop") -> str:
         )
     lines += ["", f"![loop]({stem}.png)", "", *goals(result)]
     return "\n".join(lines)
+
+
+def _gate_text(c: dict) -> str:
+    margin = f"no worse than the served version's by {-LoopConfig().gate_min_acc_delta:g}"
+    acc = f"{margin} beyond {z:g} paired standard errors" if (z := c["gate_acc_z"]) else f"{margin} (point estimate)"
+    return (
+        f" Gate: judge on {c['probes']} probe prompts x {c['probe_seeds']} seeds at least the served version's, "
+        f"and, from {c.get('gate_min_eval_pairs', 100)} held-out pairs on, implicit accuracy {acc}."
+    )
 
 
 def _line_text(continue_rejected: int | None, train_window: str = "all") -> str:

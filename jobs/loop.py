@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from feedback_store import FeedbackStore
 from feedback_store.export import export_snapshot
+from jobs.gate import promotion_gate
 from jobs.registry import BASE, AdapterRegistry, RegistryError
 from jobs.subprocess_run import read_progress, run_child
 from jobs.training_pairs import cap_rater_share
@@ -75,6 +76,9 @@ class LoopConfig:
     probe_steps: int = 20  # sampler of the probe images (the shapes world uses the model's shipped sampler)
     probe_guidance: float = 3.0
     gate_min_acc_delta: float = -0.02  # promote if candidate implicit acc >= serving's + this (held-out pairs)
+    # ...unless the drop is within noise: the criterion rejects only when delta + z x its paired standard error is
+    # still below the margin (1.96: the 95% interval of the drop lies wholly below it; 0: the point estimate).
+    gate_acc_z: float = 1.96
     gate_min_eval_pairs: int = 8  # fewer held-out pairs than this: the accuracy criterion is not used
     # The evaluator scores only the newest this many held-out pairs (0: all). The held-out split grows with every
     # vote, and scoring all of it made a round's evaluation grow with the arena's age (ncp.evaluate --max-pairs).
@@ -96,6 +100,8 @@ class LoopConfig:
             raise ValueError(f"train_window must be all|serving, got {self.train_window!r}.")
         if not 0 <= self.timestep_low < 1:
             raise ValueError(f"timestep_low is a fraction of the schedule in [0, 1), got {self.timestep_low}.")
+        if self.gate_acc_z < 0:
+            raise ValueError(f"gate_acc_z must be >= 0 (0: the point estimate), got {self.gate_acc_z}.")
         if self.eval_max_pairs < 0:
             raise ValueError(f"eval_max_pairs must be >= 0 (0: all held-out pairs), got {self.eval_max_pairs}.")
         if self.continue_rejected < 0:
@@ -373,24 +379,5 @@ class AlignmentLoop:
         return parent
 
     def gate(self, ev: dict, parent: str) -> tuple[bool, str]:
-        """The promotion rule: held-out implicit accuracy no worse than the serving version's (by the configured
-        margin) and, in the shapes world, a judge score at least the serving version's plus the configured delta."""
-        cfg = self.config
-        cand = ev["versions"]["candidate"]
-        serving = ev["versions"].get("serving")
-        notes = []
-        if ev.get("eval_pairs", 0) >= cfg.gate_min_eval_pairs:
-            ref_acc = serving["implicit_acc"] if serving else 0.5
-            delta = cand["implicit_acc"] - ref_acc
-            notes.append(f"implicit acc {cand['implicit_acc']:.3f} vs {ref_acc:.3f}")
-            if delta < cfg.gate_min_acc_delta:
-                return False, "; ".join(notes) + f" (delta {delta:+.3f} < {cfg.gate_min_acc_delta:+.3f})"
-        else:
-            notes.append(f"only {ev.get('eval_pairs', 0)} held-out pairs: accuracy criterion not used")
-        if "judge" in cand:
-            ref = serving["judge"] if serving else ev["base_judge"]
-            delta = cand["judge"] - ref
-            notes.append(f"judge {cand['judge']:.3f} vs {ref:.3f}")
-            if delta < cfg.gate_min_judge_delta:
-                return False, "; ".join(notes) + f" (delta {delta:+.3f} < {cfg.gate_min_judge_delta:+.3f})"
-        return True, "; ".join(notes)
+        """The promotion rule (jobs.gate.promotion_gate) on this round's evaluation."""
+        return promotion_gate(ev, self.config)

@@ -21,7 +21,8 @@ def rnd(
 
 
 def result(rounds: list[dict]) -> dict:
-    config = {"raters": 8, "objective": "dpo", "space": "ncp", "max_steps": 200, "lr": 1e-3, "beta": 5e5}
+    config = {"raters": 8, "objective": "dpo", "space": "ncp", "max_steps": 200, "lr": 1e-3, "beta": 5e5,
+              "probes": 48, "probe_seeds": 4, "gate_acc_z": 1.96}  # fmt: skip
     return {"config": config, "raters": {"votes": 2000}, "wall_s": 1000.0, "rounds": rounds, "leaderboard": []}
 
 
@@ -90,6 +91,20 @@ def test_another_base_gets_its_own_section_and_rerun_line() -> None:
     assert "trained only on the served version's own pairs (on-policy)" in text
     assert "every round starts from the served version (a rejected candidate has no pairs of its own)" in text
     assert "(how that base is built: section `alignment-sweep-headroom`)" in text
+
+
+def test_the_gate_is_described_and_a_run_from_before_the_paired_criterion_reruns_as_it_ran() -> None:
+    res = result([rnd("promoted", 300, 0.02, version="v0001")])
+    res["config"]["model"] = "runs/shapes-headroom"
+    text = loop.markdown(res, "loop_headroom")
+    assert "Gate: judge on 48 probe prompts x 4 seeds" in text and "beyond 1.96 paired standard errors" in text
+    assert "--gate-acc-z" not in text and "--probe-seeds" not in text
+    for key in ("gate_acc_z", "probe_seeds"):
+        del res["config"][key]
+    res["config"]["probe_seeds"] = 2  # what a result file written before the paired criterion holds
+    text = loop.markdown(res, "loop_headroom")
+    assert "--model runs/shapes-headroom --probe-seeds 2 --gate-acc-z 0 --name headroom`" in text
+    assert "x 2 seeds" in text and "by 0.02 (point estimate)" in text
 
 
 def test_confirmation_line_reports_the_fresh_seed_gain() -> None:

@@ -97,6 +97,12 @@ def test_two_rounds_promote_hot_swap_and_record_lineage(runtime: Runtime) -> Non
     assert (second.version, second.parent) == ("v0002", "v0001")
     assert rt.generation.serving_version == "v0002"
     assert second.metrics["eval"]["eval_pairs"] == 2
+    # The evaluator compared both versions on the same pairs: the drop the gate reads, with its paired standard error.
+    versions, paired = second.metrics["eval"]["versions"], second.metrics["eval"]["paired"]["candidate-serving"]
+    assert paired["acc_delta"] == pytest.approx(
+        versions["candidate"]["implicit_acc"] - versions["serving"]["implicit_acc"]
+    )
+    assert paired["acc_delta_se"] >= 0
     # The second round continued v0001 with v0001 itself as its DPO reference (iterative DPO); the first had none.
     trained = json.loads((rt.registry.info("v0002").folder / "metrics.json").read_text())
     assert (trained["config"]["reference"], trained["init_adapter"]) == ("init", str(rt.registry.info("v0001").folder))

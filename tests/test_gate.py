@@ -1,0 +1,63 @@
+"""The promotion gate reads the held-out accuracy drop against its paired standard error (jobs.gate, ncp.evaluate)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from jobs.gate import promotion_gate
+from jobs.loop import LoopConfig
+from ncp.evaluate import correct, paired
+
+
+def _ev(cand_acc: float, serv_acc: float | None, se: float | None, pairs: int = 256) -> dict:
+    versions = {"candidate": {"implicit_acc": cand_acc}}
+    ev: dict = {"eval_pairs": pairs, "versions": versions}
+    if serv_acc is None:
+        versions["candidate"]["implicit_acc_se"] = se
+    else:
+        versions["serving"] = {"implicit_acc": serv_acc}
+        ev["paired"] = {
+            "candidate-serving": {} if se is None else {"acc_delta": cand_acc - serv_acc, "acc_delta_se": se}
+        }
+    return ev
+
+
+def test_a_drop_within_its_noise_passes_and_a_clear_one_rejects() -> None:
+    cfg = LoopConfig(gate_min_acc_delta=-0.02, gate_min_eval_pairs=8)
+    # -0.06 with SE 0.03: -0.06 + 1.96 x 0.03 = -0.001 >= -0.02, the drop is noise (a live run rejected such ones).
+    ok, why = promotion_gate(_ev(0.55, 0.61, 0.03), cfg)
+    assert ok and "SE 0.030" in why
+    # The same drop measured precisely is real.
+    ok, why = promotion_gate(_ev(0.55, 0.61, 0.005), cfg)
+    assert not ok and "1.96 SE < -0.020" in why
+    # z = 0 is the point-estimate rule; a missing SE (an older evaluator) falls back to it as well.
+    assert not promotion_gate(_ev(0.55, 0.61, 0.03), LoopConfig(gate_acc_z=0.0, gate_min_eval_pairs=8))[0]
+    assert not promotion_gate(_ev(0.55, 0.61, None), cfg)[0]
+    # Against the base (accuracy 0.5 by definition) the candidate's own standard error is the drop's.
+    assert promotion_gate(_ev(0.45, None, 0.04), cfg)[0]
+    assert not promotion_gate(_ev(0.45, None, 0.01), cfg)[0]
+
+
+def test_gate_z_must_not_be_negative() -> None:
+    with pytest.raises(ValueError, match="gate_acc_z"):
+        LoopConfig(gate_acc_z=-1.0)
+
+
+def test_paired_differences_cancel_the_difficulty_two_versions_share() -> None:
+    rng = np.random.default_rng(0)
+    difficulty = rng.normal(0, 1.0, 400)  # per held-out pair, shared by every version scored on it
+    a = difficulty + 0.3 + rng.normal(0, 0.3, 400)
+    b = difficulty + rng.normal(0, 0.3, 400)
+    judge = {"a": rng.uniform(0.4, 0.9, (48, 2)), "b": None}
+    judge["b"] = judge["a"] - 0.02 + rng.normal(0, 0.01, (48, 2))
+    row = paired({"a": a, "b": b}, judge)["a-b"]
+    diff = correct(a) - correct(b)
+    assert row["acc_delta"] == pytest.approx(correct(a).mean() - correct(b).mean())
+    assert row["acc_delta"] > 0 and row["acc_delta_se"] == pytest.approx(diff.std(ddof=1) / np.sqrt(400))
+    # Unpaired, each accuracy's own noise adds up: the paired error is well below it.
+    unpaired = np.sqrt(correct(a).var(ddof=1) / 400 + correct(b).var(ddof=1) / 400)
+    assert row["acc_delta_se"] < 0.8 * unpaired
+    assert row["judge_delta"] == pytest.approx(0.02, abs=0.005) and row["judge_delta_se"] < 0.002
+    # Versions with no held-out pairs (an empty split) get judge differences only.
+    assert set(paired({}, judge)["a-b"]) == {"judge_delta", "judge_delta_se"}
