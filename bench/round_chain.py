@@ -24,13 +24,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from bench.docs import repo_path, write_section  # noqa: E402
-from ncp.shapes.model import DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULT_TIMESTEP_LOW  # noqa: E402
+from bench.curves import plot_gain_curves
+from bench.docs import repo_path, write_section
+from ncp.shapes.model import DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULT_TIMESTEP_LOW
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = ("base", "init")
@@ -125,22 +121,10 @@ def findings(res: dict) -> list[str]:
     return out
 
 
-def plot(res: dict, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for ref, rows in res["arms"].items():
-        xs, ys, es = ([0] + [r["steps"] for r in rows], [0.0] + [r["gain"] for r in rows],
-                      [0.0] + [r["ci"] for r in rows])  # fmt: skip
-        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=f"reference: {ref}")
-    ax.axhline(0, ls="--", c="gray")
-    ax.set(xlabel="training steps (rounds chained)", ylabel="judge gain vs base (probe set)",
-           title="Chained rounds on one snapshot")  # fmt: skip
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
 def publish(res: dict, docs: Path = ROOT / "docs") -> None:
-    plot(res, docs / "round_chain.png")
+    arms = {f"reference: {ref}": rows for ref, rows in res["arms"].items()}
+    plot_gain_curves(arms, docs / "round_chain.png", title="Chained rounds on one snapshot",
+                     xlabel="training steps (rounds chained)")  # fmt: skip
     write_section(docs / "BENCHMARKS.md", "round-chain", markdown(res))
 
 
