@@ -251,6 +251,24 @@ def conclusion(r: dict, docs: Path) -> str:
     return " ".join(out)
 
 
+def gap_lines(results: list[dict], goal: float = 0.10) -> list[str]:
+    """For each model below another on the same probes: is the loop's goal more than that whole gap?"""
+    top = max(results, key=lambda r: r["base"])
+    out = []
+    for r in results:
+        gap = top["base"] - r["base"]
+        if r is top or gap <= 0:
+            continue
+        verdict = (
+            f"so a gain of +{goal:.2f} on it asks preference training to surpass `{top['model']}`, not only to "
+            "close the gap"
+            if gap < goal
+            else f"so closing that gap alone would reach +{goal:.2f}"
+        )
+        out.append(f"- `{r['model']}` scores {gap:.3f} below `{top['model']}` on the same probe images, {verdict}.")
+    return out
+
+
 def markdown(results: list[dict], command: str, docs: Path) -> str:
     lines = [
         "## How much judge score do the model's own samples hold? (`bench/best_of_n.py`)",
@@ -284,6 +302,7 @@ def markdown(results: list[dict], command: str, docs: Path) -> str:
         lines.append(f"| `{r['model']}` | " + " | ".join(cells) + " |")
     lines += ["", "![best of n](best_of_n.png)", "", "**What it shows (generated).**"]
     lines += [conclusion(r, docs) for r in results]
+    lines += gap_lines(results)
     return "\n".join(lines)
 
 

@@ -80,6 +80,11 @@ def test_render_writes_table_plot_and_the_kl_needed_for_the_goal(tmp_path: Path)
     assert wide_r["goal_kl"] is not None and 0 < wide_r["goal_kl"] <= math.log(16)
     assert f"{wide_r['best_of_k'][-1]['gain']:+.3f}" in text
     assert json.loads((docs / "benchmarks" / "best_of_n.json").read_text())["raw"][0]["model"] == "wide"
+    # wide sits about 0.10 below narrow on the same probes: the goal is measured against that gap.
+    gap = bon.analyse(raws[1])["base"] - wide_r["base"]
+    assert f"- `wide` scores {gap:.3f} below `narrow` on the same probe images" in text
+    assert ("asks preference training to surpass `narrow`" in text) == (gap < 0.10)
+    assert "- `narrow` scores" not in text
 
 
 def test_position_blind_reward_cannot_use_gains_that_come_from_position() -> None:
