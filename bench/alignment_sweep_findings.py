@@ -59,9 +59,10 @@ def _findings(res: dict[str, Any], base: float, steps: int) -> list[str]:
         *_timesteps(res, base),
         *(
             [
-                "- Configs that move the LoRA a lot (sft, cpo, ncp-dpo at lr 3e-3) only lose score. A likely reason, not "
-                "tested here: the model's own samples, decoded and re-encoded, lie off the latents of the renders it was "
-                "pretrained on, so imitating them pulls it away from what it does well."
+                "- Configs that move the LoRA a lot (sft, cpo, ncp-dpo at lr 3e-3) only lose score. Not because the "
+                "arena's PNGs, re-encoded, lie off the sampler's latents, nor because the objectives score the "
+                "conditional branch where the sampler guides: SFT loses as much on the sampler's own latents and "
+                "with the guided prediction (section `self-training`)."
             ]
             if len(res["runs"]) >= 10 and any(r["config"][0] == "sft" for r in res["runs"].values())
             else []

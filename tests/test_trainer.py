@@ -265,6 +265,16 @@ def test_two_process_accelerate_launch(world: dict[str, Path]) -> None:
     m1, m2 = (json.loads((f / "metrics.json").read_text()) for f in (single, out))
     assert m1.keys() == m2.keys() and m2["num_processes"] == 2 and m2["effective_batch"] == 4
     assert m2["replicas_in_sync"] is True and m2["steps"] == 4
+    # The loop's iterative round under DDP: the continued version as the frozen reference adapter, and the
+    # empty-prompt hold, which runs the wrapped UNet a second time per step (DDP must still reduce once).
+    held = world["root"] / "ddp-held"
+    extra = ("--init-adapter", str(single), "--reference", "init", "--uncond-weight", "1.0")
+    proc = subprocess.run(_cli(world, held, *extra, launcher=launcher), env=ENV, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m3 = json.loads((held / "metrics.json").read_text())
+    assert m3["replicas_in_sync"] is True and m3["steps"] == 4 and m3["config"]["reference"] == "init"
+    assert m3["final"]["uncond_drift"] > 0 and _weights(held).keys() == a.keys()
 
 
 def _two_pairs_on_tiny_sd15() -> tuple:
