@@ -115,9 +115,9 @@ def paired(margins: dict[str, np.ndarray], judge: dict[str, np.ndarray]) -> dict
     """For every two versions a, b (in the order given): the differences a - b of implicit accuracy and of the judge
     score, each with its standard error over the SAME held-out pairs (t, eps draws) and the SAME probe images.
 
-    Paired, the difficulty two versions share cancels: a gate reading two separate accuracies, each with its own
-    noise, sees twice the variance of what it compares (a live run's gate rejected candidates on drops of 0.05-0.07
-    in 256 pairs, about two of these standard errors)."""
+    Paired, the noise two versions share (which pairs are hard, which draws are lucky) cancels out of their
+    difference; two separate accuracies each carry all of it. A live run's gate rejected candidates on drops of
+    0.05-0.07 in 256 pairs, about two of these standard errors."""
     names = list(dict.fromkeys([*margins, *judge]))
     out: dict[str, dict[str, float]] = {}
     for i, a in enumerate(names):
@@ -154,10 +154,8 @@ def judge_probe(
 
 def mean_ci(x: np.ndarray) -> tuple[float, float]:
     """Mean and 95% normal half-width."""
-    x = np.asarray(x, dtype=float).ravel()
-    if x.size < 2:
-        return float(x.mean()) if x.size else float("nan"), float("nan")
-    return float(x.mean()), float(1.96 * x.std(ddof=1) / math.sqrt(x.size))
+    mean, se = mean_se(x)
+    return mean, 1.96 * se
 
 
 def evaluate(
