@@ -331,9 +331,11 @@ def train(
         )
         bar = tqdm(total=config.max_steps, initial=step, disable=not (show_progress and main), desc="train")
         history: list[dict[str, float]] = []
+        # With the empty-prompt hold, its drift is logged too: the one sign that the hold is doing its job.
+        keys = METRIC_KEYS + (("uncond_drift",) if config.uncond_weight else ())
         stop_reason = "max_steps"
         while step < config.max_steps:
-            sums = torch.zeros(len(METRIC_KEYS) + 1, dtype=torch.float64)
+            sums = torch.zeros(len(keys) + 1, dtype=torch.float64)
             for micro in range(accum):
                 g = step * accum + micro
                 idx = batch_indices(len(dataset), config.batch_size, g, config.seed, n_proc, accelerator.process_index)
@@ -344,7 +346,7 @@ def train(
                     with accelerator.autocast():
                         result = pair_loss(unet, scheduler, batch, cond, config, generator, sdxl=sdxl, uncond=uncond)
                     # One collective per micro-step: the metrics averaged over processes, NaN if any process has NaN.
-                    values = torch.tensor([result.metrics[k] for k in METRIC_KEYS] + [0.0], dtype=torch.float64)
+                    values = torch.tensor([result.metrics[k] for k in keys] + [0.0], dtype=torch.float64)
                     if micro == accum - 1 and config.max_seconds and time.monotonic() - started > config.max_seconds:
                         values[-1] = 1.0
                     values = accelerator.reduce(values.to(accelerator.device), reduction="mean").cpu()
@@ -362,7 +364,7 @@ def train(
                         lr_sched.step()
                         optimizer.zero_grad(set_to_none=True)
             step += 1
-            metrics = {k: (sums[i] / accum).item() for i, k in enumerate(METRIC_KEYS)}
+            metrics = {k: (sums[i] / accum).item() for i, k in enumerate(keys)}
             history.append(metrics)
             lr = lr_sched.get_last_lr()[0]
             progress.write(
@@ -424,7 +426,7 @@ def _finish(pipe: Any, config: TrainConfig, out: Path, run: dict, history: list[
         **run,
         "seconds": time.monotonic() - started,
         "final": history[-1] if history else {},
-        "mean_last_10": {k: float(np.mean([h[k] for h in tail])) for k in METRIC_KEYS} if tail else {},
+        "mean_last_10": {k: float(np.mean([h[k] for h in tail])) for k in tail[-1]} if tail else {},
         "probe": {
             "prompt": prompt,
             "seed": 0,
