@@ -197,9 +197,13 @@ def plot(results: list[dict], path: Path) -> None:
 
 def sweep_best(docs: Path, model: str) -> float | None:
     """The best validation gain an alignment sweep published in docs/benchmarks measured on this model, if any."""
+
+    def key(path: str) -> tuple[str, ...]:  # "models/shapes-tiny" wherever the checkout that ran the sweep lay
+        return Path(repo_path(path)).parts[-2:]
+
     for f in sorted((docs / "benchmarks").glob("alignment_sweep*.json")):
         d = json.loads(f.read_text())
-        if repo_path(d["settings"]["model"]) == repo_path(model) and d["runs"]:
+        if key(d["settings"]["model"]) == key(model) and d["runs"]:
             return max(judge for r in d["runs"].values() for _, judge in r["curve"]) - d["base_val"]["judge"]
     return None
 
