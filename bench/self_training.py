@@ -113,11 +113,11 @@ def make_data(args: argparse.Namespace, work: Path) -> dict:
     size = (images[0].shape[0], images[0].shape[1])
     pref = [PreferencePair(prompts[i], _png(images[w]), _png(images[r]), size, size) for i, w, r in keep]
     re = encode_pairs(pref, pipe.vae, resolution=size[0], model_key="self-training")
+    own_chosen = z[[w for _, w, _ in keep]]
     data = {
         "prompts": prompts, "keep": keep, "own": z, "reencoded": [(e.chosen, e.rejected) for e in re],
         "probes": probes, "base": probe_scores(pipe, probes, args.probe_seeds), "size": size,
-        "relative_latent_error": float((torch.stack([e.chosen for e in re]) - z[[w for _, w, _ in keep]]).norm()
-                                       / z[[w for _, w, _ in keep]].norm()),
+        "relative_latent_error": float((torch.stack([e.chosen for e in re]) - own_chosen).norm() / own_chosen.norm()),
         "data_s": time.time() - t0,
     }  # fmt: skip
     torch.save(data, work / "data.pt")
