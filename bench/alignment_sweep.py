@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bench.alignment_sweep_findings import (  # noqa: E402, F401 - re-exported: the sweep's names stay where they were
+    _attributes,
     _beta,
     _capacity,
     _findings,
@@ -192,12 +193,24 @@ def _se(evaluation: dict[str, Any]) -> float:
     return float(x.std(ddof=1) / np.sqrt(len(x)))
 
 
-# How the detuned base of `--name headroom` is built (the shipped model fine-tuned on captions whose colour,
-# background and size are wrong 70% of the time, so it follows those words only about half the time).
-HEADROOM_RECIPE = (
-    "python -m ncp.shapes.pretrain --init-model models/shapes-tiny --unet-steps 800 --batch 32 --lr 3e-4 "
-    "--caption-noise color=0.7,background=0.7,size=0.7 --out runs/shapes-headroom --work runs/headroom-work"
-)
+# How the detuned bases are built: the shipped model fine-tuned on captions whose colour, background and size name a
+# random value with probability q, so it follows those words less. `headroom` (q = 0.7) follows them about half the
+# time; the `deficit` bases (q = 0.9, and 1.0: the captions carry no colour, background or size at all) ask whether a
+# larger gap to the shipped model lets preference training gain more.
+BASES: dict[str, str] = {"headroom": "0.7", "deficit0.9": "0.9", "deficit1.0": "1.0"}
+
+
+def base_recipe(name: str) -> str | None:
+    """The command that builds the base of sweep `name` (`headroom`, `headroom-options`, `deficit1.0`, ...), if any."""
+    key = next((k for k in BASES if name == k or name.startswith(f"{k}-")), None)
+    if key is None:
+        return None
+    q, folder = BASES[key], "headroom" if key == "headroom" else key
+    return (f"python -m ncp.shapes.pretrain --init-model models/shapes-tiny --unet-steps 800 --batch 32 --lr 3e-4 "
+            f"--caption-noise color={q},background={q},size={q} --out runs/shapes-{folder} --work runs/{folder}-work")  # fmt: skip
+
+
+HEADROOM_RECIPE = base_recipe("headroom")
 
 
 def render(path: Path, name: str = "", docs: Path = ROOT / "docs") -> None:
@@ -248,7 +261,7 @@ def render(path: Path, name: str = "", docs: Path = ROOT / "docs") -> None:
         f"{'the shipped model' if shipped else f'`{rel}`'}? "
         "(`bench/alignment_sweep.py`)",
         "",
-        *([] if shipped or not name.startswith("headroom") else [f"Base built by `{HEADROOM_RECIPE}`.", ""]),
+        *([] if shipped or not base_recipe(name) else [f"Base built by `{base_recipe(name)}`.", ""]),
         f"{d.get('loaded:all', {}).get('kept', '?')} {_source(s)}, {s['steps']} steps of 8 pairs, judged every {s['steps'] // s['checkpoints']} steps on "
         f"{s['val']} validation prompts x 2 seeds (never the test probes; one score's standard error is about "
         f"{_se(res['base_val']):.3f}). Base: **{base:.3f}**. Ran on "

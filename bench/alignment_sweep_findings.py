@@ -54,6 +54,7 @@ def _findings(res: dict[str, Any], base: float, steps: int) -> list[str]:
         ),  # fmt: skip
         *_signal(accs, best - base),
         *_headroom(res, base, best),
+        *_attributes(res),
         *_capacity(res, base),
         *_trainer_options(res, base),
         *_timesteps(res, base),
@@ -163,3 +164,16 @@ def _headroom(res: dict[str, Any], base: float, best: float) -> list[str]:
     return [f"- This base scores {base:.3f} on the same validation prompts where the shipped model scores {top:.3f}: "
             f"{top - base:.3f} of headroom that the shipped model proves reachable. The best run closes "
             f"{(best - base) / (top - base):.0%} of it."]  # fmt: skip
+
+
+def _attributes(res: dict[str, Any]) -> list[str]:
+    """Which attributes the training moved: the base's accuracy next to the run with the best last score's (hard
+    decisions on the validation images), so a gain can be traced to what the raters' pairs taught."""
+    before = (res.get("base_val") or {}).get("accuracy")
+    if not before or not res["runs"]:
+        return []
+    top = max(res["runs"].values(), key=lambda r: r["curve"][-1][1])
+    after = top.get("accuracy_last") or {}
+    c = top["config"]
+    moved = ", ".join(f"{a} {before[a]:.2f} -> {after[a]:.2f}" for a in before if a in after)
+    return [f"- Per attribute, base -> last checkpoint of the best final run ({method(c)}, lr {c[2]:g}): {moved}."]

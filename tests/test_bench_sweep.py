@@ -50,6 +50,32 @@ def test_headroom_share_is_measured_against_the_shipped_sweep(tmp_path: Path) ->
     assert sweep._headroom(on_shipped, base, best) == []
 
 
+def test_each_detuned_base_names_the_command_that_builds_it() -> None:
+    from ncp.shapes.pretrain import parse_caption_noise
+
+    assert sweep.base_recipe("headroom") == sweep.base_recipe("headroom-options") == sweep.HEADROOM_RECIPE
+    for name, q in (("headroom", 0.7), ("deficit0.9", 0.9), ("deficit1.0", 1.0)):
+        recipe = sweep.base_recipe(name)
+        noise = recipe.split("--caption-noise ")[1].split()[0]
+        assert parse_caption_noise(noise) == {"color": q, "background": q, "size": q}
+        folder = "runs/shapes-headroom" if name == "headroom" else f"runs/shapes-{name}"
+        assert f"--out {folder} " in recipe and recipe.startswith("python -m ncp.shapes.pretrain --init-model ")
+    # the loop's section points at `alignment-sweep-<folder without shapes->`: a sweep of that name holds the recipe
+    assert sweep.base_recipe("deficit") is None and sweep.base_recipe("") is None
+
+
+def test_attribute_line_traces_the_gain_to_the_best_final_run() -> None:
+    def run(config: list, last: float, color: float) -> dict:
+        return {"config": config, "curve": [[0, 0.5], [800, last]], "accuracy_last": {"color": color, "size": 0.6}}
+
+    res = {"base_val": {"accuracy": {"color": 0.12, "size": 0.38}},
+           "runs": {"a": run(["dpo", "ncp", 1e-3, 5e5, "attn"], 0.55, 0.16),
+                    "b": run(["dpo", "ncp", 3e-3, 5e5, "attn"], 0.53, 0.29)}}  # fmt: skip
+    (line,) = sweep._attributes(res)
+    assert "(ncp-dpo, lr 0.001): color 0.12 -> 0.16, size 0.38 -> 0.60." in line
+    assert sweep._attributes({"base_val": {}, "runs": res["runs"]}) == []  # sweeps from before the accuracy field
+
+
 def test_wider_lora_is_compared_with_the_attention_only_run_of_the_same_method() -> None:
     def run(config: list, curve: list) -> dict:
         return {"config": config, "curve": [[0, 0.6], *curve]}
