@@ -23,12 +23,21 @@ from pathlib import Path
 
 import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+matplotlib.use("Agg")  # before anything imports pyplot: the loop runs headless
 import torch  # noqa: E402
 
 from app import build_demo, launch_kwargs  # noqa: E402
-from bench.docs import write_section
+from bench.loop_report import (  # noqa: E402, F401 - re-exported: the report's names stay importable from here
+    GAIN_GOAL,
+    LEGACY_CONFIG,
+    RERUN_DEFAULTS,
+    ROUND_GOAL_S,
+    WITHIN_S,
+    goals,
+    markdown,
+    publish,
+    served_round,
+)
 from bench.net import free_port  # noqa: E402
 from bench.raters import run_raters  # noqa: E402
 from feedback_store import FeedbackStore  # noqa: E402
@@ -38,15 +47,8 @@ from jobs.registry import AdapterRegistry  # noqa: E402
 from jobs.runtime import SHAPES_MODEL, ArenaConfig, Runtime  # noqa: E402
 from ncp.serving import PairMix, SamplingConfig  # noqa: E402
 from ncp.shapes.model import DEFAULT_GUIDANCE, DEFAULT_STEPS  # noqa: E402
-from ncp.shapes.model import DEFAULT_TIMESTEP_LOW as SHAPES_TIMESTEP_LOW  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-# Defaults of the flags that shape a run; a published section's rerun line names the ones its run changed.
-RERUN_DEFAULTS = {"votes": 2000, "minutes": 30.0, "train_every": 15.0, "min_new_votes": 150, "min_pairs": 16,
-                  "max_steps": 200, "timestep_low": SHAPES_TIMESTEP_LOW, "reference": "base",
-                  "train_window": "all", "probe_seeds": 4, "gate_acc_z": LoopConfig().gate_acc_z}  # fmt: skip
-# What a result file written before a flag existed ran with (its rerun line must name it to reproduce the run).
-LEGACY_CONFIG = {"gate_acc_z": 0.0}
 
 
 def round_row(last: dict, t_start: float, votes: int) -> dict:
@@ -236,128 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     publish(result, stem)
 
 
-def publish(result: dict, stem: str) -> None:
-    """Plot and BENCHMARKS.md section (`loop`, or `loop-NAME` for another base)."""
-    plot(result, ROOT / "docs" / f"{stem}.png")
-    write_section(ROOT / "docs" / "BENCHMARKS.md", stem.replace("_", "-"), markdown(result, stem))
-
-
-def plot(result: dict, path: Path) -> None:
-    rounds = [r for r in result["rounds"] if r["judge"] is not None]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    if rounds:
-        base = rounds[0]["base_judge"]
-        xs = [0] + [r["finished_at_s"] / 60 for r in rounds]
-        served, cur = [base], base
-        for r in rounds:
-            cur = r["judge"] if r["status"] == "promoted" else cur
-            served.append(cur)
-        axes[0].step(xs, served, where="post", label="served version")
-        axes[0].scatter(
-            [r["finished_at_s"] / 60 for r in rounds],
-            [r["judge"] for r in rounds],
-            c=["g" if r["status"] == "promoted" else "r" for r in rounds],
-            label="candidates",
-        )
-        axes[0].axhline(base, ls="--", c="gray", label="base")
-    axes[0].set(xlabel="wall time (min)", ylabel="judge score (probe set)", title="Served model over time")
-    axes[0].legend()
-    rows = [r for r in result["leaderboard"] if r["version"] != "base"]
-    if rows:
-        axes[1].bar([r["version"] for r in rows], [r["win_rate_vs_base"] or 0 for r in rows])
-        axes[1].axhline(0.5, ls="--", c="gray")
-    axes[1].set(ylabel="win rate vs base (raters)", title="Cross-version battles")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
-def markdown(result: dict, stem: str = "loop") -> str:
-    model, name = result["config"].get("model", ""), stem.removeprefix("loop").lstrip("_")
-    head = ["## The live loop (`python -m bench.loop`)", ""]
-    if name:  # another base: name it, and say how to rebuild it and rerun
-        c = LEGACY_CONFIG | result["config"]  # flags only where the run differed from the defaults
-        flags = "".join(f" --{k.replace('_', '-')} {c[k] if isinstance(c[k], str) else format(c[k], 'g')}"
-                        for k, v in RERUN_DEFAULTS.items() if k in c and c[k] != v)  # fmt: skip
-        base = Path(model).name.removeprefix("shapes-")  # runs/shapes-headroom: section `alignment-sweep-headroom`
-        head = [f"## The live loop on `{model}`" + ("" if name == base else f" ({name})"), "",
-                f"Rerun: `python -m bench.loop --model {model}{flags} --name {name}` "
-                f"(how that base is built: section `alignment-sweep-{base}`).", ""]  # fmt: skip
-    lines = [
-        *head,
-        f"Shapes world, {result['config']['raters']} simulated raters over HTTP, "
-        f"{result['raters'].get('votes', 0)} votes in {result['wall_s'] / 60:.1f} min on this 2-core CPU; "
-        f"{result['config']['objective']} in {result['config']['space']} space, "
-        f"{result['config']['max_steps']} steps per round, lr {result['config']['lr']}, beta {result['config']['beta']}"
-        + (f", timesteps t >= {low:g} T" if (low := result["config"].get("timestep_low")) else ", uniform timesteps")
-        + (
-            ", each round's DPO reference the version it continues (iterative DPO)"
-            if result["config"].get("reference") == "init"
-            else ""
-        )
-        + (
-            ", trained only on the served version's own pairs (on-policy)"
-            if result["config"].get("train_window") == "serving"
-            else ""
-        )  # fmt: skip
-        + _line_text(result["config"].get("continue_rejected"), result["config"].get("train_window", "all"))
-        + _gate_text(LEGACY_CONFIG | result["config"]),
-        "",
-        "| round | status | version | started from | round time (s) | votes so far | judge | base "
-        "| gain vs base (95% CI) |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    chained = result["config"].get("continue_rejected")
-    for i, r in enumerate(result["rounds"], 1):
-        start = r.get("init") or ("?" if chained else r.get("parent") or "?")  # unchained: from the served version
-        gain = "" if r["gain_vs_base"] is None else f"{r['gain_vs_base']:+.3f} ± {r['gain_ci95']:.3f}"
-        judge = "" if r["judge"] is None else f"{r['judge']:.3f}"
-        base = "" if r["base_judge"] is None else f"{r['base_judge']:.3f}"
-        lines.append(
-            f"| {i} | {r['status']} | {r['version'] or ''} | {start} | {r['round_s'] or 0:.0f} | "
-            f"{r['votes']} | "
-            f"{judge} | {base} | {gain} |"
-        )
-    lines += ["", "| version | BT rating | 95% CI | votes | win rate vs base |", "|---|---|---|---|---|"]
-    for r in result["leaderboard"]:
-        wr = "" if r.get("win_rate_vs_base") is None else f"{r['win_rate_vs_base']:.2f}"
-        lines.append(
-            f"| {r['version']} | {r['rating']:.0f} | {r['ci_low']:.0f}..{r['ci_high']:.0f} | {r['votes']} | {wr} |"
-        )
-    lines += ["", f"![loop]({stem}.png)", "", *goals(result)]
-    return "\n".join(lines)
-
-
-def _gate_text(c: dict) -> str:
-    margin = f"no worse than the served version's by {-LoopConfig().gate_min_acc_delta:g}"
-    acc = f"{margin} beyond {z:g} paired standard errors" if (z := c["gate_acc_z"]) else f"{margin} (point estimate)"
-    return (
-        f" Gate: judge on {c['probes']} probe prompts x {c['probe_seeds']} seeds at least the served version's, "
-        f"and, from {c.get('gate_min_eval_pairs', 100)} held-out pairs on, implicit accuracy {acc}."
-    )
-
-
-def _line_text(continue_rejected: int | None, train_window: str = "all") -> str:
-    """How rounds chain (`LoopConfig.continue_rejected`; runs before it existed started every round from the served
-    version, as on-policy rounds always do)."""
-    if train_window == "serving":
-        return "; every round starts from the served version (a rejected candidate has no pairs of its own)."
-    if not continue_rejected:
-        return "; every round starts from the served version."
-    return (f"; a rejected candidate seeds up to {continue_rejected} following rounds before the line restarts from the "
-            "served version.")  # fmt: skip
-
-
-ROUND_GOAL_S, GAIN_GOAL, WITHIN_S = 300.0, 0.10, 1800.0  # issue goals: round <= 5 min; +0.10 judge within 30 min
 CONFIRM_SEED_OFFSET = 1000  # fresh probe images: the gate judged seeds 0..probe_seeds-1
-
-
-def served_round(rounds: list[dict]) -> dict | None:
-    """The round that promoted the version served at 30 min: the last promotion finished within the window."""
-    served = None
-    for r in rounds:
-        if r["status"] == "promoted" and r.get("finished_at_s", 0) <= WITHIN_S and r["gain_vs_base"] is not None:
-            served = r
-    return served
 
 
 def confirm(model: str, data_dir: Path, version: str, probes: int, seeds: int) -> dict:
@@ -370,45 +251,14 @@ def confirm(model: str, data_dir: Path, version: str, probes: int, seeds: int) -
     cmd = [sys.executable, "-m", "ncp.evaluate", "--model", model, "--out", str(out), "--threads", "2",
            "--version", f"served={folder}", "--shapes-probes", str(probes), "--probe-seeds", str(seeds),
            "--probe-seed-offset", str(CONFIRM_SEED_OFFSET), "--steps", str(DEFAULT_STEPS),
-           "--guidance", str(DEFAULT_GUIDANCE)]  # fmt: skip
+           "--guidance", str(DEFAULT_GUIDANCE), "--attributes"]  # fmt: skip
     subprocess.run(cmd, check=True, capture_output=True)
     ev = json.loads(out.read_text())
     row = ev["versions"]["served"]
     return {"version": version, "seeds": seeds, "seed_offset": CONFIRM_SEED_OFFSET, "judge": row["judge"],
             "base_judge": ev["base_judge"], "gain_vs_base": row["judge_gain_vs_base"],
-            "gain_ci95": row["judge_gain_ci"]}  # fmt: skip
-
-
-def goals(result: dict) -> list[str]:
-    """The loop's two goals, judged from the rounds (generated, so a rerun cannot leave a stale verdict)."""
-    times = [r["round_s"] for r in result["rounds"] if r.get("round_s")]
-    served = served_round(result["rounds"])
-    met = (
-        served is not None and served["gain_vs_base"] - served["gain_ci95"] > 0 and served["gain_vs_base"] >= GAIN_GOAL
-    )
-    gain = f"no version promoted within {WITHIN_S / 60:.0f} min" if served is None else (
-        f"served {served['version']}, {served['gain_vs_base']:+.3f} ± {served['gain_ci95']:.3f}")  # fmt: skip
-    return [
-        "**Goals (generated).**",
-        f"- Each round at most {ROUND_GOAL_S / 60:.0f} min: "
-        + ("met" if times and max(times) <= ROUND_GOAL_S else "not met")
-        + (f" (longest {max(times):.0f} s)." if times else "."),  # fmt: skip
-        f"- Served judge at least {GAIN_GOAL:+.2f} above the base within {WITHIN_S / 60:.0f} min, 95% CI above zero: "
-        + ("met" if met else "not met")
-        + f" ({gain}). What the model's own samples allow, and what reaching "
-        "+0.10 would need: section `best-of-n`.",
-        *_confirmation(result.get("confirm")),
-    ]
-
-
-def _confirmation(c: dict | None) -> list[str]:
-    if not c:
-        return []
-    last = c["seed_offset"] + c["seeds"] - 1
-    return [f"- The served {c['version']} on fresh images of the same probe prompts (seeds {c['seed_offset']}-{last}, "
-            f"which no gate saw): judge {c['judge']:.3f} against the base's {c['base_judge']:.3f}, "
-            f"**{c['gain_vs_base']:+.3f} ± {c['gain_ci95']:.3f}**. The gate selects on the probe images' noise, so the "
-            "served version's gain on them can read high; on fresh images it cannot."]  # fmt: skip
+            "gain_ci95": row["judge_gain_ci"], "attributes": row.get("attributes"),
+            "base_attributes": ev.get("base_attributes")}  # fmt: skip
 
 
 if __name__ == "__main__":

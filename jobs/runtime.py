@@ -64,6 +64,13 @@ class ArenaConfig:
         return Path(self.model).resolve() == SHAPES_MODEL.resolve() or "shapes" in Path(self.model).name
 
 
+def base_model_id(model: str) -> str:
+    """The base model id every image's lineage records (and the probe gallery's cache is keyed by): "shapes-tiny" for
+    the embedded model, wherever the checkout lies; any other model, another shapes base included, as configured, so
+    images of two bases never share an id."""
+    return "shapes-tiny" if Path(model).resolve() == SHAPES_MODEL.resolve() else model
+
+
 # Share of two-object scenes among the raters' prompts: the pretraining data's and the probe set's (evaluate.py) mix.
 # Drawn uniformly over the two categories instead, half the votes came from two-object scenes, whose errors (position,
 # count) no trainer moves, and the loop's pairs trained less than the same number on this mix (docs/BENCHMARKS.md).
@@ -92,7 +99,7 @@ class Runtime:
         data.mkdir(parents=True, exist_ok=True)
         self.store = FeedbackStore(data / "arena.duckdb")
         self.registry = AdapterRegistry(data / "adapters", keep=config.loop.keep_versions)
-        base_model = config.model if not config.is_shapes else "shapes-tiny"
+        base_model = base_model_id(config.model)
         if pipe is None and config.generation_worker:
             self.generation = GenerationWorker(
                 config.model,

@@ -133,9 +133,17 @@ def paired(margins: dict[str, np.ndarray], judge: dict[str, np.ndarray]) -> dict
 
 @torch.no_grad()
 def judge_probe(
-    pipe, adapter: str | None, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, guidance: float
+    pipe,
+    adapter: str | None,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    steps: int,
+    guidance: float,
+    decisions: list[dict[str, bool]] | None = None,
 ) -> np.ndarray:
-    """Judge overall score of each (prompt, seed) probe image made by `adapter` (None = base)."""
+    """Judge overall score of each (prompt, seed) probe image made by `adapter` (None = base); with `decisions`, each
+    image's hard per-attribute decisions (`JudgeScore.attributes_correct`) are appended to it as well."""
     from ncp.shapes.judge import score
 
     if adapter is None:
@@ -147,7 +155,10 @@ def judge_probe(
     for seed in seeds:
         gens = [torch.Generator().manual_seed(int(seed) * 100003 + i) for i in range(len(prompts))]
         images = pipe(prompt=list(prompts), generator=gens, num_inference_steps=steps, guidance_scale=guidance).images
-        scores.append([score(img, p).overall for img, p in zip(images, prompts, strict=True)])
+        judged = [score(img, p) for img, p in zip(images, prompts, strict=True)]
+        scores.append([j.overall for j in judged])
+        if decisions is not None:
+            decisions += [dict(j.attributes_correct) for j in judged]
     pipe.enable_lora()
     return np.asarray(scores).T  # (prompts, seeds)
 
@@ -172,7 +183,12 @@ def evaluate(
     timestep_low: float = 0.0,
     max_pairs: int = 0,
     probe_seed_offset: int = 0,
+    attributes: bool = False,
 ) -> dict:
+    """Implicit reward accuracy of each version on held-out pairs and, in the shapes world, its judge score on the
+    probe set against the base's. `attributes`: also each version's share of probe images whose hard decision is right
+    per attribute (`attributes`, and the base's in `base_attributes`), so a gain can be traced to what was learned;
+    computed only for probe images judged in this call, not for cached scores."""
     pipe = load_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
     for name, folder in versions.items():
@@ -193,16 +209,23 @@ def evaluate(
         seeds = range(probe_seed_offset, probe_seed_offset + probe_seeds)
         settings = [str(model), shapes_probes, probe_seeds, steps, guidance, PROBE_SEED, probe_seed_offset]
 
+        shares: dict[str | None, dict[str, float]] = {}
+
         def scores(name: str | None, folder: Path | None) -> np.ndarray:
             key = json.dumps([*settings, "base" if folder is None else adapter_identity(folder)])
             hit = cache.get(key)
             if hit is None:
-                hit = judge_probe(pipe, name, probes, seeds, steps=steps, guidance=guidance)
+                decisions: list[dict[str, bool]] | None = [] if attributes else None
+                hit = judge_probe(pipe, name, probes, seeds, steps=steps, guidance=guidance, decisions=decisions)
                 cache.put(key, hit)
+                if decisions:
+                    shares[name] = {a: float(np.mean([d[a] for d in decisions])) for a in decisions[0]}
             return hit
 
         base = scores(None, None)
         result["base_judge"] = mean_ci(base)[0]
+        if None in shares:
+            result["base_attributes"] = shares[None]
     judged: dict[str, np.ndarray] = {}
     for name in tqdm(versions, desc="evaluate", disable=len(versions) < 2):
         row = {"implicit_acc": accuracy(margins[name]) if margins else float("nan")}
@@ -212,6 +235,8 @@ def evaluate(
             s = judged[name] = scores(name, versions[name])
             row["judge"], row["judge_ci"] = mean_ci(s)
             row["judge_gain_vs_base"], row["judge_gain_ci"] = mean_ci(s - base)
+            if name in shares:
+                row["attributes"] = shares[name]
         result["versions"][name] = row
     result["paired"] = paired(margins if n_pairs else {}, judged)
     return result
@@ -282,6 +307,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--probe-cache", type=Path, help="JSON file caching probe scores of base and versions across rounds"
     )
+    p.add_argument(
+        "--attributes", action="store_true", help="also each version's per-attribute share of right probe images"
+    )
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--out", type=Path, required=True, help="JSON result file")
     args = p.parse_args(argv)
@@ -308,6 +336,7 @@ def main(argv: list[str] | None = None) -> None:
         timestep_low=args.timestep_low,
         max_pairs=args.max_pairs,
         probe_seed_offset=args.probe_seed_offset,
+        attributes=args.attributes,
     )
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(res, indent=2))

@@ -19,6 +19,7 @@ from gradio_client import Client
 
 import app
 from jobs.registry import BASE
+from jobs.runtime import base_model_id
 from ncp.serving import PairMix
 from ncp.shapes.model import DEFAULT_TIMESTEP_LOW as SHAPES_TIMESTEP_LOW
 
@@ -252,6 +253,10 @@ def test_config_from_env_maps_every_variable(tmp_path: Path) -> None:
     assert (cfg.sampling.steps, cfg.sampling.guidance, cfg.schedule, cfg.prefetch) == (7, 1.5, False, 3)
     default = app.config_from_env({})
     assert default.schedule and default.admin_token is None and default.is_shapes and default.hub_push is None
+    # lineage: the embedded model by its short id, any other base (a detuned shapes base too) as configured
+    assert base_model_id(default.model) == "shapes-tiny" and app.config_from_env({}).is_shapes
+    detuned = app.config_from_env({"NCP_MODEL": "runs/shapes-deficit1.0"})
+    assert detuned.is_shapes and base_model_id(detuned.model) == "runs/shapes-deficit1.0"
     assert default.generation_worker and default.device == "auto"  # the app generates in its own process
     # The shapes world trains on its high-noise slice; another model keeps the paper's uniform t unless told.
     other = app.config_from_env({"NCP_MODEL": str(tmp_path / "m")})

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from bench import loop
 from jobs.runtime import SHAPES_MODEL
+from ncp.shapes.judge import ATTRIBUTES
 from ncp.shapes.model import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
 
@@ -36,6 +39,12 @@ def test_goal_met_only_by_a_promotion_within_30_minutes_with_its_ci_above_zero()
     # A rejected candidate's score never counts: the served version is the last promotion in the window.
     mixed = [rnd("promoted", 300, 0.02, version="v0001"), rnd("rejected", 600, 0.2)]
     assert "v0001, +0.020" in loop.goals(result(mixed))[2] and ": not met" in loop.goals(result(mixed))[2]
+    assert "best-of-n" in loop.goals(result(mixed))[2] and "best-of-n" not in met[2]  # what +0.10 needs: misses only
+    # a miss that 3 decimals would round up to the goal is shown with 4
+    (close, exact) = (
+        loop.goals(result([rnd("promoted", 600, g, ci=0.02, version="v0001")]))[2] for g in (0.0997, 0.1)
+    )
+    assert "not met (served v0001, +0.0997 ± 0.020)" in close and "met (served v0001, +0.100 ± 0.020)" in exact
 
 
 def test_round_time_goal_reads_the_longest_round() -> None:
@@ -114,6 +123,10 @@ def test_confirmation_line_reports_the_fresh_seed_gain() -> None:
                       "gain_vs_base": 0.03, "gain_ci95": 0.012}  # fmt: skip
     line = loop.goals(res)[-1]
     assert "served v0001 on fresh images" in line and "(seeds 1000-1003" in line and "**+0.030 ± 0.012**" in line
+    assert not [g for g in loop.goals(res) if "Per attribute" in g]  # confirmations from before the attributes
+    res["confirm"] |= {"base_attributes": {"color": 0.5, "size": 0.25}, "attributes": {"color": 0.75, "size": 0.25}}
+    assert loop.goals(res)[-1] == ("- Per attribute on those fresh images, share the judge decides right, base -> "
+                                   "v0001: color 0.50 -> 0.75, size 0.25 -> 0.25.")  # fmt: skip
 
 
 @pytest.mark.slow
@@ -141,6 +154,36 @@ def test_confirm_judges_the_served_version_on_seeds_the_gate_never_used(tmp_path
     assert c["gain_vs_base"] == pytest.approx(c["judge"] - c["base_judge"], abs=1e-6)
     prompts = probe_prompts(3, seed=PROBE_SEED, two_object_prob=0.3)
     pipe.disable_lora()
-    fresh, gate = (judge_probe(pipe, None, prompts, [s], steps=DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE)
+    decisions: list[dict[str, bool]] = []
+    fresh, gate = (judge_probe(pipe, None, prompts, [s], steps=DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE,
+                               decisions=decisions if s else None)
                    for s in (loop.CONFIRM_SEED_OFFSET, 0))  # fmt: skip
     assert c["base_judge"] == pytest.approx(float(fresh.mean()), abs=1e-6) != pytest.approx(float(gate.mean()))
+    # per-attribute shares: the base's are the judge's decisions on exactly those fresh images; the version's too
+    assert len(decisions) == 3 and set(c["base_attributes"]) == set(c["attributes"]) == set(ATTRIBUTES)
+    assert c["base_attributes"] == {a: pytest.approx(np.mean([d[a] for d in decisions])) for a in ATTRIBUTES}
+    assert all(0.0 <= v <= 1.0 for v in c["attributes"].values())
+
+
+def test_other_runs_of_the_command_are_listed_with_their_verdicts_and_any_other_setting(tmp_path: Path) -> None:
+    from bench import loop_report
+
+    main = result([rnd("promoted", 900, 0.12, version="v0002")])
+    same = result([rnd("promoted", 900, 0.0997, ci=0.022, version="v0005")])
+    same["config"] |= {"out": "/tmp/x.json", "name": "deficit-replicate"}  # where a run wrote is not a setting
+    same["confirm"] = {"gain_vs_base": 0.1, "gain_ci95": 0.025}
+    other = result([rnd("promoted", 900, 0.05, version="v0001")])
+    other["config"] = other["config"] | {"max_steps": 300}
+    for i, r in enumerate((other, same)):  # written in this order; listed by file name
+        (tmp_path / f"loop_deficit_replicate{2 - i}.json").write_text(json.dumps(r))
+    (tmp_path / "loop_deficit_2_seeds.json").write_text(json.dumps(other))  # another configuration: not a replicate
+    runs = loop_report.replicates("loop_deficit", tmp_path)
+    assert [name for name, _ in runs] == ["loop_deficit_replicate1.json", "loop_deficit_replicate2.json"]
+    (line,) = loop_report.replicate_lines(main, runs)
+    assert (
+        "`loop_deficit_replicate1.json`: served v0005, +0.0997 ± 0.022, not met; fresh images +0.100 ± 0.025;" in line
+    )
+    assert (
+        "`loop_deficit_replicate2.json`: served v0001, +0.050 ± 0.010, not met (other settings: max_steps 300)" in line
+    )
+    assert loop_report.replicate_lines(main, []) == []
