@@ -209,7 +209,14 @@ def replicate_lines(result: dict, runs: list[tuple[str, dict]]) -> list[str]:
             + (f"; fresh images {c['gain_vs_base']:+.3f} ± {c['gain_ci95']:.3f}" if c else "")
             + (f" (other settings: {', '.join(f'{k} {v}' for k, v in sorted(other.items()))})" if other else "")
         )
-    return ["- Other runs of this command (`docs/benchmarks/`): " + "; ".join(parts) + "."]
+    every = [result, *(res for _, res in runs if not any(k not in _NOT_SETTINGS and mine.get(k) != v
+                                                        for k, v in res["config"].items()))]  # fmt: skip
+    served = [s["gain_vs_base"] for r in every if (s := served_round(r["rounds"]))]
+    fresh = [r["confirm"]["gain_vs_base"] for r in every if r.get("confirm")]
+    summary = (f" Over all {len(every)} runs of these settings, this one included: served gain mean "
+               f"{sum(served) / max(len(served), 1):+.3f}, goal met in {sum(gain_verdict(r)[0] for r in every)} of "
+               f"{len(every)}" + (f"; fresh images mean {sum(fresh) / len(fresh):+.3f}" if fresh else "") + ".")  # fmt: skip
+    return ["- Other runs of this command (`docs/benchmarks/`): " + "; ".join(parts) + "." + summary]
 
 
 def _confirmation(c: dict | None) -> list[str]:

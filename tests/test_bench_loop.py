@@ -186,4 +186,6 @@ def test_other_runs_of_the_command_are_listed_with_their_verdicts_and_any_other_
     assert (
         "`loop_deficit_replicate2.json`: served v0001, +0.050 ± 0.010, not met (other settings: max_steps 300)" in line
     )
+    assert "Over all 2 runs of these settings, this one included: served gain mean +0.110, goal met in 1 of 2" in line
+    assert line.endswith("; fresh images mean +0.100.")  # the other configuration's run is not averaged in
     assert loop_report.replicate_lines(main, []) == []
