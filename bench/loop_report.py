@@ -199,18 +199,17 @@ def replicate_lines(result: dict, runs: list[tuple[str, dict]]) -> list[str]:
     if not runs:
         return []
     mine = {k: v for k, v in result["config"].items() if k not in _NOT_SETTINGS}
-    parts = []
+    parts, every = [], [result]  # every: the runs of these very settings, the shown one first
     for name, res in runs:
         met, gain = gain_verdict(res)
         c = res.get("confirm")
         other = {k: v for k, v in res["config"].items() if k not in _NOT_SETTINGS and mine.get(k) != v}
+        every += [] if other else [res]
         parts.append(
             f"`{name}`: {gain}, {'met' if met else 'not met'}"
             + (f"; fresh images {c['gain_vs_base']:+.3f} ± {c['gain_ci95']:.3f}" if c else "")
             + (f" (other settings: {', '.join(f'{k} {v}' for k, v in sorted(other.items()))})" if other else "")
         )
-    every = [result, *(res for _, res in runs if not any(k not in _NOT_SETTINGS and mine.get(k) != v
-                                                        for k, v in res["config"].items()))]  # fmt: skip
     served = [s["gain_vs_base"] for r in every if (s := served_round(r["rounds"]))]
     fresh = [r["confirm"]["gain_vs_base"] for r in every if r.get("confirm")]
     summary = (f" Over all {len(every)} runs of these settings, this one included: served gain mean "
