@@ -28,6 +28,18 @@ from ncp.serving import GenerationService, PairMix, SamplingConfig
 
 logger = logging.getLogger(__name__)
 SHAPES_MODEL = Path(__file__).resolve().parents[1] / "models" / "shapes-tiny"
+_SHAPES_TOKENIZER = Path("tokenizer") / "tokenizer.json"
+
+
+def is_shapes_model(model: str) -> bool:
+    """A shapes-world model: the embedded one, or a local pipeline folder with its tokenizer (every model that
+    `ncp.shapes.pretrain` writes, a detuned base included). Its prompts follow the grammar, so it gets the grammar's
+    prompt pool, the judge-gated loop and the world's sampling settings; a folder's name says nothing either way."""
+    path = Path(model)
+    if path.resolve() == SHAPES_MODEL.resolve():
+        return True
+    mine, ours = path / _SHAPES_TOKENIZER, SHAPES_MODEL / _SHAPES_TOKENIZER
+    return mine.is_file() and ours.is_file() and mine.read_bytes() == ours.read_bytes()
 
 
 class AdminDenied(PermissionError):
@@ -61,7 +73,7 @@ class ArenaConfig:
 
     @property
     def is_shapes(self) -> bool:
-        return Path(self.model).resolve() == SHAPES_MODEL.resolve() or "shapes" in Path(self.model).name
+        return is_shapes_model(self.model)
 
 
 def base_model_id(model: str) -> str:

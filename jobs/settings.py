@@ -16,7 +16,7 @@ from pathlib import Path
 from jobs.abuse import AbuseConfig
 from jobs.hub_push import HubPushConfig
 from jobs.loop import LoopConfig
-from jobs.runtime import SHAPES_MODEL, ArenaConfig
+from jobs.runtime import SHAPES_MODEL, ArenaConfig, is_shapes_model
 from ncp.serving import SamplingConfig
 from ncp.shapes.model import DEFAULT_GUIDANCE as SHAPES_GUIDANCE
 from ncp.shapes.model import DEFAULT_STEPS as SHAPES_STEPS
@@ -151,7 +151,7 @@ def config_from_env(env: Mapping[str, str]) -> ArenaConfig:
     schedule = str(env_value(env, "NCP_SCHEDULE", str, "1"))
     if schedule not in ("0", "1"):
         raise ValueError(f"NCP_SCHEDULE must be 0 or 1, got {schedule!r}.")
-    shapes = Path(model).resolve() == SHAPES_MODEL.resolve()
+    shapes = is_shapes_model(model)  # the embedded model or one pretrained from it (the same tokenizer)
     loop = LoopConfig(
         model=model,
         shapes_probes=24 if shapes else 0,  # the shapes world gates on the pixel judge too (fixed probe set)

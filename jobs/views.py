@@ -162,7 +162,7 @@ def gallery_versions(runtime: Runtime) -> list[str]:
 
 
 def probe_prompts(runtime: Runtime, n: int = PROBE_COUNT) -> list[str]:
-    """Fixed prompts: the evaluator's shapes probes for the embedded model, else the first of each pool category."""
+    """Fixed prompts: the evaluator's shapes probes for a shapes-world model, else the first of each pool category."""
     if runtime.config.is_shapes:
         from ncp.evaluate import PROBE_SEED as SHAPES_PROBE_SEED
         from ncp.shapes.grammar import probe_prompts as shapes_probes

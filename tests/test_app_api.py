@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,8 +20,9 @@ from gradio_client import Client
 
 import app
 from jobs.registry import BASE
-from jobs.runtime import base_model_id
+from jobs.runtime import SHAPES_MODEL, base_model_id
 from ncp.serving import PairMix
+from ncp.shapes.model import DEFAULT_STEPS as SHAPES_STEPS
 from ncp.shapes.model import DEFAULT_TIMESTEP_LOW as SHAPES_TIMESTEP_LOW
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -255,8 +257,19 @@ def test_config_from_env_maps_every_variable(tmp_path: Path) -> None:
     assert default.schedule and default.admin_token is None and default.is_shapes and default.hub_push is None
     # lineage: the embedded model by its short id, any other base (a detuned shapes base too) as configured
     assert base_model_id(default.model) == "shapes-tiny" and app.config_from_env({}).is_shapes
-    detuned = app.config_from_env({"NCP_MODEL": "runs/shapes-deficit1.0"})
-    assert detuned.is_shapes and base_model_id(detuned.model) == "runs/shapes-deficit1.0"
+    # A base pretrained from the embedded model (a detuned one: README) is a shapes model by its tokenizer, not its
+    # name: it gets the grammar's pool, the judge-gated loop and the world's sampling, as bench/loop.py measures it.
+    derived = tmp_path / "my-base"
+    shutil.copytree(SHAPES_MODEL / "tokenizer", derived / "tokenizer")
+    detuned = app.config_from_env({"NCP_MODEL": str(derived)})
+    assert detuned.is_shapes and base_model_id(detuned.model) == str(derived)
+    assert detuned.loop.shapes_probes > 0 and detuned.sampling.steps == SHAPES_STEPS == detuned.loop.probe_steps
+    assert detuned.loop.timestep_low == SHAPES_TIMESTEP_LOW
+    lookalike = tmp_path / "shapes-sd15"  # named like one, with another tokenizer
+    (lookalike / "tokenizer").mkdir(parents=True)
+    (lookalike / "tokenizer" / "tokenizer.json").write_text("{}")
+    other_named = app.config_from_env({"NCP_MODEL": str(lookalike)})
+    assert not other_named.is_shapes and other_named.loop.shapes_probes == 0
     assert default.generation_worker and default.device == "auto"  # the app generates in its own process
     # The shapes world trains on its high-noise slice; another model keeps the paper's uniform t unless told.
     other = app.config_from_env({"NCP_MODEL": str(tmp_path / "m")})
