@@ -72,12 +72,12 @@ def round_row(last: dict, t_start: float, votes: int) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--raters", type=int, default=8)
+    p.add_argument("--raters", type=int, default=RERUN_DEFAULTS["raters"])
     p.add_argument("--votes", type=int, default=RERUN_DEFAULTS["votes"], help="total votes across raters")
     p.add_argument("--minutes", type=float, default=RERUN_DEFAULTS["minutes"], help="wall-clock budget")
-    p.add_argument("--pace", type=float, default=0.2, help="seconds each rater looks at a pair")
+    p.add_argument("--pace", type=float, default=RERUN_DEFAULTS["pace"], help="seconds each rater looks at a pair")
     p.add_argument("--train-every", type=float, default=RERUN_DEFAULTS["train_every"])
     p.add_argument("--min-new-votes", type=int, default=RERUN_DEFAULTS["min_new_votes"])
     p.add_argument(
@@ -87,17 +87,17 @@ def main(argv: list[str] | None = None) -> None:
         help="pairs a round needs (with --train-window serving: of the served version's own images)",
     )
     p.add_argument("--max-steps", type=int, default=RERUN_DEFAULTS["max_steps"])
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=LoopConfig().lr)
-    p.add_argument("--beta", type=float, default=LoopConfig().beta)
-    p.add_argument("--objective", default="dpo")
+    p.add_argument("--batch-size", type=int, default=RERUN_DEFAULTS["batch_size"])
+    p.add_argument("--lr", type=float, default=RERUN_DEFAULTS["lr"])
+    p.add_argument("--beta", type=float, default=RERUN_DEFAULTS["beta"])
+    p.add_argument("--objective", default=RERUN_DEFAULTS["objective"])
     p.add_argument(
         "--continue-rejected",
         type=int,
-        default=LoopConfig().continue_rejected,
+        default=RERUN_DEFAULTS["continue_rejected"],
         help="rounds in a row a rejected candidate seeds the next (0: always from the served version)",
     )
-    p.add_argument("--space", default="ncp")
+    p.add_argument("--space", default=RERUN_DEFAULTS["space"])
     p.add_argument(
         "--timestep-low",
         type=float,
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         default=RERUN_DEFAULTS["train_window"],
         help="votes a round trains on: all, or only the served version's own pairs (on-policy)",
     )
-    p.add_argument("--probes", type=int, default=48, help="judge probe prompts")
+    p.add_argument("--probes", type=int, default=RERUN_DEFAULTS["probes"], help="judge probe prompts")
     p.add_argument(
         "--probe-seeds", type=int, default=RERUN_DEFAULTS["probe_seeds"], help="seeds per probe prompt at the gate"
     )
@@ -130,13 +130,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--gate-min-eval-pairs",
         type=int,
-        default=100,
+        default=RERUN_DEFAULTS["gate_min_eval_pairs"],
         help="held-out pairs before implicit accuracy gates (as the app)",
     )
     p.add_argument(
         "--confirm-seeds",
         type=int,
-        default=4,
+        default=RERUN_DEFAULTS["confirm_seeds"],
         help="after the run, judge the served version on this many fresh seeds per probe prompt (0: skip)",
     )
     p.add_argument("--model", default=str(SHAPES_MODEL))
@@ -144,7 +144,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=None, help="result JSON (default docs/benchmarks/loop[_NAME].json)")
     p.add_argument("--name", default="", help="another base: its own section `loop-NAME`, plot and JSON")
     p.add_argument("--render", type=Path, help="only rewrite the plot and the doc section from this result file")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     stem = "loop" + (f"_{args.name}" if args.name else "")
     args.out = args.out or ROOT / "docs" / "benchmarks" / f"{stem}.json"
     if args.render:

@@ -102,6 +102,19 @@ def test_another_base_gets_its_own_section_and_rerun_line() -> None:
     assert "(how that base is built: section `alignment-sweep-headroom`)" in text
 
 
+def test_the_rerun_line_names_every_flag_the_run_changed() -> None:
+    # Every flag that shapes a run has its default in RERUN_DEFAULTS (the parser takes it from there), so a run with any
+    # of them changed (a higher lr, say) reruns as it ran from its section's line.
+    where = {"model", "data_dir", "out", "name", "render", "help"}
+    shaping = {a.dest: a.default for a in loop.parser()._actions if a.dest not in where}
+    assert shaping == loop.RERUN_DEFAULTS
+    res = result([rnd("promoted", 300, 0.02, version="v0001")])
+    res["config"] |= {"model": "runs/shapes-deficit1.0", "votes": 12000, "lr": 0.002, "timestep_low": 0.5}
+    text = loop.markdown(res, "loop_deficit-lr2")
+    assert "`python -m bench.loop --model runs/shapes-deficit1.0 --votes 12000 --lr 0.002 --timestep-low 0.5 " in text
+    assert "--name deficit-lr2`" in text
+
+
 def test_the_gate_is_described_and_a_run_from_before_the_paired_criterion_reruns_as_it_ran() -> None:
     res = result([rnd("promoted", 300, 0.02, version="v0001")])
     res["config"]["model"] = "runs/shapes-headroom"
