@@ -6,6 +6,7 @@ Runtime directly with a temporary data dir. Admin actions live here too, each ch
 
 from __future__ import annotations
 
+import functools
 import hmac
 import logging
 import random
@@ -31,6 +32,7 @@ SHAPES_MODEL = Path(__file__).resolve().parents[1] / "models" / "shapes-tiny"
 _SHAPES_TOKENIZER = Path("tokenizer") / "tokenizer.json"
 
 
+@functools.lru_cache(maxsize=32)  # the probe gallery asks on every view; a served model's folder does not change
 def is_shapes_model(model: str) -> bool:
     """A shapes-world model: the embedded one, or a local pipeline folder with its tokenizer (every model that
     `ncp.shapes.pretrain` writes, a detuned base included). Its prompts follow the grammar, so it gets the grammar's
