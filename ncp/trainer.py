@@ -46,7 +46,7 @@ from ncp.adapters import (
     unwrap_unet,
 )
 from ncp.checkpoints import ProgressLog, atomic_dir, finite_json, load_checkpoint, resume_path, save_checkpoint
-from ncp.data import LatentCache, PreferenceDataset, collate_pairs, encode_pairs, load_pairs
+from ncp.data import LatentCache, PreferenceDataset, collate_pairs, encode_pairs, load_pairs, require_pairs
 from ncp.losses import pair_loss, uncond_drift  # noqa: F401 - re-exported: `from ncp.trainer import pair_loss`
 from ncp.pipelines import encode_prompts, is_sdxl, load_pipeline, sdxl_time_ids, uncond_conditioning
 
@@ -274,12 +274,22 @@ def train(
     out: str | Path,
     accelerator: Accelerator | None = None,
     show_progress: bool = True,
+    include_eval: bool = False,
 ) -> TrainResult:
-    """Train a LoRA on the preference pairs in `data` (Parquet file(s)/folder) and write it to `out` (must not exist
-    or be empty). Raises TrainingError on a non-finite loss (no adapter written)."""
+    """Train a LoRA on the preference pairs in `data` and write it to `out` (must not exist or be empty).
+
+    `data`: a snapshot folder (its train.parquet; eval.parquet too only with `include_eval`), Parquet file(s), a
+    folder of shards or a `datasets` folder (`ncp.data.parquet_files`). The data is read and checked before any model
+    is loaded: unusable data raises `ncp.data.DataError` (one line: file, problem, fix). Raises TrainingError on a
+    non-finite loss (no adapter written)."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} already exists; adapter versions are immutable, pass a new --out folder.")
+    # Data first: a bad file must cost seconds, not a model load (minutes for SDXL).
+    pairs, report = load_pairs(
+        data, keep_ties=config.keep_ties, absolute_winners=config.absolute_winners, include_eval=include_eval
+    )
+    require_pairs(report, keep_ties=config.keep_ties)
     # cpu=True on a machine without a GPU lets `accelerate launch --multi_gpu` / torchrun start a gloo process group
     # (MULTI_CPU); accelerate's `--cpu` launcher alone starts only one process.
     no_gpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
@@ -294,7 +304,6 @@ def train(
         pipe = load_pipeline(model, dtype=torch.float32, device=accelerator.device)
         sdxl = is_sdxl(pipe)
         resolution = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-        pairs, report = load_pairs(data, keep_ties=config.keep_ties, absolute_winners=config.absolute_winners)
         if config.keep_ties and any(p.is_tie for p in pairs):
             logger.warning("keep_ties: tie pairs are trained as ordered pairs (jpg_0 as chosen).")
         with accelerator.main_process_first():  # the main process fills the disk cache, the others read it
