@@ -38,13 +38,15 @@ from bench.loop_report import (  # noqa: E402, F401 - re-exported: the report's 
     publish,
     served_round,
 )
+from bench import loop_test_report as test_report  # noqa: E402
 from bench.net import free_port  # noqa: E402
 from bench.raters import run_raters  # noqa: E402
 from feedback_store import FeedbackStore  # noqa: E402
 from feedback_store.stats import leaderboard  # noqa: E402
 from jobs.loop import LoopConfig  # noqa: E402
 from jobs.registry import AdapterRegistry  # noqa: E402
-from jobs.runtime import SHAPES_MODEL, ArenaConfig, Runtime  # noqa: E402
+from jobs.runtime import SHAPES_CEILING, SHAPES_MODEL, ArenaConfig, Runtime  # noqa: E402
+from ncp.evaluate import TEST_PROBES, TEST_SEED_OFFSET  # noqa: E402
 from ncp.serving import PairMix, SamplingConfig  # noqa: E402
 from ncp.shapes.model import DEFAULT_GUIDANCE, DEFAULT_STEPS  # noqa: E402
 
@@ -139,7 +141,22 @@ def parser() -> argparse.ArgumentParser:
         default=RERUN_DEFAULTS["confirm_seeds"],
         help="after the run, judge the served version on this many fresh seeds per probe prompt (0: skip)",
     )
-    p.add_argument("--model", default=str(SHAPES_MODEL))
+    p.add_argument("--model", default=str(SHAPES_MODEL), help="the served base (default: the embedded default base)")
+    p.add_argument(
+        "--ceiling",
+        default=str(SHAPES_CEILING),
+        help="the model the base-to-ceiling gap is measured against (the same world pretrained on clean captions)",
+    )
+    p.add_argument(
+        "--null",
+        action="store_true",
+        help="null arm: every round trains on the raters' pairs with labels replaced by coin flips (the same loop, "
+        "gate and schedule), so any held-out gain it reports is manufactured from noise",
+    )
+    p.add_argument(
+        "--test-probes", type=int, default=TEST_PROBES, help="test probe prompts (never seen by gate or raters)"
+    )
+    p.add_argument("--test-seeds", type=int, default=2, help="seeds per test probe prompt (from TEST_SEED_OFFSET)")
     p.add_argument("--data-dir", type=Path, default=None)
     p.add_argument("--out", type=Path, default=None, help="result JSON (default docs/benchmarks/loop[_NAME].json)")
     p.add_argument("--name", default="", help="another base: its own section `loop-NAME`, plot and JSON")
@@ -149,10 +166,12 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    stem = "loop" + (f"_{args.name}" if args.name else "")
+    stem = "loop_" + (args.name or "default") + ("_null" if args.null else "")
+    if args.render:
+        stem = args.render.stem
     args.out = args.out or ROOT / "docs" / "benchmarks" / f"{stem}.json"
     if args.render:
-        publish(json.loads(args.render.read_text()), stem)
+        _publish(json.loads(args.render.read_text()), stem)
         return
     torch.set_num_threads(1)
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="ncp-loop-"))
@@ -179,6 +198,8 @@ def main(argv: list[str] | None = None) -> None:
         gate_min_eval_pairs=args.gate_min_eval_pairs,
         probe_steps=DEFAULT_STEPS,
         probe_guidance=DEFAULT_GUIDANCE,
+        keep_versions=1000,  # every promoted version stays on disk: each is measured on the test probes at the end
+        extra_train_args=("--coin-flip-labels",) if args.null else (),
     )
     config = ArenaConfig(
         data_dir=data_dir,
@@ -234,12 +255,54 @@ def main(argv: list[str] | None = None) -> None:
         "leaderboard": board.rows(),
         "raters": {k: v for k, v in summary.items() if k != "vote_ids"},
     }
+    if args.test_probes:
+        result["test"] = test_eval(args, data_dir, rounds)
     served = served_round(rounds)
     if served is not None and args.confirm_seeds:
         result["confirm"] = confirm(args.model, data_dir, served["version"], args.probes, args.confirm_seeds)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, default=str))
-    publish(result, stem)
+    _publish(result, stem)
+
+
+def _publish(result: dict, stem: str) -> None:
+    """Runs measured on the test probes get the out-of-the-box report (a null arm re-renders its main run's section);
+    older results keep the report they were published with."""
+    if "test" not in result:
+        publish(result, "loop" if stem == "loop_default" else stem)
+        return
+    main_stem = stem.removesuffix("_null")
+    main_json = ROOT / "docs" / "benchmarks" / f"{main_stem}.json"
+    if stem != main_stem and not main_json.exists():
+        return  # the null arm is shown beside its main run; it has no section of its own
+    test_report.publish(json.loads(main_json.read_text()) if stem != main_stem else result, main_stem)
+
+
+def _evaluate(model: str, versions: dict[str, Path], args: argparse.Namespace, out: Path) -> dict:
+    cmd = [sys.executable, "-m", "ncp.evaluate", "--model", model, "--out", str(out), "--threads", "2",
+           "--probe-set", "test", "--shapes-probes", str(args.test_probes), "--probe-seeds", str(args.test_seeds),
+           "--probe-seed-offset", str(TEST_SEED_OFFSET), "--steps", str(DEFAULT_STEPS),
+           "--guidance", str(DEFAULT_GUIDANCE), "--attributes"]  # fmt: skip
+    cmd += [f"--version={name}={folder}" for name, folder in versions.items()]
+    subprocess.run(cmd, check=True, capture_output=True)
+    return json.loads(out.read_text())
+
+
+def test_eval(args: argparse.Namespace, data_dir: Path, rounds: list[dict]) -> dict:
+    """Base, ceiling and every promoted version on the test probes: prompts (ncp.evaluate.test_probe_prompts) and
+    seeds (from TEST_SEED_OFFSET) that neither the gate, the raters nor training ever saw, so no figure here was
+    selected on. Gains carry a 95% bootstrap interval over prompts (a prompt's images form one cluster)."""
+    registry = AdapterRegistry(data_dir / "adapters")
+    promoted = [r["version"] for r in rounds if r["status"] == "promoted" and r["version"]]
+    versions = {v: registry.info(v).folder for v in promoted}
+    ev = _evaluate(args.model, versions, args, data_dir / "test_eval.json")
+    out = {"probes": args.test_probes, "seeds": args.test_seeds, "seed_offset": TEST_SEED_OFFSET,
+           "base_judge": ev["base_judge"], "base_attributes": ev.get("base_attributes"),
+           "versions": {v: ev["versions"][v] for v in versions}}  # fmt: skip
+    if args.ceiling and Path(args.ceiling).exists():
+        cev = _evaluate(args.ceiling, {}, args, data_dir / "test_eval_ceiling.json")
+        out["ceiling"], out["ceiling_attributes"] = cev["base_judge"], cev.get("base_attributes")
+    return out
 
 
 CONFIRM_SEED_OFFSET = 1000  # fresh probe images: the gate judged seeds 0..probe_seeds-1

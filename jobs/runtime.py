@@ -29,6 +29,7 @@ from ncp.serving import GenerationService, PairMix, SamplingConfig
 
 logger = logging.getLogger(__name__)
 SHAPES_MODEL = Path(__file__).resolve().parents[1] / "models" / "shapes-tiny"
+SHAPES_CEILING = Path(__file__).resolve().parents[1] / "models" / "shapes-ceiling"  # clean captions: the gap's top
 _SHAPES_TOKENIZER = Path("tokenizer") / "tokenizer.json"
 
 
@@ -92,12 +93,12 @@ SHAPES_TWO_OBJECT_SHARE = 0.3
 
 
 def shapes_pool(n: int = 2000, seed: int = 1) -> PromptPool:
-    """Held-in shapes prompts for raters, excluding the evaluator's probe prompts (prompt-disjoint probes); about 1,000
-    distinct single-object and 1,000 two-object prompts, drawn at SHAPES_TWO_OBJECT_SHARE."""
-    from ncp.evaluate import PROBE_SEED
+    """Held-in shapes prompts for raters, excluding the gate's and the test probe prompts (prompt-disjoint probes);
+    about 1,000 distinct single-object and 1,000 two-object prompts, drawn at SHAPES_TWO_OBJECT_SHARE."""
+    from ncp.evaluate import gate_probe_prompts, test_probe_prompts
     from ncp.shapes.grammar import probe_prompts
 
-    probes = set(probe_prompts(256, seed=PROBE_SEED, two_object_prob=0.3))
+    probes = set(gate_probe_prompts(256)) | set(test_probe_prompts())
     one = [p for p in dict.fromkeys(probe_prompts(n, seed=seed)) if p not in probes]
     two = [p for p in dict.fromkeys(probe_prompts(n // 2, seed=seed + 1, two_object_prob=1.0)) if p not in probes]
     prompts = [PoolPrompt(p, "one object") for p in one] + [PoolPrompt(p, "two objects") for p in two]

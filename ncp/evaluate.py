@@ -31,7 +31,46 @@ from ncp.pipelines import encode_prompts, is_sdxl, load_pipeline
 from ncp.trainer import TrainConfig
 
 logger = logging.getLogger(__name__)
-PROBE_SEED = 777  # probe prompts come from this seed; the arena's prompt pool excludes them
+PROBE_SEED = 777  # the gate's probe prompts come from this seed; the arena's prompt pool excludes them
+# The test probes: prompts AND seeds that no gate, sweep, training run or rater ever sees. The gate promotes on its own
+# probes, so a served version's score there is a running maximum (selected on its own noise); a result is read here.
+TEST_PROBE_SEED = 2029
+TEST_PROBES = 96
+TEST_SEED_OFFSET = 5000  # image seeds 5000, 5001, ...: the gate draws 0..N-1, the older confirm runs 1000+
+PROBE_SETS = ("gate", "test")
+
+
+def gate_probe_prompts(n: int, *, two_object_prob: float = 0.3) -> list[str]:
+    """The gate's probe prompts (the first n of one fixed list, so a larger n extends a smaller one)."""
+    from ncp.shapes.grammar import probe_prompts
+
+    return probe_prompts(n, seed=PROBE_SEED, two_object_prob=two_object_prob)
+
+
+def test_probe_prompts(n: int = TEST_PROBES) -> list[str]:
+    """The test probe prompts: held-in grammar prompts (30% two-object, as the raters' mix), none of them among the
+    gate's first 256 probes; the arena's prompt pool excludes them too (jobs.runtime.shapes_pool)."""
+    from ncp.shapes.grammar import probe_prompts
+
+    gate = set(gate_probe_prompts(256))
+    drawn = dict.fromkeys(probe_prompts(4 * n, seed=TEST_PROBE_SEED, two_object_prob=0.3))
+    out = [p for p in drawn if p not in gate][:n]
+    if len(out) < n:
+        raise ValueError(f"only {len(out)} distinct test probe prompts can be drawn, {n} asked for")
+    return out
+
+
+def cluster_ci(x: np.ndarray, *, draws: int = 4000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of a (prompts, seeds) array and its 95% percentile-bootstrap interval over PROMPTS: images of one prompt
+    share its difficulty, so they are resampled together (a cluster bootstrap; 96 prompts x 2 seeds is closer to
+    96 samples than to 192). -> (mean, low, high)."""
+    per_prompt = np.asarray(x, dtype=float).reshape(len(x), -1).mean(axis=1)
+    if per_prompt.size < 2:
+        m = float(per_prompt.mean()) if per_prompt.size else float("nan")
+        return m, float("nan"), float("nan")
+    idx = np.random.default_rng(seed).integers(0, per_prompt.size, (draws, per_prompt.size))
+    boots = per_prompt[idx].mean(axis=1)
+    return float(per_prompt.mean()), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
 
 
 @torch.no_grad()
@@ -184,11 +223,16 @@ def evaluate(
     max_pairs: int = 0,
     probe_seed_offset: int = 0,
     attributes: bool = False,
+    probe_set: str = "gate",
 ) -> dict:
     """Implicit reward accuracy of each version on held-out pairs and, in the shapes world, its judge score on the
     probe set against the base's. `attributes`: also each version's share of probe images whose hard decision is right
     per attribute (`attributes`, and the base's in `base_attributes`), so a gain can be traced to what was learned;
-    computed only for probe images judged in this call, not for cached scores."""
+    computed only for probe images judged in this call, not for cached scores. `probe_set`: "gate" (PROBE_SEED's
+    prompts, which the gate selects on) or "test" (test_probe_prompts: prompts no gate or rater sees; pair it with a
+    probe_seed_offset the gate never draws, e.g. TEST_SEED_OFFSET). Gains carry a bootstrap interval over prompts."""
+    if probe_set not in PROBE_SETS:
+        raise ValueError(f"probe_set must be one of {', '.join(PROBE_SETS)}, got {probe_set!r}")
     pipe = load_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
     for name, folder in versions.items():
@@ -203,11 +247,10 @@ def evaluate(
     result["eval_pairs"] = n_pairs
     probes, cache = None, ProbeCache(probe_cache)
     if shapes_probes:
-        from ncp.shapes.grammar import probe_prompts
-
-        probes = probe_prompts(shapes_probes, seed=PROBE_SEED, two_object_prob=0.3)
+        probes = gate_probe_prompts(shapes_probes) if probe_set == "gate" else test_probe_prompts(shapes_probes)
         seeds = range(probe_seed_offset, probe_seed_offset + probe_seeds)
-        settings = [str(model), shapes_probes, probe_seeds, steps, guidance, PROBE_SEED, probe_seed_offset]
+        seed_of_set = PROBE_SEED if probe_set == "gate" else TEST_PROBE_SEED
+        settings = [str(model), shapes_probes, probe_seeds, steps, guidance, seed_of_set, probe_seed_offset]
 
         shares: dict[str | None, dict[str, float]] = {}
 
@@ -235,6 +278,7 @@ def evaluate(
             s = judged[name] = scores(name, versions[name])
             row["judge"], row["judge_ci"] = mean_ci(s)
             row["judge_gain_vs_base"], row["judge_gain_ci"] = mean_ci(s - base)
+            row["judge_gain_boot95"] = list(cluster_ci(s - base)[1:])
             if name in shares:
                 row["attributes"] = shares[name]
         result["versions"][name] = row
@@ -310,6 +354,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--attributes", action="store_true", help="also each version's per-attribute share of right probe images"
     )
+    p.add_argument(
+        "--probe-set",
+        choices=PROBE_SETS,
+        default="gate",
+        help="gate: the prompts the gate selects on; test: prompts no gate or rater sees (use a fresh --probe-seed-offset)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--out", type=Path, required=True, help="JSON result file")
     args = p.parse_args(argv)
@@ -337,6 +387,7 @@ def main(argv: list[str] | None = None) -> None:
         max_pairs=args.max_pairs,
         probe_seed_offset=args.probe_seed_offset,
         attributes=args.attributes,
+        probe_set=args.probe_set,
     )
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(res, indent=2))

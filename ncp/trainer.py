@@ -22,6 +22,7 @@ import importlib.util
 import json
 import logging
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -46,7 +47,15 @@ from ncp.adapters import (
     unwrap_unet,
 )
 from ncp.checkpoints import ProgressLog, atomic_dir, finite_json, load_checkpoint, resume_path, save_checkpoint
-from ncp.data import LatentCache, PreferenceDataset, collate_pairs, encode_pairs, load_pairs, require_pairs
+from ncp.data import (
+    LatentCache,
+    PreferenceDataset,
+    PreferencePair,
+    collate_pairs,
+    encode_pairs,
+    load_pairs,
+    require_pairs,
+)
 from ncp.losses import pair_loss, uncond_drift  # noqa: F401 - re-exported: `from ncp.trainer import pair_loss`
 from ncp.pipelines import encode_prompts, is_sdxl, load_pipeline, sdxl_time_ids, uncond_conditioning
 
@@ -107,6 +116,10 @@ class TrainConfig:
     resolution: int = _opt(0, "training image size in pixels (0 = the model's native size)")
     keep_ties: bool = _opt(False, "train on 0.5/0.5 ties too (as ordered pairs, jpg_0 first); default drops them")
     absolute_winners: bool = _opt(False, "keep only pairs whose chosen image is an absolute winner (paper sec. 5)")
+    coin_flip_labels: bool = _opt(
+        False,
+        "null arm: swap each pair's chosen/rejected with probability 1/2 (seeded by --seed); labels carry no signal",
+    )
     latent_cache_dir: str = _opt("", "folder for cached VAE latents (shared across runs); empty = memory only")
     checkpoint_every: int = _opt(0, "save a resumable checkpoint every N optimizer steps (0 = never)")
     checkpoint_dir: str = _opt("", "where checkpoints go (default: '<out>.checkpoints'); the latest 2 are kept")
@@ -217,6 +230,19 @@ def probe_eps(pipe: Any, prompt: str, *, seed: int = 0, timestep: int = 500, sid
 # ------------------------------------------------------------------------------------------- progress and checkpoints
 
 
+def coin_flip(pairs: list[PreferencePair], seed: int) -> list[PreferencePair]:
+    """Each pair with its chosen and rejected images swapped with probability 1/2 (the null arm's labels)."""
+    rng = random.Random(f"coin-flip-{seed}")
+    return [
+        dataclasses.replace(
+            p, chosen=p.rejected, rejected=p.chosen, chosen_size=p.rejected_size, rejected_size=p.chosen_size
+        )
+        if rng.random() < 0.5
+        else p
+        for p in pairs
+    ]
+
+
 def _vae_key(model: str, vae: torch.nn.Module) -> str:
     """Identity of the VAE for the latent cache: the model name plus a digest of the VAE weights."""
     digest = hashlib.sha256(model.encode())
@@ -304,6 +330,11 @@ def train(
         pipe = load_pipeline(model, dtype=torch.float32, device=accelerator.device)
         sdxl = is_sdxl(pipe)
         resolution = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+        flipped = 0
+        if config.coin_flip_labels:  # measures how much "gain" the machinery makes from labels that mean nothing
+            shuffled = coin_flip(pairs, config.seed)
+            flipped = sum(a is not b for a, b in zip(pairs, shuffled, strict=True))
+            pairs = shuffled
         if config.keep_ties and any(p.is_tie for p in pairs):
             logger.warning("keep_ties: tie pairs are trained as ordered pairs (jpg_0 as chosen).")
         with accelerator.main_process_first():  # the main process fills the disk cache, the others read it
@@ -402,6 +433,7 @@ def train(
             "init_adapter": config.init_adapter or None,
             "resumed_from": str(resumed) if resumed else None,
             "data": report.to_dict(),
+            "labels_flipped": flipped,
             "config": dataclasses.asdict(config),
         }
         summary: dict[str, Any] = {}

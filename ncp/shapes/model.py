@@ -22,7 +22,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ncp.shapes.grammar import VOCABULARY
 
-IMAGE_SIZE = 32
+IMAGE_SIZE = 64  # pixels; the 3-level VAE makes 16x16x4 latents
+LATENT_SIZE = IMAGE_SIZE // 4
 MAX_TOKENS = 24  # the longest grammar prompt is 13 words + 2 special tokens
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # Sampling defaults the model ships with (documented in the model card, measured by bench/shapes_speed.py). 12 Euler-a
@@ -103,25 +104,28 @@ def build_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
 
 
 def build_vae() -> AutoencoderTiny:
-    """A TAESD-style autoencoder (diffusers `AutoencoderTiny`): 32x32 RGB <-> 16x16x4 latents.
+    """A TAESD-style autoencoder (diffusers `AutoencoderTiny`): 64x64 RGB <-> 16x16x4 latents (two 2x levels).
 
     Chosen over AutoencoderKL because its plain conv+ReLU blocks have no GroupNorm: at 16 channels GroupNorm acts as
     instance norm and erases the absolute colours this world is about, and it learns them in minutes on a CPU.
     """
-    return AutoencoderTiny(
+    vae = AutoencoderTiny(
         in_channels=3,
         out_channels=3,
-        encoder_block_out_channels=(32, 32),
-        decoder_block_out_channels=(32, 32),
-        num_encoder_blocks=(1, 1),
-        num_decoder_blocks=(1, 1),
+        encoder_block_out_channels=(32, 32, 32),
+        decoder_block_out_channels=(32, 32, 32),
+        num_encoder_blocks=(1, 1, 1),
+        num_decoder_blocks=(1, 1, 1),
         latent_channels=4,
     )
+    # StableDiffusionPipeline derives its VAE scale factor (4 here) from `vae.config.block_out_channels`.
+    vae.register_to_config(block_out_channels=(32, 32, 32))
+    return vae
 
 
 def build_unet() -> UNet2DConditionModel:
     return UNet2DConditionModel(
-        sample_size=IMAGE_SIZE // 2,
+        sample_size=LATENT_SIZE,
         in_channels=4,
         out_channels=4,
         block_out_channels=(32, 64, 128),

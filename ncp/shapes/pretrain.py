@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ncp.shapes.grammar import BACKGROUNDS, COLORS, SIZES, Scene, random_scene
+from ncp.shapes.grammar import BACKGROUNDS, COLORS, POSITIONS, RELATIONS, SHAPES, SIZES, Scene, random_scene
 from ncp.shapes.model import (
     IMAGE_SIZE,
     assemble_pipeline,
@@ -38,7 +38,9 @@ from ncp.shapes.render import render
 
 NOISY = {
     "color": list(COLORS),
+    "shape": list(SHAPES),
     "size": list(SIZES),
+    "position": list(POSITIONS),  # one object: its position; two objects: their relation
     "background": list(BACKGROUNDS),
 }  # attributes a caption can get wrong
 
@@ -65,17 +67,30 @@ def noisy_caption(scene: Scene, noise: dict[str, float], rng: random.Random) -> 
         return rng.choice(NOISY[attr]) if rng.random() < noise.get(attr, 0.0) else value
 
     objects = tuple(
-        dataclasses.replace(o, color=pick("color", o.color), size=pick("size", o.size)) for o in scene.objects
+        dataclasses.replace(o, color=pick("color", o.color), shape=pick("shape", o.shape), size=pick("size", o.size))
+        for o in scene.objects
     )
-    return dataclasses.replace(scene, objects=objects, background=pick("background", scene.background)).prompt
+    relation = scene.relation
+    if len(objects) == 1:
+        objects = (dataclasses.replace(objects[0], position=pick("position", objects[0].position)),)
+    elif rng.random() < noise.get("position", 0.0):
+        relation = rng.choice(list(RELATIONS))
+        objects = tuple(dataclasses.replace(o, position=p) for o, p in zip(objects, RELATIONS[relation], strict=True))
+    return dataclasses.replace(
+        scene, objects=objects, relation=relation, background=pick("background", scene.background)
+    ).prompt
 
 
 def render_batch(
-    rng: random.Random, n: int, two_object_prob: float, caption_noise: dict[str, float] | None = None
+    rng: random.Random,
+    n: int,
+    two_object_prob: float,
+    caption_noise: dict[str, float] | None = None,
+    size: int = IMAGE_SIZE,
 ) -> tuple[list[str], torch.Tensor]:
-    """n random held-in scenes -> prompts (noisy with `caption_noise`) and images in [-1, 1], shape (n, 3, 32, 32)."""
+    """n random held-in scenes -> prompts (noisy with `caption_noise`) and images in [-1, 1], shape (n, 3, size, size)."""
     scenes = [random_scene(rng, two_object_prob, held_out=False) for _ in range(n)]
-    imgs = np.stack([render(s, IMAGE_SIZE, rng, jitter=1.5) for s in scenes])
+    imgs = np.stack([render(s, size, rng, jitter=1.5) for s in scenes])
     x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     prompts = [noisy_caption(s, caption_noise, rng) if caption_noise else s.prompt for s in scenes]
     return prompts, x
@@ -226,9 +241,15 @@ def train_unet(args: argparse.Namespace, work: Path, out: Path, log) -> None:
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
         err = F.mse_loss(unet(zt, t, cond).sample, eps, reduction="none").mean(dim=(1, 2, 3))
-        if args.snr_gamma:  # min-SNR-gamma weighting for eps-prediction (Hang et al. 2023, eq. 6): min(SNR, g) / SNR
-            snr = a.flatten() / (1 - a.flatten())
-            err = err * snr.clamp(max=args.snr_gamma) / snr
+        # eps-MSE = SNR x |x0 error|^2, so the weight w(t) below puts w * SNR on the x0 error. min-SNR-gamma (Hang et
+        # al. 2023, eq. 6): w = min(SNR, g) / SNR. `--x0-floor` adds f / SNR: the x0 error then counts at least f at
+        # every noise level, as in a v-prediction loss; without it the high-noise steps, where nothing in x_t says where
+        # the object is and only the prompt can, carry SNR ~ 0.005-0.1 of the weight and position words go unlearned
+        # (docs/research/shapes-layout.md).
+        snr = a.flatten() / (1 - a.flatten())
+        if args.snr_gamma or args.x0_floor:
+            gamma = args.snr_gamma or float("inf")
+            err = err * (snr.clamp(max=gamma) + args.x0_floor) / snr
         loss = err.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -283,6 +304,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--beta-schedule", default="scaled_linear", choices=["scaled_linear", "squaredcos_cap_v2"])
     p.add_argument("--noise-offset", type=float, default=0.1, help="offset-noise strength (0 = off)")
     p.add_argument("--snr-gamma", type=float, default=5.0, help="min-SNR weighting gamma (0 = off)")
+    p.add_argument(
+        "--x0-floor",
+        type=float,
+        default=1.0,
+        help="add this to the x0-error weight at every timestep (1: v-prediction's weighting at high noise; 0: min-SNR "
+        "alone, the weighting that left the first model blind to position words)",
+    )
     p.add_argument("--device", default="cpu", help="torch device (the shipped model is trained on cpu)")
     p.add_argument("--unet-steps", type=int, default=2500, help="UNet + text encoder training steps")
     p.add_argument("--batch", type=int, default=16, help="images per UNet step")

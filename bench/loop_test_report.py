@@ -1,0 +1,146 @@
+"""The out-of-the-box loop's report (`python -m bench.loop` with its defaults): every served version measured on the
+test probes (prompts and seeds nothing selected on), as gain vs votes and vs minutes, the share of the base-to-ceiling
+gap closed, per-attribute shares, round times, and the null arm (coin-flip labels) beside it.
+
+    python -m bench.loop --render docs/benchmarks/loop_default.json    # rewrite section `loop-default` and its plot
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+GAIN_GOAL, GAIN_VOTES, GAIN_S = 0.10, 2000, 1800.0  # +0.10 on the test probes within 2,000 votes and 30 min
+GAP_GOAL, GAP_VOTES = 0.5, 6000  # half the base-to-ceiling gap within 6,000 votes
+ROUND_GOAL_S, NULL_BAND = 300.0, 0.02  # every round <= 5 min; the null arm's gain within +-0.02
+
+
+def served_curve(result: dict) -> list[dict]:
+    """The served version after each promotion, with its test-probe gain: [{version, votes, minutes, gain, lo, hi}],
+    starting with the base at 0 votes. A version's gain is measured once, on the test probes, after the run."""
+    test = result["test"]
+    points = [{"version": "base", "votes": 0, "minutes": 0.0, "gain": 0.0, "lo": 0.0, "hi": 0.0}]
+    for r in result["rounds"]:
+        row = test["versions"].get(r["version"] or "")
+        if r["status"] == "promoted" and row is not None:
+            lo, hi = row["judge_gain_boot95"]
+            points.append({"version": r["version"], "votes": r["votes"], "minutes": r["finished_at_s"] / 60,
+                           "gain": row["judge_gain_vs_base"], "lo": lo, "hi": hi})  # fmt: skip
+    return points
+
+
+def served_at(result: dict, votes: float, seconds: float = float("inf")) -> dict:
+    """The version served when the arena had `votes` votes (and no later than `seconds`)."""
+    return [p for p in served_curve(result) if p["votes"] <= votes and p["minutes"] * 60 <= seconds][-1]
+
+
+def gap(result: dict) -> float | None:
+    t = result["test"]
+    return None if t.get("ceiling") is None else t["ceiling"] - t["base_judge"]
+
+
+def goal_lines(result: dict, null: dict | None) -> list[str]:
+    times = [r["round_s"] for r in result["rounds"] if r.get("round_s")]
+    early, late, g = served_at(result, GAIN_VOTES, GAIN_S), served_at(result, GAP_VOTES), gap(result)
+    met_gain = early["gain"] >= GAIN_GOAL and early["lo"] > 0
+    lines = [
+        "**Goals (generated, on the test probes).**",
+        f"- Gain >= {GAIN_GOAL:+.2f} (bootstrap 95% lower bound > 0) within {GAIN_VOTES} votes and "
+        f"{GAIN_S / 60:.0f} min: {'met' if met_gain else 'not met'} ({early['version']}: {early['gain']:+.3f}, "
+        f"95% {early['lo']:+.3f}..{early['hi']:+.3f}).",
+    ]
+    if g:
+        share = late["gain"] / g
+        lines.append(f"- At least {GAP_GOAL:.0%} of the base-to-ceiling gap ({g:.3f}) closed within {GAP_VOTES} votes: "
+                     f"{'met' if share >= GAP_GOAL else 'not met'} ({late['version']} closes {share:.0%}).")  # fmt: skip
+    lines.append(f"- Every round <= {ROUND_GOAL_S / 60:.0f} min: "
+                 + ("met" if times and max(times) <= ROUND_GOAL_S else "not met")
+                 + (f" (longest {max(times):.0f} s, {len(times)} rounds)." if times else "."))  # fmt: skip
+    if null is not None:
+        n = served_curve(null)[-1]
+        ok = abs(n["gain"]) <= NULL_BAND
+        lines.append(f"- Null arm (coin-flip labels) within ±{NULL_BAND}: {'met' if ok else 'not met'} "
+                     f"(served {n['version']}: {n['gain']:+.3f}, 95% {n['lo']:+.3f}..{n['hi']:+.3f}).")  # fmt: skip
+    return lines
+
+
+def attribute_line(result: dict) -> str:
+    t = result["test"]
+    last = served_curve(result)[-1]
+    after = t["versions"].get(last["version"], {}).get("attributes") or t.get("base_attributes") or {}
+    before, top = t.get("base_attributes") or {}, t.get("ceiling_attributes") or {}
+    cells = [f"{a} {before[a]:.2f} -> {after.get(a, float('nan')):.2f}" + (f" (ceiling {top[a]:.2f})" if a in top else "")
+             for a in before]  # fmt: skip
+    return f"- Per attribute, share of test images the judge decides right, base -> {last['version']}: " + ", ".join(cells) + "."
+
+
+def markdown(result: dict, null: dict | None = None, stem: str = "loop_default") -> str:
+    t, c = result["test"], result["config"]
+    lines = [
+        "## The out-of-the-box loop (`python -m bench.loop`)",
+        "",
+        f"The app on the default base (`{c['model']}`), {c['raters']} simulated raters over HTTP, "
+        f"{result['raters'].get('votes', 0)} votes in {result['wall_s'] / 60:.1f} min on this 2-core CPU; rounds of "
+        f"{c['max_steps']} NCP-DPO steps every {c['train_every']:g} s once {c['min_new_votes']} new votes are in. "
+        f"Every promoted version is measured after the run on the **test probes**: {t['probes']} prompts x "
+        f"{t['seeds']} seeds (from {t['seed_offset']}) that the gate, the raters and training never saw, so nothing "
+        "below was selected on. Intervals: 95% bootstrap over prompts (a prompt's images are one cluster). The gate's "
+        "own probe score is a running maximum and is not the result.",
+        "",
+        f"Base {t['base_judge']:.3f}" + (f", ceiling {t['ceiling']:.3f} (gap {gap(result):.3f})" if gap(result) else "")
+        + " on the test probes.",
+        "",
+        "| served version | promoted at (min) | votes | test gain (95% CI) | gap closed |",
+        "|---|---|---|---|---|",
+    ]
+    for p in served_curve(result)[1:]:
+        share = f"{p['gain'] / gap(result):.0%}" if gap(result) else ""
+        lines.append(f"| {p['version']} | {p['minutes']:.1f} | {p['votes']} | {p['gain']:+.3f} "
+                     f"({p['lo']:+.3f}..{p['hi']:+.3f}) | {share} |")  # fmt: skip
+    times = [r["round_s"] for r in result["rounds"] if r.get("round_s")]
+    if times:
+        lines += ["", f"Rounds: {len(times)}, {sum(r['status'] == 'promoted' for r in result['rounds'])} promoted, "
+                      f"{min(times):.0f}-{max(times):.0f} s each."]  # fmt: skip
+    lines += ["", f"![loop-default]({stem}.png)", "", *goal_lines(result, null), attribute_line(result)]
+    return "\n".join(lines)
+
+
+def plot(result: dict, null: dict | None, path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for res, name, color in ((result, "NCP-DPO loop", "C0"), (null, "null arm (coin-flip labels)", "C3")):
+        if res is None:
+            continue
+        pts = served_curve(res)
+        end = {"votes": res["raters"].get("votes", pts[-1]["votes"]), "minutes": res["wall_s"] / 60}
+        for ax, key in zip(axes, ("votes", "minutes"), strict=True):
+            xs = [p[key] for p in pts] + [max(end[key], pts[-1][key])]
+            ys = [p["gain"] for p in pts] + [pts[-1]["gain"]]
+            ax.step(xs, ys, where="post", color=color, label=name)
+            ax.fill_between(xs, [p["lo"] for p in pts] + [pts[-1]["lo"]], [p["hi"] for p in pts] + [pts[-1]["hi"]],
+                            step="post", color=color, alpha=0.15)  # fmt: skip
+    g = gap(result)
+    for ax, key, label in zip(axes, ("votes", "minutes"), ("votes cast", "wall time (min)"), strict=True):
+        ax.axhline(0, color="gray", lw=0.8)
+        ax.axhline(GAIN_GOAL, color="gray", ls=":", label=f"goal {GAIN_GOAL:+.2f}")
+        if g:
+            ax.axhline(g, color="k", ls="--", label="ceiling (clean captions)")
+        ax.set(xlabel=label, ylabel="served gain vs base, test probes", title=f"Gain vs {key}")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def publish(result: dict, stem: str = "loop_default") -> None:
+    from bench.docs import write_section
+
+    null_path = ROOT / "docs" / "benchmarks" / f"{stem}_null.json"
+    null = json.loads(null_path.read_text()) if null_path.exists() else None
+    plot(result, null, ROOT / "docs" / f"{stem}.png")
+    write_section(ROOT / "docs" / "BENCHMARKS.md", stem.replace("_", "-"), markdown(result, null, stem))
