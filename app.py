@@ -7,7 +7,9 @@ Gradio UI only (DESIGN.md): `build_demo(runtime)` lays out the tabs (Arena, Prog
 top-level handlers that call the runtime's services (jobs/) and return dicts keyed by component; `main()` maps the
 environment (ENV_VARS) onto `ArenaConfig`, starts the runtime and stops it on exit. No SQL and no tensors here.
 
-HTTP API for scripts (`/next_pair`, `/vote`, `/admin`; gradio_client or any HTTP client): docs/API.md.
+HTTP API for scripts (`/next_pair`, `/vote`, `/admin`, `/export`; gradio_client or any HTTP client): docs/API.md.
+The UI's own handlers are not API endpoints: `EdgeGuard` refuses them over REST (`/gradio_api/call/<name>`), refuses
+uploads (the app takes no files) and serves the images and export zips that API answers name by relative path.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import gc
 import inspect
 import json
 import logging
+import math
 import os
+import re
 import signal
 import sys
 import time
@@ -31,10 +35,15 @@ for _key, _value in {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_TELEME
 
 import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
+from gradio.route_utils import FnIndexInferError  # noqa: E402
+from starlette.middleware import Middleware  # noqa: E402
+from starlette.requests import Request as StarletteRequest  # noqa: E402
+from starlette.responses import FileResponse, JSONResponse  # noqa: E402
 
 from feedback_store import InputRejected, VoteRejected  # noqa: E402
 from feedback_store.export import __doc__ as EXPORT_DOC  # noqa: E402
 from jobs import views  # noqa: E402
+from jobs.arena import REASON_TAGS  # noqa: E402
 from jobs.prompts import PromptRejected  # noqa: E402
 from jobs.registry import RegistryError  # noqa: E402
 from jobs.runtime import SHAPES_MODEL, AdminDenied, Runtime  # noqa: E402
@@ -44,7 +53,9 @@ logger = logging.getLogger("app")
 
 OUTCOMES = {"left": "Left is better", "right": "Right is better", "tie": "Tie", "both_bad": "Both are bad"}
 KEYS = {"left": ("1", "a"), "right": ("2", "l"), "tie": ("3", "t"), "both_bad": ("4", "b")}
-REASONS = ["prompt following", "looks", "artifacts"]
+REASONS = list(REASON_TAGS)  # the only reasons the store takes (jobs.arena.check_reasons)
+PUBLIC_API = ("next_pair", "vote", "admin", "export")  # what /gradio_api/call/<name> accepts; the rest is the UI's
+EXPORT_ACCESS = ("public", "admin")
 FRIENDLY = {
     "expired": "This pair expired before your vote.",
     "conflicting_vote": "You already voted differently on this pair.",
@@ -53,12 +64,55 @@ FRIENDLY = {
 }
 
 
-# -- handler plumbing ------------------------------------------------------------------------------------------------
 class Ctx(SimpleNamespace):
-    """What handlers need: `runtime`, `clock` (views.PairClock), `timings` (views.HandlerTimes) and the UI's
-    components by name."""
+    """What handlers need: `runtime`, `clock` (views.PairClock), `timings` (views.HandlerTimes), the per-address
+    limiters `admin_limiter` and `export_limiter`, `export_access` ("public" or "admin") and the UI's components by
+    name."""
 
 
+# -- edges: what reaches the server besides the handlers ---------------------------------------------------------
+_CALL_RE = re.compile(r"/call/(?:v2/)?([^/]*)/?$")
+_FILE_RE = re.compile(r"/file=(images/[0-9a-f]{64}\.png|exports/ncp-arena-[0-9A-Za-z_-]{1,80}\.zip)$")
+
+
+class EdgeGuard:
+    """ASGI middleware in front of Gradio's routes: (1) `POST .../call/<name>` only for PUBLIC_API names (Gradio
+    serves every event handler by its function name there, hidden ones too); (2) no uploads (the app takes no
+    files); (3) `GET .../file=images/<sha256>.png` and `.../file=exports/<zip>` served from the data dir, so API
+    answers name files by these relative paths and never by a server path."""
+
+    def __init__(self, app: Callable, data_dir: str, image_dir: str) -> None:
+        self.app = app
+        self.roots = {"images": Path(image_dir), "exports": Path(data_dir) / "exports"}
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http":
+            path, method = scope["path"], scope["method"]
+            call = _CALL_RE.search(path) if method == "POST" else None
+            if call and call.group(1) not in PUBLIC_API:
+                msg = (
+                    f"{call.group(1)!r:.60} is not an API endpoint; scripts use {', '.join(PUBLIC_API)} (docs/API.md)"
+                )
+                return await JSONResponse({"error": "not_an_endpoint", "message": msg}, 404)(scope, receive, send)
+            if method == "POST" and path.rstrip("/").endswith("/upload"):
+                msg = "this app takes no uploads"
+                return await JSONResponse({"error": "uploads_off", "message": msg}, 403)(scope, receive, send)
+            served = _FILE_RE.search(path) if method in ("GET", "HEAD") else None
+            if served:
+                folder, name = served.group(1).split("/", 1)
+                file = self.roots[folder] / name
+                if not file.is_file():
+                    return await JSONResponse({"error": "not_found"}, 404)(scope, receive, send)
+                return await FileResponse(file, filename=name if folder == "exports" else None)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+async def _unknown_endpoint(request: StarletteRequest, exc: Exception) -> JSONResponse:
+    """Gradio raises FnIndexInferError (a 500) for a name it does not know; it is the caller's mistake: 404."""
+    return JSONResponse({"error": "not_an_endpoint", "message": f"{' '.join(str(exc).split())[:200]}"}, 404)
+
+
+# -- handler plumbing ------------------------------------------------------------------------------------------------
 def timed(endpoint: str) -> Callable[[Callable], Callable]:
     """Record the handler's own wall time under `endpoint` in ctx.timings (signature kept for Gradio)."""
 
@@ -113,6 +167,8 @@ def on_pair(ctx: Ctx, prompt: str, request: gr.Request) -> dict:
         pair = ctx.runtime.arena.next_pair(request.session_hash, (prompt or "").strip() or None)
     except PromptRejected as err:
         return {ctx.status: f"⚠️ {err}"}
+    except InputRejected as err:  # a session hash the store refuses, too many pairs without a vote
+        return {ctx.status: f"⚠️ {err.message}"}
     state = {"token": pair.token, "pair_id": pair.pair_id, "shown_at": time.monotonic()}
     out = {ctx.state: state, ctx.left: pair.left_path, ctx.right: pair.right_path, ctx.prompt_shown: pair.prompt}
     return out | {ctx.reasons: [], ctx.status: ""} | _buttons(ctx, True)
@@ -177,15 +233,37 @@ def on_counts(ctx: Ctx) -> dict:
     return {ctx.counts: pd.DataFrame({"table": list(counts), "rows": list(counts.values())})}
 
 
-def on_export(ctx: Ctx) -> dict:
-    return {ctx.export_file: str(views.latest_export(ctx.runtime))} | on_counts(ctx)
-
-
-def on_admin(ctx: Ctx, action: str, token: str, value: str, profile: gr.OAuthProfile | None) -> dict:
-    username = getattr(profile, "username", None) if profile is not None else None
+def on_export(ctx: Ctx, token: str, request: gr.Request, profile: gr.OAuthProfile | None) -> dict:
+    """The Data tab's download: the newest snapshot, its time and row count (with NCP_EXPORT_ACCESS=admin, only for
+    admins: the Admin tab's token or an admin login)."""
+    address = _address(ctx, request, always=True)
     try:
-        text = views.admin_action(ctx.runtime, action, value or "", token or None, username, ctx.timings)
-    except AdminDenied as err:
+        if ctx.export_access == "admin":
+            username = getattr(profile, "username", None) if profile is not None else None
+            views.check_admin(ctx.runtime, token, username, address, ctx.admin_limiter)
+        info = _export(ctx, address)
+    except (views.RateLimited, AdminDenied) as err:
+        return {ctx.export_info: f"⚠️ {err}"}
+    return {ctx.export_file: str(info.zip_path), ctx.export_info: info.summary()} | on_counts(ctx)
+
+
+def on_admin(
+    ctx: Ctx, action: str, token: str, value: str, request: gr.Request, profile: gr.OAuthProfile | None
+) -> dict:
+    username = getattr(profile, "username", None) if profile is not None else None
+    address = _address(ctx, request, always=True)
+    try:
+        text = views.admin_action(
+            ctx.runtime,
+            action,
+            value,
+            token or None,
+            username,
+            ctx.timings,
+            address=address,
+            limiter=ctx.admin_limiter,
+        )
+    except (AdminDenied, views.RateLimited) as err:
         return {ctx.admin_out: f"⛔ {err}"}
     except (ValueError, RegistryError, KeyError) as err:
         return {ctx.admin_out: f"⚠️ {err}"}
@@ -196,12 +274,26 @@ def on_admin(ctx: Ctx, action: str, token: str, value: str, profile: gr.OAuthPro
 
 
 # -- API (gr.api endpoints: plain JSON in and out) ------------------------------------------------------------------
-def _address(ctx: Ctx, request: gr.Request | None) -> str | None:
-    """The client address for the per-address vote limit (None when it is off, or without a request)."""
+def _address(ctx: Ctx, request: gr.Request | None, *, always: bool = False) -> str | None:
+    """The client address for the per-address limits, kept in memory only: the vote limit (None when it is off) and,
+    with `always`, admin attempts and exports. None without a request. The app's one reader of the client address."""
     if request is None:
         return None
     peer = request.client.host if request.client else None
-    return views.vote_address(ctx.runtime, peer, request.headers.get("x-forwarded-for"))
+    forwarded = request.headers.get("x-forwarded-for")
+    if always:
+        return views.request_address(ctx.runtime, peer, forwarded)
+    return views.vote_address(ctx.runtime, peer, forwarded)
+
+
+def _export(ctx: Ctx, address: str | None) -> views.ExportInfo:
+    """The newest snapshot (views.latest_export), at most EXPORTS_PER_MINUTE calls a minute per address."""
+    if address is not None:
+        wait = ctx.export_limiter.retry_after(address)
+        if wait > 0:
+            raise views.RateLimited(f"Too many exports from your address; try again in {math.ceil(wait)} s.", wait)
+        ctx.export_limiter.add(address)
+    return views.latest_export(ctx.runtime)
 
 
 def _refusal(code: str, message: str) -> dict:
@@ -216,19 +308,23 @@ def api_next_pair(ctx: Ctx, session_id: str, prompt: str = "") -> dict:
     except InputRejected as err:
         return _refusal(err.reason_code, err.message)
     try:
-        # Only text is stripped; anything else reaches validate_prompt, which refuses it ("not_text").
+        # Only text is stripped; anything else reaches validate_prompt, which refuses it ("not_text"). A prompt of
+        # only spaces is the empty prompt: a pool pair (docs/API.md).
         text = prompt.strip() if isinstance(prompt, str) else prompt
         pair = ctx.runtime.arena.next_pair(session, text or None)
     except PromptRejected as err:
         return _refusal(err.code, str(err))
+    except InputRejected as err:  # too_many_open_pairs
+        return _refusal(err.reason_code, err.message)
     ctx.runtime.arena.register_rater(ctx.runtime.rater_id(f"session:{session}"))  # the same id api_vote uses
     ctx.clock.issued(pair.token)
     return {
         "token": pair.token,
         "pair_id": pair.pair_id,
         "prompt": pair.prompt,
-        "left_image": gr.FileData(path=pair.left_path),
-        "right_image": gr.FileData(path=pair.right_path),
+        # Relative names that EdgeGuard serves (gradio_client downloads them): no server path in the answer.
+        "left_image": gr.FileData(path=f"images/{Path(pair.left_path).name}"),
+        "right_image": gr.FileData(path=f"images/{Path(pair.right_path).name}"),
     }
 
 
@@ -262,19 +358,44 @@ def api_vote(
     return reveal
 
 
-def api_admin(ctx: Ctx, token: str, action: str, value: str = "") -> dict:
-    """Admin actions for scripts (needs NCP_ADMIN_TOKEN). See docs/API.md."""
+def api_admin(ctx: Ctx, token: str, action: str, value: str = "", request: gr.Request = None) -> dict:
+    """Admin actions for scripts (needs NCP_ADMIN_TOKEN; failures throttled per address). See docs/API.md."""
+    address = _address(ctx, request, always=True)
     try:
-        return {
-            "ok": True,
-            "message": views.admin_action(ctx.runtime, action, value or "", token or None, None, ctx.timings),
-        }
+        message = views.admin_action(
+            ctx.runtime, action, value, token or None, None, ctx.timings, address=address, limiter=ctx.admin_limiter
+        )
+        return {"ok": True, "message": message}
+    except views.RateLimited as err:
+        return _refusal("admin_rate_limited", str(err)) | {"retry_after_s": round(err.retry_after_s, 1)}
     except AdminDenied as err:
         return _refusal("admin_denied", str(err))
     except views.UnknownAction as err:
         return _refusal("unknown_action", str(err))
     except (ValueError, RegistryError) as err:
         return _refusal("invalid_value", str(err))
+
+
+def api_export(ctx: Ctx, token: str = "", request: gr.Request = None) -> dict:
+    """The newest Parquet snapshot with its manifest, taken at call time when votes arrived since the newest and it is
+    older than 10 s; limited per address; NCP_EXPORT_ACCESS=admin asks for the admin token. See docs/API.md."""
+    address = _address(ctx, request, always=True)
+    try:
+        if ctx.export_access == "admin":
+            views.check_admin(ctx.runtime, token, None, address, ctx.admin_limiter)
+        info = _export(ctx, address)
+    except views.RateLimited as err:
+        return _refusal("rate_limited", str(err)) | {"retry_after_s": round(err.retry_after_s, 1)}
+    except AdminDenied as err:
+        return _refusal("admin_denied", f"{err} (this Space sets NCP_EXPORT_ACCESS=admin)")
+    return {
+        "snapshot_id": info.snapshot_id,
+        "created": info.created,
+        "rows": info.rows,
+        "newer_votes": info.newer_votes,
+        "manifest": info.manifest,
+        "file": gr.FileData(path=f"exports/{info.zip_path.name}", orig_name=info.zip_path.name),
+    }
 
 
 # -- layout ----------------------------------------------------------------------------------------------------------
@@ -308,9 +429,23 @@ def _schema_markdown() -> str:
     return "### What is in the export\n\n" + "\n\n".join(" ".join(p.split()) for p in paragraphs)
 
 
-def build_demo(runtime: Runtime, oauth: bool = False) -> gr.Blocks:
-    """The arena UI over a started Runtime. `oauth`: show the HF login button (Spaces with `hf_oauth: true`)."""
-    ctx = Ctx(runtime=runtime, clock=views.PairClock(), timings=views.HandlerTimes())
+EXPORTS_PER_MINUTE = 6  # per client address, /export and the Data tab's button together
+
+
+def build_demo(
+    runtime: Runtime,
+    oauth: bool = False,
+    export_access: str = "public",
+    limiter_clock: Callable[[], float] = time.monotonic,
+) -> gr.Blocks:
+    """The arena UI over a started Runtime. `oauth`: show the HF login button (Spaces with `hf_oauth: true`).
+    `export_access`: "public" (anyone may download the export: a public dataset) or "admin" (needs admin credentials;
+    the Data tab's button then asks for them too). `limiter_clock`: the per-address limiters' clock (tests)."""
+    if export_access not in EXPORT_ACCESS:
+        raise ValueError(f"export_access must be one of {EXPORT_ACCESS}, got {export_access!r}")
+    ctx = Ctx(runtime=runtime, clock=views.PairClock(), timings=views.HandlerTimes(), export_access=export_access)
+    ctx.admin_limiter = views.AddressLimiter(views.ADMIN_FAILURES_PER_MINUTE, 60.0, clock=limiter_clock)
+    ctx.export_limiter = views.AddressLimiter(EXPORTS_PER_MINUTE, 60.0, clock=limiter_clock)
     with gr.Blocks(title="ncp-arena") as demo:
         with gr.Row():
             gr.Markdown("# ncp-arena\nVote for the better image. Every vote trains the next version of the model.")
@@ -363,6 +498,7 @@ def build_demo(runtime: Runtime, oauth: bool = False) -> gr.Blocks:
             with gr.Tab("Data", id="data") as data_tab:
                 ctx.counts = gr.Dataframe(label="Rows in the store", interactive=False)
                 export_btn = gr.Button("Download the latest export (Parquet, Pick-a-Pic v2 columns)", elem_id="export")
+                ctx.export_info = gr.Markdown(elem_id="export-info")
                 ctx.export_file = gr.File(label="Export (zip)", interactive=False, elem_id="export-file")
                 gr.Markdown(_schema_markdown())
             with gr.Tab("Admin", id="admin") as admin_tab:
@@ -413,7 +549,8 @@ def build_demo(runtime: Runtime, oauth: bool = False) -> gr.Blocks:
         ctx.probe_slider.release(bind(on_probes, ctx), ctx.probe_slider, probe_out, **generate)
 
         data_tab.select(bind(on_counts, ctx), None, ctx.counts, api_visibility="private")
-        export_btn.click(bind(on_export, ctx), None, {ctx.export_file, ctx.counts}, api_visibility="private")
+        export_out = {ctx.export_file, ctx.export_info, ctx.counts}
+        export_btn.click(bind(on_export, ctx), token, export_out, api_visibility="private")
 
         admin_out = {ctx.admin_out, ctx.versions, ctx.blocklist}
         admin_tab.select(lambda: gr.Dropdown(choices=views.gallery_versions(runtime)), None, ctx.versions, **quiet)
@@ -430,17 +567,28 @@ def build_demo(runtime: Runtime, oauth: bool = False) -> gr.Blocks:
         gr.api(bind(api_next_pair, ctx), api_name="next_pair", concurrency_id="pairs", concurrency_limit=4)
         gr.api(bind(api_vote, ctx), api_name="vote", concurrency_id="votes", concurrency_limit=16)
         gr.api(bind(api_admin, ctx), api_name="admin", concurrency_limit=1)
+        gr.api(bind(api_export, ctx), api_name="export", concurrency_id="export", concurrency_limit=1)
     demo.queue(default_concurrency_limit=4)
     return demo
 
 
+MAX_UPLOAD = "4kb"  # the app takes no files; EdgeGuard refuses uploads, and this caps them should it be bypassed
+
+
 def launch_kwargs(runtime: Runtime) -> dict:
-    """What demo.launch needs besides host and port: only the image, probe and export folders are served."""
+    """What demo.launch needs besides host and port: only the image, probe and export folders are served; EdgeGuard
+    in front of Gradio's routes (private handlers, uploads, files by relative name); unknown endpoints answer 404."""
     data = Path(runtime.config.data_dir)
     folders = [views.image_dir(runtime), data / "probes", views.export_dir(runtime)]
     for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)
-    return {"allowed_paths": [str(f.resolve()) for f in folders], "css": CSS}
+    guard = Middleware(EdgeGuard, data_dir=str(data.resolve()), image_dir=str(views.image_dir(runtime).resolve()))
+    return {
+        "allowed_paths": [str(f.resolve()) for f in folders],
+        "css": CSS,
+        "max_file_size": MAX_UPLOAD,
+        "app_kwargs": {"middleware": [guard], "exception_handlers": {FnIndexInferError: _unknown_endpoint}},
+    }
 
 
 # The pair generator's sampling loop is Python-bound (small models especially) and holds the GIL most of the time;
@@ -483,7 +631,10 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
-        demo = build_demo(runtime, oauth=bool(os.environ.get("OAUTH_CLIENT_ID")))
+        access = os.environ.get("NCP_EXPORT_ACCESS", "public")
+        if access not in EXPORT_ACCESS:
+            parser.error(f"NCP_EXPORT_ACCESS must be one of {EXPORT_ACCESS}, got {access!r}")
+        demo = build_demo(runtime, oauth=bool(os.environ.get("OAUTH_CLIENT_ID")), export_access=access)
         freeze_startup_heap()
         demo.launch(
             server_name=os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1",

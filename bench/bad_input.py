@@ -9,7 +9,10 @@ The server is app.py's own configuration (`config_from_env`) and UI (`build_demo
 shapes model, launched in this process so each case can compare the stored state before and after: every table's
 row count and a sha256 of every table's content, the registry pointer, the blocklist file, the schedule and the
 served version. Requests go over plain HTTP (httpx) through Gradio's REST protocol (POST /gradio_api/call/<api>,
-then read the event stream), so wrong types, raw bytes and malformed bodies reach the server exactly as sent.
+then read the event stream), so wrong types, raw bytes and malformed bodies reach the server exactly as sent. The
+"edges" cases go around the API: an upload, the UI's private handlers called by name, the UI's queue with a hostile
+session hash, oversized or wrongly typed admin values, free-text reasons, a session hoarding unvoted pairs, export
+and admin-token flooding from one address.
 Used by bench/reliability.py (the table in docs/RELIABILITY.md) and tests/test_bad_input.py (CI).
 """
 
@@ -38,10 +41,12 @@ TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{43}")  # secrets.token_urlsafe(32)
 
 @dataclass(frozen=True)
 class Request:
-    api: str  # "vote" | "next_pair" | "admin" | anything else (an endpoint that does not exist)
+    api: str  # "vote" | "next_pair" | "admin" | "export" | anything else (an endpoint that does not exist)
     data: list | None = None  # the JSON arguments, or ...
     raw: bytes | None = None  # ... a raw request body
     same_vote_id: int | None = None  # an identical replay: the answer must be this vote's first receipt
+    upload: bytes | None = None  # POST these bytes to /gradio_api/upload as a file instead
+    queue_fn: str | None = None  # run this UI handler through the queue (/queue/join) with session_hash=api
 
 
 @dataclass(frozen=True)
@@ -164,6 +169,11 @@ class Response:
 
 def send(srv: BadInputServer, req: Request) -> Response:
     """POST /gradio_api/call/<api> (JSON arguments or a raw body), then read the result from the event stream."""
+    if req.upload is not None:
+        r = srv.http.post(f"{srv.url}/gradio_api/upload", files={"files": ("big.html", req.upload)})
+        return Response("http", r.status_code, text=r.text) if r.status_code != 200 else Response("complete", 200)
+    if req.queue_fn is not None:
+        return _send_queue(srv, req)
     body = req.raw if req.raw is not None else json.dumps({"data": req.data}).encode()
     r = srv.http.post(
         f"{srv.url}/gradio_api/call/{req.api}", content=body, headers={"content-type": "application/json"}
@@ -181,6 +191,26 @@ def send(srv: BadInputServer, req: Request) -> Response:
         payload = json.loads(data)
         return Response("complete", s.status_code, payload[0] if payload and isinstance(payload[0], dict) else {})
     return Response("error", s.status_code, text=data)
+
+
+def _send_queue(srv: BadInputServer, req: Request) -> Response:
+    """The browser's path: POST /queue/join {fn_index, session_hash}, then the session's event stream. A handled
+    refusal is a completed event whose outputs carry a warning (code "ui_refused")."""
+    fn_index = next(i for i, f in srv.demo.fns.items() if f.name == req.queue_fn)
+    body = {"data": req.data or [], "fn_index": fn_index, "session_hash": req.api, "event_data": None}
+    r = srv.http.post(f"{srv.url}/gradio_api/queue/join", json=body)
+    if r.status_code != 200:
+        return Response("http", r.status_code, text=r.text)
+    s = srv.http.get(f"{srv.url}/gradio_api/queue/data", params={"session_hash": req.api})
+    for line in s.text.splitlines():
+        msg = json.loads(line[5:]) if line.startswith("data:") else {}
+        if msg.get("msg") == "process_completed":
+            out = msg.get("output") or {}
+            if not msg.get("success"):
+                return Response("error", s.status_code, text=str(out.get("error")))
+            warning = next((d for d in out.get("data", []) if isinstance(d, str) and d.startswith("⚠️")), None)
+            return Response("complete", 200, {"error": "ui_refused", "message": warning} if warning else {})
+    return Response("error", s.status_code, text=s.text[:160])
 
 
 def _forged() -> str:
@@ -202,6 +232,41 @@ def _admin(token: object, action: str, value: str = "") -> Request:
 def _replay(srv: BadInputServer) -> Request:
     token, reveal = srv.voted("bi-replay", "tie")
     return Request("vote", ["bi-replay", token, "tie", ""], same_vote_id=reveal["vote_id"])
+
+
+def _many_terms(n: int) -> str:
+    return "".join(f"t{i}\n" for i in range(n))
+
+
+def _full_blocklist(srv: BadInputServer) -> Request:
+    """A blocklist at its bound (jobs.prompts.MAX_BLOCKLIST_TERMS terms, the case's word last), then a long prompt
+    whose last word is blocked: matched by set lookups, so in milliseconds."""
+    from jobs.prompts import MAX_BLOCKLIST_TERMS
+
+    srv.runtime.admin_set_blocklist(FULL + _many_terms(MAX_BLOCKLIST_TERMS - 2) + "zebra\n", ADMIN_TOKEN)
+    return _pair("bi-bl", ("a red circle " * 22) + "zebra")
+
+
+def _hoard(srv: BadInputServer) -> Request:
+    for _ in range(srv.runtime.arena.max_open_pairs):
+        srv.fresh("bi-hoard")
+    return _pair("bi-hoard")
+
+
+def _export_flood(srv: BadInputServer) -> Request:
+    from app import EXPORTS_PER_MINUTE
+
+    for _ in range(EXPORTS_PER_MINUTE):
+        res = send(srv, Request("export", [""]))
+        if "snapshot_id" not in res.body:
+            raise RuntimeError(f"setup failed: /export gave {res}")
+    return Request("export", [""])
+
+
+def _guessing(srv: BadInputServer) -> Request:
+    for i in range(5):
+        send(srv, _admin(f"guess-{i}", "status"))
+    return _admin(ADMIN_TOKEN, "status")
 
 
 MB = 1 << 20
@@ -236,10 +301,12 @@ CASES: tuple[Case, ...] = (
     Case("session_empty", "session", lambda s: _pair(""), "invalid_session"),
     # -- reasons ----------------------------------------------------------------------------------------------------
     Case("reasons_too_many", "reasons", lambda s: _vote("bi-re", s.fresh("bi-re"), "left", ["x"] * 100), "reasons_too_large"),
-    Case("reasons_huge", "reasons", lambda s: _vote("bi-re", s.fresh("bi-re"), "left", ["x" * MB]), "invalid_text", "/vote(s, token, left, ['x' x 1 MiB])"),
-    Case("reasons_control_char", "reasons", lambda s: _vote("bi-re", s.fresh("bi-re"), "left", ["\x07bell"]), "invalid_text"),
-    Case("reasons_bidi", "reasons", lambda s: _vote("bi-re", s.fresh("bi-re"), "left", ["\u202eevil"]), "invalid_text"),
+    Case("reasons_huge", "reasons", lambda s: _vote("bi-re", s.fresh("bi-re"), "left", ["x" * MB]), "invalid_reasons", "/vote(s, token, left, ['x' x 1 MiB])"),
+    Case("reasons_control_char", "reasons", lambda s: _vote("bi-re", s.fresh("bi-re"), "left", ["\x07bell"]), "invalid_reasons"),
+    Case("reasons_bidi", "reasons", lambda s: _vote("bi-re", s.fresh("bi-re"), "left", ["\u202eevil"]), "invalid_reasons"),
     Case("reasons_wrong_type", "reasons", lambda s: _vote("bi-re", s.fresh("bi-re"), "left", 5), "invalid_reasons"),
+    Case("reasons_html", "reasons", lambda s: _vote("bi-re", s.fresh("bi-re"), "left", ["<img src=x onerror=alert(1)>"]), "invalid_reasons"),
+    Case("reasons_free_text", "reasons", lambda s: _vote("bi-re", s.fresh("bi-re"), "left", "looks, call me +1 555 0100"), "invalid_reasons", "/vote(s, token, left, 'looks, call me +1 555 0100'): only the tags"),
     # -- typed prompts ----------------------------------------------------------------------------------------------
     Case("prompt_control_char", "prompt", lambda s: _pair("bi-p", "a red\x00 circle"), "control_chars"),
     Case("prompt_bidi", "prompt", lambda s: _pair("bi-p", "a red circle \u202eelcric der a"), "control_chars"),
@@ -267,7 +334,23 @@ CASES: tuple[Case, ...] = (
     Case("body_wrong_shape", "http", lambda s: Request("vote", raw=b'{"data": "left"}'), "http_422"),
     Case("missing_arguments", "http", lambda s: Request("next_pair", ["bi-h"]), "gradio_error"),
     Case("extra_arguments", "http", lambda s: Request("admin", ["", "status", "", "extra", "args"]), "admin_denied", "/admin('', status, '', 'extra', 'args'): extras ignored"),
-    Case("unknown_endpoint", "http", lambda s: Request("drop_tables", ["x"]), "http_500"),
+    Case("unknown_endpoint", "http", lambda s: Request("drop_tables", ["x"]), "http_404"),
+    # -- edges: around the API ----------------------------------------------------------------------------------------
+    Case("upload_100kb", "edges", lambda s: Request("upload", upload=b"<html>" + b"x" * 100_000), "http_403", "POST /gradio_api/upload (100 KB file): the app takes no files"),
+    Case("private_export_handler", "edges", lambda s: Request("on_export", []), "http_404", "POST /gradio_api/call/on_export (a UI handler, by name)"),
+    Case("private_vote_handler", "edges", lambda s: Request("on_vote", ["left", {}, []]), "http_404", "POST /gradio_api/call/on_vote (a UI handler, by name)"),
+    Case("private_admin_handler", "edges", lambda s: Request("on_admin", ["status", "", ""]), "http_404", "POST /gradio_api/call/on_admin (a UI handler, by name)"),
+    Case("ui_session_traversal", "edges", lambda s: Request("../../etc", queue_fn="on_pool_pair"), "ui_refused", "queue: on_pool_pair with session_hash '../../etc'"),
+    Case("ui_session_nul", "edges", lambda s: Request("bad\x00hash", queue_fn="on_pool_pair"), "ui_refused", "queue: on_pool_pair with session_hash 'bad\\x00hash'"),
+    Case("admin_value_list", "edges", lambda s: _admin(ADMIN_TOKEN, "promote", ["base"]), "invalid_value", "/admin(<token>, promote, ['base'])"),
+    Case("admin_value_dict", "edges", lambda s: _admin(ADMIN_TOKEN, "set_blocklist", {"words": ["a"]}), "invalid_value", "/admin(<token>, set_blocklist, {'words': ['a']})"),
+    Case("admin_action_list", "edges", lambda s: _admin(ADMIN_TOKEN, ["status"]), "unknown_action", "/admin(<token>, ['status'])"),
+    Case("blocklist_30mb", "edges", lambda s: _admin(ADMIN_TOKEN, "set_blocklist", "word\n" * (6 * MB)), "invalid_value", "/admin(<token>, set_blocklist, 30 MB of words)"),
+    Case("blocklist_30k_terms", "edges", lambda s: _admin(ADMIN_TOKEN, "set_blocklist", _many_terms(30_000)), "invalid_value", "/admin(<token>, set_blocklist, 30,000 short terms, 200 KB)"),
+    Case("prompt_vs_full_blocklist", "edges", _full_blocklist, "blocked", "/next_pair(s, 300-char prompt) against a blocklist at its 20,000-term bound"),
+    Case("open_pairs_cap", "edges", _hoard, "too_many_open_pairs", "/next_pair(s) after 20 pairs issued to s without a vote"),
+    Case("export_flood", "edges", _export_flood, "rate_limited", "/export() after 6 exports from the same address this minute"),
+    Case("admin_guessing", "edges", _guessing, "admin_rate_limited", "/admin(<the RIGHT token>, status) after 5 wrong tokens from the same address"),
 )  # fmt: skip
 
 

@@ -1,9 +1,14 @@
 """The researchers' (and trainer's) export: immutable, versioned Parquet snapshots of the votes.
 
+    python -m feedback_store.export --url http://127.0.0.1:7860 --out data/snapshots     # from a running app
     python -m feedback_store.export --db data/arena.duckdb --out data/snapshots [--since SNAPSHOT_ID]
 
-(the CLI opens the database itself, so only while the app is not running; inside the app call `export_snapshot(store,
-out_dir)`: it reads through the app's own connection and writes with pyarrow, so it works while the app holds the file.)
+`--url` asks a running app for its newest snapshot (its `/export` API: taken at call time when votes arrived since
+the last one and that one is over 10 s old; docs/API.md), downloads the zip, checks every file against the
+manifest's sha256 and unpacks the snapshot folder under `--out`. `--db` opens the database itself, so only while the
+app is not running (DuckDB allows one process per file; the app's lock is reported in one line). Inside the app call
+`export_snapshot(store, out_dir)`: it reads through the app's own connection and writes with pyarrow. Both CLIs end a
+failure with one line (what, why, what to do) and exit status 2.
 
 A snapshot is a folder `<out>/<snapshot_id>/` that is never modified after it appears (written to a temp folder, files
 made read-only, then renamed into place): `train.parquet`, `eval.parquet` and `manifest.json`.
@@ -35,15 +40,21 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import logging
 import os
 import shutil
+import sys
+import urllib.error
+import urllib.request
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -247,9 +258,81 @@ def export_snapshot(
     return Snapshot(snapshot_id, out / snapshot_id, manifest)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+class ExportError(RuntimeError):
+    """An export that could not be made or fetched; the message is one line: what, why, what to do."""
+
+
+def _call(url: str, api: str, data: list, timeout: float) -> dict:
+    """One call of the app's HTTP API through Gradio's REST protocol (POST .../call/<api>, then its event stream)."""
+    base = url.rstrip("/") + "/gradio_api/call/" + api
+    body = json.dumps({"data": data}).encode()
+    request = urllib.request.Request(base, data=body, headers={"content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as r:
+        event_id = json.loads(r.read())["event_id"]
+    with urllib.request.urlopen(f"{base}/{event_id}", timeout=timeout) as r:
+        text = r.read().decode("utf-8", "replace")
+    event, payload = "", ""
+    for line in text.splitlines():
+        if line.startswith("event:"):
+            event = line.split(":", 1)[1].strip()
+        elif line.startswith("data:"):
+            payload = line.split(":", 1)[1].strip()
+    if event != "complete":
+        raise ExportError(
+            f"{base}: the app answered {event or 'nothing'} ({payload[:120]}); check --url and the app log"
+        )
+    answer = json.loads(payload)
+    return answer[0] if answer and isinstance(answer[0], dict) else {}
+
+
+def download_snapshot(url: str, out_dir: str | Path, token: str = "", timeout: float = 600.0) -> Snapshot:
+    """Fetch the running app's newest snapshot (`/export`), verify it against its manifest and unpack it as
+    `<out_dir>/<snapshot_id>/` (an existing, identical copy is kept). Raises ExportError with a one-line reason."""
+    out = Path(out_dir)
+    try:
+        answer = _call(url, "export", [token], timeout)
+        if "error" in answer:
+            raise ExportError(f"{url}: /export refused: {answer['error']}: {answer.get('message', '')}")
+        snapshot_id, name = answer["snapshot_id"], answer["file"]["path"]
+        with urllib.request.urlopen(url.rstrip("/") + "/gradio_api/file=" + name, timeout=timeout) as r:
+            blob = r.read()
+    except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError) as err:
+        raise ExportError(
+            f"{url}: could not fetch the export ({' '.join(str(err).split())[:160]}); check --url"
+        ) from None
+    manifest = answer["manifest"]
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{snapshot_id}.download"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with zipfile.ZipFile(io.BytesIO(blob)) as zf:
+            for member in zf.namelist():
+                parts = Path(member).parts
+                if member.rstrip("/") == snapshot_id:
+                    continue  # the folder's own entry
+                if len(parts) != 2 or parts[0] != snapshot_id or parts[1] not in {*manifest["files"], "manifest.json"}:
+                    raise ExportError(f"{url}: the export zip holds an unexpected entry {member!r}; not unpacked")
+            zf.extractall(tmp)
+        folder = tmp / snapshot_id
+        for fname, meta in manifest["files"].items():
+            if _sha256(folder / fname) != meta["sha256"]:
+                raise ExportError(f"{url}: {fname} does not match the manifest's sha256 (a broken download); retry")
+        target = out / snapshot_id
+        if not target.exists():
+            os.rename(folder, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return Snapshot(snapshot_id, target, manifest)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Export an immutable Parquet snapshot of the arena's votes.")
-    ap.add_argument("--db", required=True, help="the arena's DuckDB file (stop the app first: it holds the lock)")
+    source = ap.add_mutually_exclusive_group(required=True)
+    source.add_argument("--url", help="a running app (e.g. http://127.0.0.1:7860): download its newest snapshot")
+    source.add_argument("--db", help="the arena's DuckDB file (stop the app first: it holds the lock)")
+    ap.add_argument(
+        "--token", default="", help="with --url: the admin token, when the app sets NCP_EXPORT_ACCESS=admin"
+    )
     ap.add_argument("--out", required=True, help="folder that holds the snapshot folders")
     ap.add_argument("--since", default=None, help="snapshot id: export only votes after it (incremental)")
     ap.add_argument("--data-dir", default=None, help="root of the stored image paths (default: the db's folder)")
@@ -259,8 +342,34 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--quarantine-s", type=float, default=0.0, help="hold back votes younger than this")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    with FeedbackStore(args.db, data_dir=args.data_dir) as store:
-        snap = export_snapshot(
+    try:
+        snap = download_snapshot(args.url, args.out, args.token) if args.url else _export_db(args)
+    except (ExportError, ValueError, FileNotFoundError) as err:
+        log.error("export failed: %s", err)
+        return 2
+    sys.stdout.write(
+        json.dumps({"snapshot_id": snap.snapshot_id, "path": str(snap.path), "rows": snap.manifest["rows"]}) + "\n"
+    )
+    return 0
+
+
+def _export_db(args: argparse.Namespace) -> Snapshot:
+    db = Path(args.db)
+    if not db.is_file():
+        raise ExportError(f"{db}: no such database file; pass the app's arena.duckdb (in NCP_DATA_DIR)")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ExportError(f"{args.out}: exists and is not a folder; pass a folder for the snapshot folders")
+    try:
+        store = FeedbackStore(db, data_dir=args.data_dir)
+    except duckdb.Error as err:
+        if "lock" not in str(err).lower():
+            raise ExportError(f"{db}: cannot be opened ({' '.join(str(err).split())[:160]})") from None
+        raise ExportError(
+            f"{db}: the running app holds this database (DuckDB allows one process); export from it instead: "
+            "python -m feedback_store.export --url http://<app>:7860 --out ..."
+        ) from None
+    with store:
+        return export_snapshot(
             store,
             args.out,
             args.since,
@@ -269,8 +378,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             eval_fraction=args.eval_fraction,
             quarantine_s=args.quarantine_s,
         )
-    print(json.dumps({"snapshot_id": snap.snapshot_id, "path": str(snap.path), "rows": snap.manifest["rows"]}))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

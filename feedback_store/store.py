@@ -340,6 +340,21 @@ class FeedbackStore(CatalogMixin, LineageMixin, QueryMixin):
         ]  # fmt: skip
         return self._submit(reqs) if reqs else []  # type: ignore[return-value]
 
+    def purge_unvoted_pairs(self, expired_before: datetime) -> int:
+        """The retention rule for unvoted pairs: delete issued pairs that expired before `expired_before` (naive
+        UTC) and have no vote. A pair with a vote is never deleted. Returns the number of pairs deleted."""
+        cutoff = as_utc_naive(expired_before)
+        where = "expires_at < ? AND NOT EXISTS (SELECT 1 FROM votes v WHERE v.pair_id = pairs.pair_id)"
+        with self._write() as cur:
+            n = first(cur.execute(f"SELECT count(*) FROM pairs WHERE {where}", [cutoff]))[0]
+            if n:
+                cur.execute(f"DELETE FROM pairs WHERE {where}", [cutoff])
+        return int(n)
+
+    def votes_after(self, vote_id: int) -> int:
+        """How many stored votes have an id above `vote_id` (e.g. how far a snapshot lags behind)."""
+        return int(first(self._cur().execute("SELECT count(*) FROM votes WHERE vote_id > ?", [vote_id]))[0])
+
     def pair(self, pair_id: int) -> Pair | None:
         row = first(self._cur().execute(f"SELECT {PAIR_COLS} FROM pairs WHERE pair_id = ?", [pair_id]))
         return Pair(*row) if row else None

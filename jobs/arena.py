@@ -7,26 +7,57 @@ issued to a session with an unguessable token; a vote names that token.
 Pool pairs are shown to up to `ratings_per_pair` different sessions (each with its own token), newest first, while
 they are of the serving version and younger than `reuse_max_age_s`. Several ratings of the same images give the
 consensus that anomaly detection compares each rater with, and they let one generated pair serve several raters, so
-a crowd larger than the generator's pace still gets a pair at once.
+a crowd larger than the generator's pace still gets a pair at once. When the crowd outpaces the generator, a pair may
+be shown up to twice `ratings_per_pair` times (the "overflow" showings, counted in the admin status) rather than make a
+rater wait for diffusion; `overflow_wait_s=None` turns that off, so `ratings_per_pair` is then a strict maximum.
+
+Bounds (each pair issued stores a row): a session holds at most `max_open_pairs` pairs it has not voted on and that
+have not expired (the next request is refused with `too_many_open_pairs` until it votes or they expire, after
+`pair_ttl_s`), and pairs never voted on are deleted `unvoted_retention_s` after they expired (checked at most every
+`purge_every_s`, on the request path); a pair with a vote is never deleted. Vote reasons are tags from REASON_TAGS
+(no free text reaches the store or the export).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
-from feedback_store import FeedbackStore, VoteReceipt, VoteRejected
+from feedback_store import FeedbackStore, InputRejected, VoteReceipt, VoteRejected
+from feedback_store.records import MAX_REASONS, utcnow
 from jobs.abuse import VoteGuard
 from jobs.prompts import Blocklist, PromptPool, validate_prompt
 from jobs.registry import BASE, AdapterRegistry
 from ncp.serving import GeneratedImage, GenerationService, PairPrefetcher, ReadyPair
 
 logger = logging.getLogger(__name__)
+
+REASON_TAGS = ("prompt following", "looks", "artifacts")  # the only vote reasons stored (the UI's checkboxes)
+
+
+def check_reasons(reasons: object) -> tuple[str, ...]:
+    """The vote's reason tags, each once, in REASON_TAGS order; raises VoteRejected for anything else."""
+    if isinstance(reasons, str | bytes) or not isinstance(reasons, list | tuple):
+        raise VoteRejected("invalid_reasons", f"reasons must be a list of tags from {list(REASON_TAGS)}")
+    if len(reasons) > MAX_REASONS:
+        raise VoteRejected("reasons_too_large", f"{len(reasons)} reasons given; at most {MAX_REASONS} are allowed")
+    unknown = [r for r in reasons if r not in REASON_TAGS]  # `in` on a tuple of str: no hashing of odd types
+    if unknown:
+        raise VoteRejected(
+            "invalid_reasons", f"{unknown[0]!r:.40} is not a reason tag; use any of {list(REASON_TAGS)} or none"
+        )
+    return tuple(t for t in REASON_TAGS if t in reasons)
+
+
+def _token_key(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -79,9 +110,17 @@ class ArenaService:
         reuse_max_age_s: float = 600.0,
         guard: VoteGuard | None = None,
         overflow_wait_s: float | None = 0.05,
+        max_open_pairs: int = 20,
+        unvoted_retention_s: float = 24 * 3600.0,
+        purge_every_s: float = 600.0,
     ) -> None:
         if ratings_per_pair < 1:
             raise ValueError(f"ratings_per_pair must be >= 1, got {ratings_per_pair}")
+        if max_open_pairs < 1 or unvoted_retention_s < 0:
+            raise ValueError(
+                f"max_open_pairs must be >= 1 and unvoted_retention_s >= 0, got {max_open_pairs}, "
+                f"{unvoted_retention_s}"
+            )
         self.store = store
         self.generation = generation
         self.registry = registry
@@ -101,6 +140,13 @@ class ArenaService:
         self.overflow_issued = 0  # showings beyond ratings_per_pair (admin status reports it)
         self._shown: list[_Shown] = []  # newest last
         self._shown_lock = threading.Lock()
+        self.max_open_pairs = max_open_pairs
+        self.unvoted_retention_s = unvoted_retention_s
+        self.purge_every_s = purge_every_s
+        self._open: dict[str, dict[str, float]] = {}  # session -> {sha256(token): expiry (time.monotonic)}
+        self._open_lock = threading.Lock()
+        self._last_purge = time.monotonic()
+        self.purged_unvoted = 0  # pairs deleted by the retention rule since start
         self.prefetcher = PairPrefetcher(
             generation, pool.draw, self.battle_versions, size=prefetch_size, seed=seed, prepare=self._store_pool_pair
         )
@@ -149,8 +195,54 @@ class ArenaService:
             sha256=img.sha256,
         )
 
+    def _check_open(self, session: str) -> None:
+        """Refuse a session that holds max_open_pairs unexpired pairs without a vote (InputRejected)."""
+        now = time.monotonic()
+        with self._open_lock:
+            mine = self._open.get(session)
+            if mine:
+                for key in [k for k, expiry in mine.items() if expiry <= now]:
+                    del mine[key]
+            if mine and len(mine) >= self.max_open_pairs:
+                wait = min(mine.values()) - now
+                raise InputRejected(
+                    "too_many_open_pairs",
+                    f"this session has {len(mine)} pairs without a vote (the limit is {self.max_open_pairs}); "
+                    f"vote on one of them, or wait {wait:.0f} s until the oldest expires",
+                )
+            if len(self._open) > 10_000:  # bounded memory: forget sessions whose pairs all expired
+                self._open = {k: v for k, v in self._open.items() if any(e > now for e in v.values())}
+
+    def _opened(self, session: str, token: str) -> None:
+        with self._open_lock:
+            self._open.setdefault(session, {})[_token_key(token)] = time.monotonic() + self.pair_ttl_s
+
+    def _voted(self, session: str, token: str) -> None:
+        with self._open_lock:
+            mine = self._open.get(session)
+            if mine is not None:
+                mine.pop(_token_key(token), None)
+                if not mine:
+                    del self._open[session]
+
+    def purge_unvoted(self, force: bool = False) -> int:
+        """The retention rule: delete pairs never voted on that expired more than unvoted_retention_s ago (at most
+        every purge_every_s unless `force`). Returns how many rows were deleted."""
+        now = time.monotonic()
+        if not force and now - self._last_purge < self.purge_every_s:
+            return 0
+        self._last_purge = now
+        n = self.store.purge_unvoted_pairs(utcnow() - timedelta(seconds=self.unvoted_retention_s))
+        self.purged_unvoted += n
+        if n:
+            logger.info("deleted %d pair(s) that expired unvoted more than %.0f s ago", n, self.unvoted_retention_s)
+        return n
+
     def next_pair(self, session: str, prompt: str | None = None) -> IssuedPairView:
-        """A pair for this session: from the prefetch queue, or generated now for a typed prompt."""
+        """A pair for this session: from the prefetch queue, or generated now for a typed prompt. Raises
+        InputRejected("too_many_open_pairs") when the session holds max_open_pairs pairs it has not voted on."""
+        self._check_open(session)
+        self.purge_unvoted()
         if prompt:
             text = validate_prompt(prompt, self.blocklist, self.model_check)
             ready = self.prefetcher.produce_one(text)
@@ -220,6 +312,7 @@ class ArenaService:
             ttl_s=self.pair_ttl_s,
             control_bad_side=ready.broken_side,
         )
+        self._opened(session, issued.token)
         return IssuedPairView(
             pair_id=issued.pair_id,
             token=issued.token,
@@ -248,7 +341,8 @@ class ArenaService:
     ) -> VoteResult:
         """Record a vote (raises VoteRejected with a reason) and return the reveal. With a guard: rate limits (per
         rater, and per client `address` when configured) and daily caps refuse before anything is stored, too-fast
-        votes are stored flagged, control votes update trust."""
+        votes are stored flagged, control votes update trust. `reasons`: tags from REASON_TAGS only."""
+        reasons = check_reasons(list(reasons) if isinstance(reasons, tuple) else reasons)
 
         def record(excluded_reason: str | None) -> VoteReceipt:
             kw = {"reasons": tuple(reasons), "time_to_vote_ms": time_to_vote_ms, "excluded_reason": excluded_reason}
@@ -262,6 +356,7 @@ class ArenaService:
                 return self.store.record_vote(token, session, outcome, rater, **kw)
 
         receipt = record(None) if self.guard is None else self.guard.vote(rater, time_to_vote_ms, record, address)
+        self._voted(session, token)
         return VoteResult(
             receipt.vote_id, receipt.outcome, receipt.left_version, receipt.right_version, receipt.control_passed
         )

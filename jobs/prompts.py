@@ -1,13 +1,18 @@
 """Prompts for the arena: a curated pool (by category) and validation of typed prompts.
 
 The blocklist is a plain text file (one word or phrase per line, `#` comments) re-read whenever its modification
-time changes, so moderators edit it without a redeploy. A model-specific validator (the shapes grammar for the
-embedded model) can be plugged in; its error message is shown to the rater as is.
+time changes, so moderators edit it without a redeploy. It is bounded (MAX_BLOCKLIST_BYTES, MAX_BLOCKLIST_TERMS,
+MAX_TERM_WORDS words per phrase) and matched by looking the prompt's words up in a set: the time is linear in the
+prompt's length whatever the list's size. Words are runs of letters and digits, and every other non-space character
+is a word of its own, so "f*ck" matches "f*ck" but not "fuck"; matching ignores case and spacing. A model-specific
+validator (the shapes grammar for the embedded model) can be plugged in; its error message is shown to the rater as
+is.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 import threading
@@ -18,6 +23,7 @@ from pathlib import Path
 
 MAX_PROMPT_CHARS = 300
 POOL_FILE = Path(__file__).with_name("prompt_pool.json")
+logger = logging.getLogger(__name__)
 
 
 class PromptRejected(ValueError):
@@ -34,36 +40,89 @@ class PoolPrompt:
     category: str
 
 
+MAX_BLOCKLIST_BYTES = 256 * 1024
+MAX_BLOCKLIST_TERMS = 20_000
+MAX_TERM_WORDS = 8
+_WORD_RE = re.compile(r"\w+|[^\w\s]")
+
+
+def words(text: str) -> tuple[str, ...]:
+    """Lower-cased words: runs of letters/digits, and each other non-space character alone."""
+    return tuple(_WORD_RE.findall(text.lower()))
+
+
+def parse_blocklist(text: object) -> tuple[str, ...]:
+    """The terms of a blocklist file's text (one per line, `#` starts a comment); raises ValueError when the text is
+    not a string or is over the bounds, with the bound and how to get under it."""
+    if not isinstance(text, str):
+        raise ValueError(f"The blocklist must be text (one word or phrase per line), not {type(text).__name__}.")
+    size = len(text.encode("utf-8", "replace"))
+    if size > MAX_BLOCKLIST_BYTES:
+        raise ValueError(
+            f"The blocklist has {size} bytes; the limit is {MAX_BLOCKLIST_BYTES}. Keep whole words, drop variants."
+        )
+    lines = (ln.split("#", 1)[0].strip().lower() for ln in text.splitlines())
+    terms = tuple(dict.fromkeys(t for t in lines if t))
+    if len(terms) > MAX_BLOCKLIST_TERMS:
+        raise ValueError(f"The blocklist has {len(terms)} terms; the limit is {MAX_BLOCKLIST_TERMS}.")
+    long = next((t for t in terms if len(words(t)) > MAX_TERM_WORDS), None)
+    if long is not None:
+        raise ValueError(f"The blocklist phrase {long[:60]!r} has more than {MAX_TERM_WORDS} words; shorten it.")
+    return terms
+
+
 class Blocklist:
-    """Case-insensitive whole-word/phrase blocklist backed by a file, hot-reloaded on change."""
+    """Case-insensitive whole-word/phrase blocklist backed by a file, hot-reloaded on change (module docstring)."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._mtime: float | None = None
         self._terms: tuple[str, ...] = ()
+        self._phrases: frozenset[tuple[str, ...]] = frozenset()  # each term as a tuple of words
+        self._lengths: tuple[int, ...] = ()  # the distinct phrase lengths, at most MAX_TERM_WORDS of them
         self._lock = threading.Lock()
+
+    def _load(self) -> None:
+        mtime = self.path.stat().st_mtime_ns if self.path.exists() else None
+        if mtime == self._mtime:
+            return
+        text = self.path.read_text(encoding="utf-8", errors="replace") if self.path.exists() else ""
+        try:
+            terms = parse_blocklist(text)
+        except ValueError as err:  # edited by hand past the bounds: keep the bounded head, say so
+            logger.warning("blocklist %s: %s Only its first terms are used.", self.path, err)
+            head = text.encode("utf-8")[:MAX_BLOCKLIST_BYTES].decode("utf-8", "ignore")
+            lines = (ln.split("#", 1)[0].strip().lower() for ln in head.splitlines())
+            terms = tuple(t for t in dict.fromkeys(lines) if t and len(words(t)) <= MAX_TERM_WORDS)
+            terms = terms[:MAX_BLOCKLIST_TERMS]
+        phrases = frozenset(w for w in map(words, terms) if w)
+        self._terms, self._phrases, self._mtime = terms, phrases, mtime
+        self._lengths = tuple(sorted({len(w) for w in phrases}))
 
     def terms(self) -> tuple[str, ...]:
         with self._lock:
-            mtime = self.path.stat().st_mtime_ns if self.path.exists() else None
-            if mtime != self._mtime:
-                text = self.path.read_text(encoding="utf-8") if self.path.exists() else ""
-                lines = (ln.split("#", 1)[0].strip().lower() for ln in text.splitlines())
-                self._terms = tuple(t for t in lines if t)
-                self._mtime = mtime
+            self._load()
             return self._terms
 
     def write(self, text: str) -> None:
+        """Replace the file (atomically); raises ValueError, writing nothing, when `text` is over the bounds."""
+        parse_blocklist(text)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(text, encoding="utf-8")
         tmp.replace(self.path)
 
     def match(self, prompt: str) -> str | None:
-        low = prompt.lower()
-        for term in self.terms():
-            if re.search(rf"(?<!\w){re.escape(term)}(?!\w)", low):
-                return term
+        """The first blocked word or phrase in `prompt`, or None: at each word, one set lookup per distinct phrase
+        length (at most MAX_TERM_WORDS), so the cost is linear in the prompt and does not grow with the list."""
+        with self._lock:
+            self._load()
+            phrases, lengths = self._phrases, self._lengths
+        seq = words(prompt)
+        for i in range(len(seq)):
+            for n in lengths:
+                if seq[i : i + n] in phrases:
+                    return " ".join(seq[i : i + n])
         return None
 
 

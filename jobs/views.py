@@ -18,6 +18,8 @@ import shutil
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -203,17 +205,47 @@ def probe_gallery(runtime: Runtime, version: str) -> list[tuple[str, str]]:
 
 
 # -- data -----------------------------------------------------------------------------------------------------------
-def latest_export(runtime: Runtime, min_interval_s: float = 60.0) -> Path:
-    """A zip of the newest Parquet snapshot, exporting a new one only when votes arrived since the newest and it is
-    older than `min_interval_s` (a public button must not let anyone fill the disk). Returns the zip's path."""
+EXPORT_MIN_INTERVAL_S = 10.0  # a new snapshot at most this often (each is a full copy of the votes and images)
+KEEP_EXPORT_ZIPS = 3
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    """The newest snapshot as a download: what the Data tab and /export say about it."""
+
+    snapshot_id: str
+    created: str  # ISO 8601, UTC ("Z")
+    rows: dict[str, int]  # train, eval, total
+    newer_votes: int  # votes stored after the snapshot's last vote id, so not in it (0: it is up to date)
+    zip_path: Path
+    manifest: dict
+
+    def summary(self) -> str:
+        rows = self.rows
+        text = (
+            f"Snapshot **{self.snapshot_id}**, taken {self.created.replace('T', ' ')[:19]} UTC: "
+            f"{rows.get('total', 0)} rows ({rows.get('train', 0)} train + {rows.get('eval', 0)} eval)."
+        )
+        if self.newer_votes:
+            every = f"a new snapshot at most every {EXPORT_MIN_INTERVAL_S:.0f} s"
+            text += f" {self.newer_votes} newer vote(s) are not in it yet ({every})."
+        return text
+
+
+def latest_export(runtime: Runtime, min_interval_s: float = EXPORT_MIN_INTERVAL_S) -> ExportInfo:
+    """The newest Parquet snapshot as a zip, taken now when votes arrived since the newest one and that one is older
+    than `min_interval_s` (a public button must not let anyone fill the disk: each snapshot is a full copy). Only the
+    newest KEEP_EXPORT_ZIPS zips are kept. The answer says how many newer votes the snapshot lacks."""
     with _export_lock:
         snaps = runtime.store.snapshots()
         latest = snaps[-1] if snaps else None
-        age = None if latest is None else (datetime.now(UTC).replace(tzinfo=None) - latest.created).total_seconds()
-        fresh = latest is not None and (
-            age < min_interval_s or not runtime.store.votes(since_vote_id=latest.vote_id_max)
-        )
-        folder = Path(latest.path) if fresh and latest is not None else runtime.export_now()
+        now = datetime.now(UTC).replace(tzinfo=None)
+        newer = 0 if latest is None else runtime.store.votes_after(latest.vote_id_max)
+        if latest is None or (newer and (now - latest.created).total_seconds() >= min_interval_s):
+            runtime.export_now()
+            latest = runtime.store.snapshots()[-1]
+            newer = runtime.store.votes_after(latest.vote_id_max)
+        folder = Path(latest.path)
         out_dir = export_dir(runtime)
         out_dir.mkdir(parents=True, exist_ok=True)
         target = out_dir / f"ncp-arena-{folder.name}.zip"
@@ -221,7 +253,58 @@ def latest_export(runtime: Runtime, min_interval_s: float = 60.0) -> Path:
             base = str(out_dir / f".{folder.name}.tmp")
             tmp = shutil.make_archive(base, "zip", root_dir=folder.parent, base_dir=folder.name)
             Path(tmp).replace(target)
-        return target
+        for old in sorted(out_dir.glob("ncp-arena-*.zip"), key=lambda f: f.stat().st_mtime)[:-KEEP_EXPORT_ZIPS]:
+            if old != target:
+                old.unlink(missing_ok=True)
+        manifest = json.loads((folder / "manifest.json").read_text())
+        return ExportInfo(
+            latest.snapshot_id, latest.created.isoformat() + "Z", dict(manifest["rows"]), newer, target, manifest
+        )
+
+
+class RateLimited(PermissionError):
+    """Too many requests from one client address; `retry_after_s` says when the next one is taken."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class AddressLimiter:
+    """At most `limit` events per client address in a sliding `window_s` (bounded memory: the least recently seen
+    addresses are forgotten past `max_addresses`). `clock` is injectable for tests."""
+
+    def __init__(
+        self, limit: int, window_s: float, clock: Callable[[], float] = time.monotonic, max_addresses: int = 10_000
+    ) -> None:
+        if limit < 1 or window_s <= 0:
+            raise ValueError(f"limit must be >= 1 and window_s > 0, got {limit}, {window_s}")
+        self.limit, self.window_s, self.clock, self.max_addresses = limit, window_s, clock, max_addresses
+        self._events: OrderedDict[str, deque[float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def retry_after(self, address: str) -> float:
+        """0 when `address` may act now, else the seconds until its oldest event in the window ages out."""
+        now = self.clock()
+        with self._lock:
+            events = self._events.get(address)
+            while events and now - events[0] >= self.window_s:
+                events.popleft()
+            return 0.0 if not events or len(events) < self.limit else events[0] + self.window_s - now
+
+    def add(self, address: str) -> None:
+        with self._lock:
+            self._events.setdefault(address, deque(maxlen=self.limit)).append(self.clock())
+            self._events.move_to_end(address)
+            while len(self._events) > self.max_addresses:
+                self._events.popitem(last=False)
+
+
+def request_address(runtime: Runtime, peer: str | None, forwarded_for: str | None) -> str:
+    """The client address for per-address limits on admin and export calls (jobs.abuse.client_address, with the
+    vote guard's trusted proxy hops when it has them)."""
+    guard = runtime.arena.guard
+    return client_address(peer, forwarded_for, guard.config.trusted_proxy_hops if guard is not None else 0)
 
 
 def export_dir(runtime: Runtime) -> Path:
@@ -244,18 +327,62 @@ class UnknownAction(LookupError):
     """An /admin action name that does not exist."""
 
 
+class InvalidValue(ValueError):
+    """An /admin value of the wrong type or form."""
+
+
+ADMIN_ACTIONS = ("status", "run_round", "pause", "resume", "promote", "set_blocklist", "read_blocklist")
+ADMIN_FAILURES_PER_MINUTE = 5  # wrong credentials from one address; then every attempt from it waits
+
+
+def check_admin(
+    runtime: Runtime,
+    token: object,
+    username: str | None,
+    address: str | None = None,
+    limiter: AddressLimiter | None = None,
+) -> None:
+    """Credentials for an admin action (Runtime.check_admin, constant-time), throttled per client address: after
+    `limiter.limit` wrong tokens in its window every attempt from that address is refused (RateLimited) until the
+    oldest failure ages out, the right token included, so guessing costs a minute per few tries."""
+    if limiter is not None and address is not None:
+        wait = limiter.retry_after(address)
+        if wait > 0:
+            raise RateLimited(
+                f"Too many failed admin attempts from your address; try again in {math.ceil(wait)} s.", wait
+            )
+    try:
+        runtime.check_admin(token if isinstance(token, str) else None, username)
+    except PermissionError:
+        if limiter is not None and address is not None and isinstance(token, str) and token:
+            limiter.add(address)  # a wrong token is a guess; no token at all is not
+        raise
+
+
 def admin_action(
     runtime: Runtime,
-    action: str,
-    value: str,
-    token: str | None,
+    action: object,
+    value: object,
+    token: object,
     username: str | None,
     timings: HandlerTimes | None = None,
+    *,
+    address: str | None = None,
+    limiter: AddressLimiter | None = None,
 ) -> str:
     """Run one admin action by name (the Admin tab and /admin); credentials are checked server-side first, for every
-    action (Runtime.check_admin raises AdminDenied). Returns a message for the admin; "status" is JSON: the round in
+    action (`check_admin`: AdminDenied, or RateLimited per address). Then the action must be a known name
+    (UnknownAction) and the value text (InvalidValue). Returns a message for the admin; "status" is JSON: the round in
     progress and, with `timings`, the handlers' server-side times (`handler_ms`)."""
-    runtime.check_admin(token, username)
+    check_admin(runtime, token, username, address, limiter)
+    if not isinstance(action, str) or action not in ADMIN_ACTIONS:
+        raise UnknownAction(f"Unknown action {action!r:.60}; use one of {', '.join(ADMIN_ACTIONS)}.")
+    if value is None:
+        value = ""
+    if not isinstance(value, str):
+        raise InvalidValue(
+            f"The value must be text (a version name, or the blocklist file's text), not {type(value).__name__}."
+        )
     if action == "status":
         status = {k: v for k, v in round_status(runtime).items() if k != "last"}
         arena = runtime.arena
@@ -264,18 +391,14 @@ def admin_action(
             status["handler_ms"] = timings.summary()
         return json.dumps(status, default=str)
     if action == "run_round":
-        return runtime.admin_run_round(token, username)
+        return runtime.admin_run_round(token, username)  # type: ignore[arg-type]
     if action in ("pause", "resume"):
-        return runtime.admin_pause(action == "pause", token, username)
+        return runtime.admin_pause(action == "pause", token, username)  # type: ignore[arg-type]
     if action == "promote":
-        return runtime.admin_promote(value.strip(), token, username)
+        return runtime.admin_promote(value.strip(), token, username)  # type: ignore[arg-type]
     if action == "set_blocklist":
-        return runtime.admin_set_blocklist(value, token, username)
-    if action == "read_blocklist":
-        return read_blocklist(runtime, token, username)
-    raise UnknownAction(
-        f"Unknown action {action!r}; use status, run_round, pause, resume, promote, set_blocklist or read_blocklist."
-    )
+        return runtime.admin_set_blocklist(value, token, username)  # type: ignore[arg-type]
+    return read_blocklist(runtime, token if isinstance(token, str) else None, username)  # "read_blocklist"
 
 
 # -- Progress tab text ----------------------------------------------------------------------------------------------

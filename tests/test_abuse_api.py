@@ -67,8 +67,8 @@ def test_limits_reach_the_api_and_no_ip_or_user_agent_is_stored(tmp_path: Path) 
 
 def test_only_the_address_limit_reads_the_client_address_and_nothing_reads_the_user_agent() -> None:
     """Raters are Gradio's session hash or the OAuth username (pseudonymized). The one reader of the request's
-    address is `app._address`, for the in-memory per-address limit (an HMAC under a per-process salt); nothing else
-    reads the client address or any header, so neither can reach the store."""
+    address is `app._address`, for the in-memory per-address limits (votes: an HMAC under a per-process salt; admin
+    attempts and exports); nothing else reads the client address or any header, so neither can reach the store."""
     import inspect
 
     needles = ("request.client", "request.headers", "client.host", "user-agent", "user_agent", 'forwarded-for")')

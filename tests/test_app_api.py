@@ -29,11 +29,24 @@ ROOT = Path(__file__).resolve().parents[1]
 OUTCOMES = ("left", "right", "tie", "both_bad")
 
 
+class Clock:
+    """The per-address limiters' clock, moved by hand (a test waits a minute in no time)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+CLOCK = Clock()
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("app_api")
     runtime = tiny_runtime(tmp, steps=1, size=32, prefetch=8)
-    demo = app.build_demo(runtime)
+    demo = app.build_demo(runtime, limiter_clock=CLOCK)
     port = free_port()
     demo.launch(
         server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **app.launch_kwargs(runtime)
@@ -138,14 +151,19 @@ def test_admin_api_checks_credentials_on_the_server(served) -> None:
     version = make_adapter_version(runtime.registry, tmp, loop.lora_rank, loop.lora_alpha)
     runtime.store.register_adapter_version(version, BASE, None, {"test": True}, status="published")  # as the loop does
     blocklist = runtime.blocklist.path.read_text() if runtime.blocklist.path.exists() else ""
+    codes = []
     for token in ("", "wrong-token", ADMIN_TOKEN[:-1]):
         for action, value in [("run_round", ""), ("pause", ""), ("resume", ""), ("promote", version)]:
-            assert c.predict(token, action, value, api_name="/admin")["error"] == "admin_denied"
-        res = c.predict(token, "set_blocklist", "castle", api_name="/admin")
-        assert res["error"] == "admin_denied"
+            codes.append(c.predict(token, action, value, api_name="/admin")["error"])
+        codes.append(c.predict(token, "set_blocklist", "castle", api_name="/admin")["error"])
+    # No token: refused, not counted. Wrong tokens: 5 refused, then this address is throttled for a minute.
+    assert codes == ["admin_denied"] * 10 + ["admin_rate_limited"] * 5, codes
     assert runtime.scheduler.paused and runtime.registry.current() == BASE
     assert (runtime.blocklist.path.read_text() if runtime.blocklist.path.exists() else "") == blocklist
     assert runtime.generation.serving_version == BASE
+    throttled = c.predict(ADMIN_TOKEN, "status", "", api_name="/admin")  # the right token waits too
+    assert throttled["error"] == "admin_rate_limited" and 0 < throttled["retry_after_s"] <= 60
+    CLOCK.now += 61
 
     admin = lambda action, value="": c.predict(ADMIN_TOKEN, action, value, api_name="/admin")  # noqa: E731
     assert admin("resume")["ok"] and not runtime.scheduler.paused
