@@ -13,10 +13,16 @@ failure with one line (what, why, what to do) and exit status 2.
 A snapshot is a folder `<out>/<snapshot_id>/` that is never modified after it appears (written to a temp folder, files
 made read-only, then renamed into place): `train.parquet`, `eval.parquet` and `manifest.json`.
 
-Rows: one per vote, image 0 = the left image, image 1 = the right image. Pick-a-Pic v2 columns, so existing training
-code reads it: `caption`, `jpg_0`, `jpg_1` (the image files' bytes, PNG for the shapes world; PIL opens either),
-`label_0`, `label_1` (1/0 for a strict preference, 0.5/0.5 for a tie), `image_0_uid`, `image_1_uid` (sha256),
-`best_image_uid`, `has_label`, `are_different`, `created_at`. Decision on both_bad: kept, labelled 0.5/0.5 like a tie
+Rows: one per vote, image 0 = the left image, image 1 = the right image. Every Pick-a-Pic v2 column with its type,
+so existing training code reads it: `caption` (string), `jpg_0`, `jpg_1` (binary: the image bytes, PNG by default,
+lossless; `image_format="jpeg"` / `--image-format jpeg` re-encodes them as JPEG quality 95 as Pick-a-Pic stores them),
+`label_0`, `label_1` (float64: 1/0 for a strict preference, 0.5/0.5 for a tie), `image_0_uid`, `image_1_uid`
+(string: sha256 of the stored PNG, whatever the export format), `best_image_uid` (the chosen one's uid, "" for a tie),
+`has_label`, `are_different` (bool), `created_at` (timestamp, UTC), `model_0`, `model_1` (string: the base model id,
+plus "+<adapter version>" when a LoRA version made the image), `ranking_id` (int64: the vote id), `user_id` (int64:
+the first 60 bits of sha256 of the rater's pseudonym, so the same rater keeps one id), `num_example_per_prompt`
+(int64: rows with this caption in the snapshot, before the split), `image_0_url`, `image_1_url` (string, always
+null: the images are in the file, not on a server). Decision on both_bad: kept, labelled 0.5/0.5 like a tie
 but with `has_label = False` and `both_bad = True`, so code that filters on has_label (or drops ties, as the
 reference DPO code does) skips them and no information is lost. Lineage columns: vote_id, pair_id, prompt_id,
 category, prompt_source, rater (pseudonym), outcome, kind, excluded, excluded_reason, both_bad, control_passed,
@@ -58,6 +64,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from PIL import Image
 
 from feedback_store.records import SnapshotRecord, as_utc_naive
 from feedback_store.schema import SCHEMA_VERSION
@@ -80,6 +87,10 @@ SELECT q.text AS caption,
     l.sha256 AS image_0_uid, x.sha256 AS image_1_uid,
     CASE v.outcome WHEN 'left' THEN l.sha256 WHEN 'right' THEN x.sha256 ELSE '' END AS best_image_uid,
     v.outcome <> 'both_bad' AS has_label, l.sha256 <> x.sha256 AS are_different, v.created AS created_at,
+    CASE WHEN l.adapter_version = 'base' THEN l.base_model ELSE l.base_model || '+' || l.adapter_version END AS model_0,
+    CASE WHEN x.adapter_version = 'base' THEN x.base_model ELSE x.base_model || '+' || x.adapter_version END AS model_1,
+    v.vote_id::BIGINT AS ranking_id, count(*) OVER (PARTITION BY q.text)::BIGINT AS num_example_per_prompt,
+    NULL::VARCHAR AS image_0_url, NULL::VARCHAR AS image_1_url,
     v.vote_id, v.pair_id, p.prompt_id, q.category, q.source AS prompt_source, v.rater, v.outcome, p.kind,
     (v.excluded_reason IS NOT NULL OR r.status <> 'active' OR p.kind = 'control') AS excluded,
     coalesce(v.excluded_reason, CASE WHEN r.status <> 'active' THEN 'rater_' || r.status END) AS excluded_reason,
@@ -137,7 +148,34 @@ def _resolve_since(store: FeedbackStore, out: Path, since: str | None) -> tuple[
     return record.vote_id_max, since
 
 
-def _with_images(store: FeedbackStore, table: pa.Table, images: bool) -> pa.Table:
+IMAGE_FORMATS = ("png", "jpeg")
+
+
+def _encoded(data: bytes, image_format: str) -> bytes:
+    """The stored image bytes as they go into jpg_i: as stored (PNG), or re-encoded as JPEG quality 95."""
+    if image_format == "png":
+        return data
+    with Image.open(io.BytesIO(data)) as im:
+        buf = io.BytesIO()
+        im.convert("RGB").save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def _user_ids(raters: pa.Array) -> pa.Array:
+    """Pick-a-Pic's int64 user_id from the rater pseudonym: the first 60 bits of its sha256 (stable per rater)."""
+    ids = {r: int(hashlib.sha256(r.encode()).hexdigest()[:15], 16) for r in pc.unique(raters).to_pylist()}
+    return pa.array([ids[r] for r in raters.to_pylist()], type=pa.int64())
+
+
+def _pickapic_types(table: pa.Table) -> pa.Table:
+    """user_id from the rater, created_at as a UTC timestamp (the store keeps naive UTC)."""
+    created = table.column("created_at").cast(pa.timestamp("us", tz="UTC"))
+    table = table.set_column(table.schema.get_field_index("created_at"), "created_at", created)
+    at = table.schema.get_field_index("ranking_id")
+    return table.add_column(at + 1, "user_id", _user_ids(table.column("rater").combine_chunks()))
+
+
+def _with_images(store: FeedbackStore, table: pa.Table, images: bool, image_format: str = "png") -> pa.Table:
     """Attach jpg_0/jpg_1 (file bytes, or nulls when images=False) and drop the internal path columns."""
     cols, blobs = {}, {}
     for i in (0, 1):
@@ -147,7 +185,7 @@ def _with_images(store: FeedbackStore, table: pa.Table, images: bool) -> pa.Tabl
                 raise ValueError("the store has no data_dir, so image files cannot be read; pass images=False")
             for p in paths:
                 if p not in blobs:  # an image shown in several pairs is read once per row group
-                    blobs[p] = (store.data_dir / p).read_bytes()
+                    blobs[p] = _encoded((store.data_dir / p).read_bytes(), image_format)
             cols[f"jpg_{i}"] = pa.array([blobs[p] for p in paths], type=pa.binary())
         else:
             cols[f"jpg_{i}"] = pa.nulls(len(paths), type=pa.binary())
@@ -155,11 +193,13 @@ def _with_images(store: FeedbackStore, table: pa.Table, images: bool) -> pa.Tabl
     return table.add_column(1, "jpg_0", cols["jpg_0"]).add_column(2, "jpg_1", cols["jpg_1"])
 
 
-def _write_groups(writer: pq.ParquetWriter, store: FeedbackStore, part: pa.Table, images: bool) -> None:
+def _write_groups(
+    writer: pq.ParquetWriter, store: FeedbackStore, part: pa.Table, images: bool, image_format: str
+) -> None:
     step = 64 if images else ROW_GROUP_ROWS
     buf: list[pa.Table] = []
     for start in range(0, part.num_rows, step):
-        buf.append(_with_images(store, part.slice(start, step), images))
+        buf.append(_with_images(store, part.slice(start, step), images, image_format))
         if sum(t.nbytes for t in buf) >= ROW_GROUP_BYTES or sum(t.num_rows for t in buf) >= ROW_GROUP_ROWS:
             writer.write_table(pa.concat_tables(buf))
             buf = []
@@ -177,10 +217,13 @@ def export_snapshot(
     eval_fraction: float = 0.1,
     quarantine_s: float = 0.0,
     now: datetime | None = None,
+    image_format: str = "png",
 ) -> Snapshot:
     """Write one immutable snapshot folder under out_dir and record it in the store (module docstring)."""
     if not 0.0 <= eval_fraction < 1.0:
         raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     now = as_utc_naive(now)
@@ -196,7 +239,7 @@ def export_snapshot(
         top = cur.execute("SELECT coalesce(max(vote_id), 0) FROM votes").fetchall()[0][0]
         upto = max(since_id, (held - 1) if held is not None else top)
         sql = _SQL + ("" if include_excluded else _USABLE) + " ORDER BY v.vote_id"
-        table = cur.sql(sql, params=[since_id, upto]).to_arrow_table()
+        table = _pickapic_types(cur.sql(sql, params=[since_id, upto]).to_arrow_table())
         deleted = [
             r[0] for r in cur.execute("SELECT pseudonym FROM raters WHERE status = 'deleted' ORDER BY 1").fetchall()
         ]
@@ -204,7 +247,7 @@ def export_snapshot(
         cur.commit()
     base_id = f"{now:%Y%m%dT%H%M%S}Z-v{upto}"
     snapshot_id, n = base_id, 1
-    while (out / snapshot_id).exists():
+    while (out / snapshot_id).exists() or store.snapshot(snapshot_id) is not None:  # ids are unique per store too
         n += 1
         snapshot_id = f"{base_id}-{n}"
     tmp = out / f".{snapshot_id}.tmp"
@@ -216,9 +259,9 @@ def export_snapshot(
         files, schema = {}, None
         for split, part in parts.items():
             path = tmp / f"{split}.parquet"
-            schema = _with_images(store, part.slice(0, 0), images).schema
+            schema = _with_images(store, part.slice(0, 0), images, image_format).schema
             with pq.ParquetWriter(path, schema, compression="zstd") as writer:
-                _write_groups(writer, store, part, images)
+                _write_groups(writer, store, part, images, image_format)
             files[path.name] = {"rows": part.num_rows, "bytes": path.stat().st_size, "sha256": _sha256(path)}
         vote_ids = table.column("vote_id")
         manifest = {
@@ -235,6 +278,7 @@ def export_snapshot(
             "rows": {"train": parts["train"].num_rows, "eval": parts["eval"].num_rows, "total": table.num_rows},
             "files": files,
             "images": images,
+            "image_format": image_format,
             "include_excluded": include_excluded,
             "quarantine_s": quarantine_s,
             "split": {"eval_fraction": eval_fraction, "rule": "sha256(casefold+collapse-spaces(caption))[:8]/2^32"},
@@ -340,6 +384,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--include-excluded", action="store_true", help="also flagged/shadow-excluded/control rows")
     ap.add_argument("--eval-fraction", type=float, default=0.1)
     ap.add_argument("--quarantine-s", type=float, default=0.0, help="hold back votes younger than this")
+    ap.add_argument(
+        "--image-format", choices=IMAGE_FORMATS, default="png", help="jpg_0/jpg_1 as stored (png) or as JPEG"
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -377,6 +424,7 @@ def _export_db(args: argparse.Namespace) -> Snapshot:
             include_excluded=args.include_excluded,
             eval_fraction=args.eval_fraction,
             quarantine_s=args.quarantine_s,
+            image_format=args.image_format,
         )
 
 

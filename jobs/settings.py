@@ -75,7 +75,9 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar(
         "NCP_RATINGS_PER_PAIR",
         str(ArenaConfig().ratings_per_pair),
-        "sessions a pool pair is shown to (several ratings give a consensus; 1 = every pair fresh)",
+        "sessions a pool pair is shown to (several ratings give a consensus; 1 = every pair fresh); when raters "
+        "outpace the generator a pair may be shown up to twice this often rather than make a rater wait (the admin "
+        "status counts these overflow showings)",
     ),
     EnvVar(
         "NCP_GENERATION_WORKER",
@@ -123,6 +125,11 @@ ENV_VARS: tuple[EnvVar, ...] = (
         "NCP_REVIEW_EVERY_VOTES",
         str(_ABUSE.review_every_votes),
         "votes between anomaly reviews of all raters (too fast, one side, disagreement); 0: never",
+    ),
+    EnvVar(
+        "NCP_EXPORT_ACCESS",
+        "public",
+        "who may download the preference export (Data tab, /export API): public (an open dataset) or admin",
     ),
     EnvVar("OAUTH_CLIENT_ID", "unset", "set by Spaces with `hf_oauth: true`: shows the HF login button"),
 )

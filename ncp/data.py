@@ -89,6 +89,10 @@ class DataError(ValueError):
     """Preference data that cannot be trained on. The message is one line: the file, the problem, the fix."""
 
 
+class DataNotFound(DataError, FileNotFoundError):
+    """A `--data` path that does not exist, or a folder without training files."""
+
+
 EVAL_FILE = "eval.parquet"  # feedback_store.export's held-out split: never read unless asked for
 _FIX_LAYOUT = (
     "write it with `python -m feedback_store.export` or in the Pick-a-Pic v2 layout "
@@ -131,7 +135,7 @@ def parquet_files(paths: str | Path | Sequence[str | Path], *, include_eval: boo
             else:
                 found = [f for f in sorted(item.rglob("*.parquet")) if include_eval or f.name != EVAL_FILE]
             if not found:
-                raise DataError(
+                raise DataNotFound(
                     f"{item}: the folder holds no training Parquet files; point --data at a snapshot folder (it "
                     "holds train.parquet), a Parquet file, or a folder of Parquet shards."
                 )
@@ -139,7 +143,7 @@ def parquet_files(paths: str | Path | Sequence[str | Path], *, include_eval: boo
         elif item.is_file():
             files.append(item)
         else:
-            raise DataError(f"{item}: no such file or folder; check the path given to --data.")
+            raise DataNotFound(f"{item}: does not exist; check the path given to --data.")
     return files
 
 

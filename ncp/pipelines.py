@@ -7,8 +7,11 @@ Use:
     ids = sdxl_time_ids((1024, 1024), (0, 0), (1024, 1024), n=2) if is_sdxl(pipe) else None
     eps = pipe.unet(x_t, t, cond.encoder_hidden_states, added_cond_kwargs=cond.added_cond_kwargs(ids)).sample
 
-Tiny pipelines (random weights, 64x64 images, 16x16x4 latents; SDXL builds in well under a second):
-    python -c "from ncp.pipelines import build_tiny_sdxl; print(build_tiny_sdxl()('a red circle', num_inference_steps=2))"
+Tiny pipelines (random weights, 64x64 images, 16x16x4 latents; SDXL builds in well under a second), the ones the tests
+use, saved as diffusers folders so the SDXL (or SD1.5) path runs on a CPU (`python app.py` with NCP_MODEL=DIR, or
+`python -m ncp.train --model DIR ...`):
+    python -m ncp.pipelines save-tiny --kind sdxl --out models/tiny-sdxl [--seed 0]
+Their character-level tokenizer takes TINY_MAX_TOKENS tokens: a whole arena prompt (300 characters), never cut.
 """
 
 from __future__ import annotations
@@ -32,10 +35,16 @@ from diffusers import (
 from torch import Tensor
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+import ncp.shapes.unet  # noqa: F401 - diffusers loads the shapes UNet by its module path only once it is imported
+
 logger = logging.getLogger(__name__)
 
 TINY_IMAGE_SIZE = 64  # pixels; the 3-level VAE makes 16x16x4 latents
-TINY_MAX_TOKENS = 32
+# One token per non-space character plus BOS/EOS: covers the arena's longest prompt (jobs.prompts.MAX_PROMPT_CHARS =
+# 300), so two captions never collapse into one conditioning by truncation. A power of two: with 304 or 320 tokens a
+# saved and reloaded SDXL pipeline's images differed from the built one's by 2e-6 (CPU attention kernels); 256 and 512
+# give identical images.
+TINY_MAX_TOKENS = 512
 _BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
 # The SD/SDXL training noise schedule (scaled_linear 0.00085..0.012, 1000 steps): the tiny models use the real one so
 # NCP's step coefficients (METHOD.md: c_t^2 in 1e-5..1e-3) have realistic magnitudes.
@@ -289,3 +298,32 @@ def build_tiny_sd15(seed: int = 0) -> StableDiffusionPipeline:
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+TINY_BUILDERS = {"sdxl": build_tiny_sdxl, "sd15": build_tiny_sd15}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`save-tiny`: write a tiny random pipeline as a diffusers folder (one line and exit status 2 on a bad --out)."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m ncp.pipelines", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    tiny = sub.add_parser("save-tiny", help="save a tiny random SDXL or SD1.5 pipeline (the tests' builders)")
+    tiny.add_argument("--kind", choices=sorted(TINY_BUILDERS), required=True)
+    tiny.add_argument("--out", type=Path, required=True, help="new folder (must not exist or be empty)")
+    tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    out: Path = args.out
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        logger.error("%s already exists and is not an empty folder; pass a new --out folder.", out)
+        return 2
+    TINY_BUILDERS[args.kind](seed=args.seed).save_pretrained(out)
+    sys.stdout.write(json.dumps({"kind": args.kind, "out": str(out), "max_tokens": TINY_MAX_TOKENS}) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

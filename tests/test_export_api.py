@@ -116,7 +116,7 @@ def test_admin_only_export_needs_the_token(served) -> None:
 def test_cli_url_downloads_and_verifies_the_snapshot(served, tmp_path: Path) -> None:
     runtime, urls, _ = served
     cmd = [sys.executable, "-m", "feedback_store.export", "--url", urls["public"], "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     folder = tmp_path / out["snapshot_id"]
@@ -124,7 +124,7 @@ def test_cli_url_downloads_and_verifies_the_snapshot(served, tmp_path: Path) -> 
     for name, meta in manifest["files"].items():
         assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == meta["sha256"]
     assert pq.read_metadata(folder / "train.parquet").num_rows == manifest["rows"]["train"]
-    denied = subprocess.run([*cmd[:4], urls["admin"], *cmd[5:]], env=ENV, capture_output=True, text=True, timeout=300)
+    denied = subprocess.run([*cmd[:4], urls["admin"], *cmd[5:]], env=ENV, capture_output=True, text=True, timeout=900)
     assert denied.returncode == 2 and "admin_denied" in denied.stderr and "Traceback" not in denied.stderr
 
 
@@ -136,7 +136,7 @@ def test_cli_db_errors_are_one_line_with_exit_2(served, tmp_path: Path) -> None:
     }
     for name, (db, word) in cases.items():
         cmd = [sys.executable, "-m", "feedback_store.export", "--db", db, "--out", str(tmp_path / "out")]
-        proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=900)
         lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
         assert proc.returncode == 2 and len(lines) == 1 and word in lines[0], (name, proc.stderr)
         assert db in lines[0]
