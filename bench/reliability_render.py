@@ -182,7 +182,12 @@ def bad_input_section(r: dict) -> list[str]:
         "",
         "Refused by Gradio before the app sees them (no app message; Gradio hides exception text unless "
         "`show_error=True`): a body that is not JSON (400), `data` that is not a list (422), too few arguments (an "
-        "`error` event with no message), an endpoint that does not exist (500). Extra arguments are dropped by Gradio.",
+        "`error` event with no message). Extra arguments are dropped by Gradio. An endpoint that does not exist, and "
+        "any of the web page's own handlers called by name, answer 404 `not_an_endpoint` (app.EdgeGuard). The "
+        "`edges` group goes around the API: an upload (refused: the app takes no files), the page's queue with a "
+        "hostile session hash (a warning in the page, `ui_refused` here), wrongly typed admin values, oversized "
+        "blocklists (bounded at 256 KiB and 20,000 terms; a prompt against a full list is matched by word lookups), "
+        "free-text reasons, a session hoarding unvoted pairs, and export or admin-token flooding from one address.",
     ]
     return lines
 
