@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.fresh:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
-    default = ROOT / "models" / "shapes-tiny"
+    default = ROOT / "models" / "shapes-base"
     source = args.model or (
         default if (default / "model_index.json").exists() else ROOT / "runs" / "shapes-pretrain" / "latest"
     )
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     group.add_argument("--smoke", action="store_true", help="tiny budget into a temp dir (seconds)")
     group.add_argument("--quick", action="store_true", help="< 10 min on 2 cores: no tuning, 1 seed, no ablations")
     p.add_argument(
-        "--model", type=Path, help="pipeline folder (default models/shapes-tiny, else the pretraining's latest)"
+        "--model", type=Path, help="pipeline folder (default models/shapes-base, else the pretraining's latest)"
     )
     p.add_argument(
         "--work", type=Path, help="work dir: model copy, data, checkpoints, state (default runs/alignment-MODE)"

@@ -206,7 +206,7 @@ def base_recipe(name: str) -> str | None:
     if key is None:
         return None
     q, folder = BASES[key], "headroom" if key == "headroom" else key
-    return (f"python -m ncp.shapes.pretrain --init-model models/shapes-tiny --unet-steps 800 --batch 32 --lr 3e-4 "
+    return (f"python -m ncp.shapes.pretrain --init-model models/shapes-base --unet-steps 800 --batch 32 --lr 3e-4 "
             f"--caption-noise color={q},background={q},size={q} --out runs/shapes-{folder} --work runs/{folder}-work")  # fmt: skip
 
 
@@ -347,13 +347,13 @@ def _provenance(s: dict[str, Any], name: str) -> tuple[str, bool, str]:
     flags += f" --labels {s['labels']}" if s.get("labels", "judge") != "judge" else ""
     flags += f" --pairs-file {s['pairs_file']}" if s.get("pairs_file") else ""
     rerun = f"`python bench/alignment_sweep.py {flags} --out r.json` then `--render r.json{f' --name {name}' * bool(name)}`"
-    return rel, model == (ROOT / "models" / "shapes-tiny").resolve(), rerun
+    return rel, model == (ROOT / "models" / "shapes-base").resolve(), rerun
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--model", type=Path, default=ROOT / "models" / "shapes-tiny")
+    p.add_argument("--model", type=Path, default=ROOT / "models" / "shapes-base")
     p.add_argument("--pairs", type=int, default=2000, help="training prompts (one judged pair each)")
     p.add_argument("--val", type=int, default=64, help="validation prompts (x 2 seeds)")
     p.add_argument("--steps", type=int, default=600)

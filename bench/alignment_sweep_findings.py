@@ -155,7 +155,7 @@ def _headroom(res: dict[str, Any], base: float, best: float) -> list[str]:
     shipped_path = ROOT / "docs" / "benchmarks" / "alignment_sweep.json"
     if (
         not shipped_path.exists()
-        or Path(res["settings"]["model"]).resolve() == (ROOT / "models" / "shapes-tiny").resolve()
+        or Path(res["settings"]["model"]).resolve() == (ROOT / "models" / "shapes-base").resolve()
     ):
         return []
     shipped = json.loads(shipped_path.read_text())

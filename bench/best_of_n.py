@@ -1,7 +1,7 @@
 """How much judge score do a model's own samples hold? Best-of-n and the KL-regularised optimum on the loop's probes.
 
-    python bench/best_of_n.py                                            # models/shapes-tiny, 48 probes x 32 seeds
-    python bench/best_of_n.py --model models/shapes-tiny --model runs/shapes-headroom --out r.json
+    python bench/best_of_n.py                                            # models/shapes-base, 48 probes x 32 seeds
+    python bench/best_of_n.py --model models/shapes-base --model runs/shapes-headroom --out r.json
     python bench/best_of_n.py --render r.json                            # rewrite the doc section from the JSON
 
 Preference optimisation learns from pairs of the model's own samples. DPO's objective (Rafailov et al. 2023, eq. 3) is
@@ -198,7 +198,7 @@ def plot(results: list[dict], path: Path) -> None:
 def sweep_best(docs: Path, model: str) -> float | None:
     """The best validation gain an alignment sweep published in docs/benchmarks measured on this model, if any."""
 
-    def key(path: str) -> tuple[str, ...]:  # "models/shapes-tiny" wherever the checkout that ran the sweep lay
+    def key(path: str) -> tuple[str, ...]:  # "models/shapes-base" wherever the checkout that ran the sweep lay
         return Path(repo_path(path)).parts[-2:]
 
     for f in sorted((docs / "benchmarks").glob("alignment_sweep*.json")):
@@ -322,7 +322,7 @@ def render(path: Path, docs: Path = ROOT / "docs") -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", action="append", help="model folder (repeatable; default models/shapes-tiny)")
+    p.add_argument("--model", action="append", help="model folder (repeatable; default models/shapes-base)")
     p.add_argument("--prompts", type=int, default=48, help="probe prompts (the loop's probe set uses 48)")
     p.add_argument("--n", type=int, default=32, help="seeds per prompt")
     p.add_argument("--batch", type=int, default=48, help="images per pipeline call")
@@ -333,7 +333,7 @@ def main() -> None:
     if args.render:
         render(args.render, args.docs)
         return
-    models = args.model or [str(ROOT / "models" / "shapes-tiny")]
+    models = args.model or [str(ROOT / "models" / "shapes-base")]
     if args.n < 2:
         p.error("--n must be at least 2 (pairs need two samples per prompt)")
     paths = [Path(m).resolve() for m in models]

@@ -27,6 +27,7 @@ matplotlib.use("Agg")  # before anything imports pyplot: the loop runs headless
 import torch  # noqa: E402
 
 from app import build_demo, launch_kwargs  # noqa: E402
+from bench import loop_test_report as test_report  # noqa: E402
 from bench.loop_report import (  # noqa: E402, F401 - re-exported: the report's names stay importable from here
     GAIN_GOAL,
     LEGACY_CONFIG,
@@ -38,7 +39,6 @@ from bench.loop_report import (  # noqa: E402, F401 - re-exported: the report's 
     publish,
     served_round,
 )
-from bench import loop_test_report as test_report  # noqa: E402
 from bench.net import free_port  # noqa: E402
 from bench.raters import run_raters  # noqa: E402
 from feedback_store import FeedbackStore  # noqa: E402

@@ -77,7 +77,11 @@ def attribute_line(result: dict) -> str:
     before, top = t.get("base_attributes") or {}, t.get("ceiling_attributes") or {}
     cells = [f"{a} {before[a]:.2f} -> {after.get(a, float('nan')):.2f}" + (f" (ceiling {top[a]:.2f})" if a in top else "")
              for a in before]  # fmt: skip
-    return f"- Per attribute, share of test images the judge decides right, base -> {last['version']}: " + ", ".join(cells) + "."
+    return (
+        f"- Per attribute, share of test images the judge decides right, base -> {last['version']}: "
+        + ", ".join(cells)
+        + "."
+    )
 
 
 def markdown(result: dict, null: dict | None = None, stem: str = "loop_default") -> str:
@@ -93,7 +97,8 @@ def markdown(result: dict, null: dict | None = None, stem: str = "loop_default")
         "below was selected on. Intervals: 95% bootstrap over prompts (a prompt's images are one cluster). The gate's "
         "own probe score is a running maximum and is not the result.",
         "",
-        f"Base {t['base_judge']:.3f}" + (f", ceiling {t['ceiling']:.3f} (gap {gap(result):.3f})" if gap(result) else "")
+        f"Base {t['base_judge']:.3f}"
+        + (f", ceiling {t['ceiling']:.3f} (gap {gap(result):.3f})" if gap(result) else "")
         + " on the test probes.",
         "",
         "| served version | promoted at (min) | votes | test gain (95% CI) | gap closed |",

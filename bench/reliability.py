@@ -75,7 +75,7 @@ def run_part(part: str, quick: bool, work: Path, model: Path = SHAPES_MODEL) -> 
     elif part == "bad_input":
         with bad_input.BadInputServer(work / part) as srv:
             rows = bad_input.run_cases(srv)
-        out = {"settings": {"model": "shapes-tiny", "steps": 2, "server": "in-process demo.launch"}, "cases": rows}
+        out = {"settings": {"model": "shapes-base", "steps": 2, "server": "in-process demo.launch"}, "cases": rows}
     else:
         out = poisoning.replicate(settings, work / part)
     out["mode"] = "quick" if quick else "full"

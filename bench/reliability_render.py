@@ -194,7 +194,7 @@ def bad_input_section(r: dict) -> list[str]:
 
 def model_name(settings: dict) -> str:
     """The poisoning base, relative to the repo when inside it (runs before `--model` existed used the shipped one)."""
-    return repo_path(settings.get("model", ROOT / "models" / "shapes-tiny"))
+    return repo_path(settings.get("model", ROOT / "models" / "shapes-base"))
 
 
 def poisoning_section(r: dict) -> list[str]:

@@ -140,7 +140,7 @@ def publish(result: dict, docs: Path = ROOT / "docs") -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="auto")
-    p.add_argument("--model", default=str(ROOT / "models" / "shapes-tiny"))
+    p.add_argument("--model", default=str(ROOT / "models" / "shapes-base"))
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--out", type=Path)
     p.add_argument(

@@ -72,19 +72,36 @@ def build(variant: str) -> tuple[torch.nn.Module, bool]:
     if variant == "deep":
         return PlainUNet(
             UNet2DConditionModel(
-                sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64, 128, 128),
-                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                sample_size=16,
+                in_channels=4,
+                out_channels=4,
+                block_out_channels=(32, 64, 128, 128),
+                down_block_types=(
+                    "DownBlock2D",
+                    "CrossAttnDownBlock2D",
+                    "CrossAttnDownBlock2D",
+                    "CrossAttnDownBlock2D",
+                ),
                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                layers_per_block=1, cross_attention_dim=64, attention_head_dim=4, norm_num_groups=16,
+                layers_per_block=1,
+                cross_attention_dim=64,
+                attention_head_dim=4,
+                norm_num_groups=16,
             )
         ), True
     if variant == "pixel":
         return PlainUNet(
             UNet2DConditionModel(
-                sample_size=32, in_channels=3, out_channels=3, block_out_channels=(32, 64, 64),
+                sample_size=32,
+                in_channels=3,
+                out_channels=3,
+                block_out_channels=(32, 64, 64),
                 down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-                layers_per_block=1, cross_attention_dim=64, attention_head_dim=4, norm_num_groups=16,
+                layers_per_block=1,
+                cross_attention_dim=64,
+                attention_head_dim=4,
+                norm_num_groups=16,
             )
         ), False
     raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
@@ -97,7 +114,9 @@ def text_separation(tok, te) -> float:  # noqa: ANN001
             "a large red circle on the right, gray background",
             "a large blue circle on the left, gray background",
         ],
-        padding="max_length", max_length=tok.model_max_length, return_tensors="pt",
+        padding="max_length",
+        max_length=tok.model_max_length,
+        return_tensors="pt",
     ).input_ids
     with torch.no_grad():
         h = te(ids)[0]
@@ -108,7 +127,9 @@ def text_separation(tok, te) -> float:  # noqa: ANN001
 def sample(model, te, tok, vae, prompts: list[str], latent: bool, steps: int = 12, guidance: float = 4.0) -> list:  # noqa: ANN001
     sched = EulerAncestralDiscreteScheduler(**SCALED_LINEAR, steps_offset=1)
     sched.set_timesteps(steps)
-    enc = lambda ps: te(tok(ps, padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids)[0]  # noqa: E731
+    enc = lambda ps: te(tok(ps, padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids)[
+        0
+    ]  # noqa: E731
     cond, uncond = enc(prompts), enc([""] * len(prompts))
     shape = (len(prompts), 4, 16, 16) if latent else (len(prompts), 3, 32, 32)
     g = torch.Generator().manual_seed(0)
@@ -139,7 +160,9 @@ def run_variant(variant: str, steps: int, seed: int = 0) -> dict:
         prompts = ["" if rng.random() < 0.1 else p for p in prompts]
         with torch.no_grad():
             z0 = vae.encode(x).latents * vae.config.scaling_factor if latent else x
-        cond = te(tok(prompts, padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids)[0]
+        cond = te(tok(prompts, padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids)[
+            0
+        ]
         t = torch.randint(0, 1000, (16,))
         eps = torch.randn_like(z0) + 0.1 * torch.randn(z0.shape[0], z0.shape[1], 1, 1)
         a = ac[t].view(-1, 1, 1, 1)
@@ -153,23 +176,96 @@ def run_variant(variant: str, steps: int, seed: int = 0) -> dict:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if (step + 1) % 100 == 0:
-            print(f"{variant} step {step + 1} loss {loss.item():.4f} {(time.time() - t0) / (step + 1):.2f} s/step", flush=True)
+            print(
+                f"{variant} step {step + 1} loss {loss.item():.4f} {(time.time() - t0) / (step + 1):.2f} s/step",
+                flush=True,
+            )
     model.eval()
     prompts = probe_prompts(40, seed=4242)
     imgs = sample(model, te, tok, vae, prompts, latent)
     scores = [score(im, p) for im, p in zip(imgs, prompts, strict=True)]
-    acc = {a: float(np.mean([s.attributes_correct[a] for s in scores])) for a in ("position", "color", "shape", "size")}
-    return {
-        "variant": variant, "what": VARIANTS[variant], "steps": steps,
-        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-        "s_per_step": (time.time() - t0) / steps, **acc,
-        "overall": float(np.mean([s.overall for s in scores])), "pos_text_sep": text_separation(tok, te),
+    acc = {
+        a: float(np.mean([s.attributes_correct[a] for s in scores])) for a in ("position", "color", "shape", "size")
     }
+    return {
+        "variant": variant,
+        "what": VARIANTS[variant],
+        "steps": steps,
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "s_per_step": (time.time() - t0) / steps,
+        **acc,
+        "overall": float(np.mean([s.overall for s in scores])),
+        "pos_text_sep": text_separation(tok, te),
+    }
+
+
+@torch.no_grad()
+def probe_x0(model_dir: Path, t: int = 800, n: int = 8) -> dict[str, list[float]]:
+    """Where does a trained pipeline put "a large red circle <position>" at high noise? The x0 prediction from a gray
+    background noised to step t, decoded, its red mass centroid in 64-px canvas units per position word (mean of n
+    noise draws). A model that reads position words moves the centroid ~16 px off centre; one that ignores them does
+    not move it at all."""
+    from ncp.pipelines import load_pipeline
+
+    pipe = load_pipeline(model_dir)
+    tok, te, unet, vae = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
+    size = unet.config.sample_size * pipe.vae_scale_factor
+    x = torch.full((1, 3, size, size), 128 / 127.5 - 1.0)
+    z0 = vae.encode(x).latents * vae.config.scaling_factor
+    a = pipe.scheduler.alphas_cumprod[t]
+    eps = torch.randn((n, *z0.shape[1:]), generator=torch.Generator().manual_seed(0))
+    zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
+    out = {}
+    for pos, phrase in (("left", "on the left"), ("right", "on the right"), ("top", "at the top"),
+                        ("bottom", "at the bottom"), ("center", "in the center")):  # fmt: skip
+        ids = tok([f"a large red circle {phrase}, gray background"] * n, padding="max_length",
+                  max_length=tok.model_max_length, return_tensors="pt").input_ids  # fmt: skip
+        e = unet(zt, torch.full((n,), t), te(ids)[0]).sample
+        img = vae.decode((zt - (1 - a).sqrt() * e) / a.sqrt() / vae.config.scaling_factor).sample.mean(0)
+        red = (img[0] - 0.5 * (img[1] + img[2])).clamp(min=0)
+        ys, xs = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+        w = red / red.sum()
+        out[pos] = [float((w * xs).sum() * 64 / size), float((w * ys).sum() * 64 / size)]
+    return out
+
+
+@torch.no_grad()
+def probe_leak(model_dir: Path, n: int = 16) -> dict[str, float]:
+    """Does the model read the layout from x_T or from the prompt at the highest training timestep? A left (right)
+    object's latent noised to t = T - 1 with the schedule's own alphabar, the prompt saying the opposite side; the x0
+    prediction's red centroid x (64-px canvas units) says which one the model followed (left ~16-20, right ~44-48)."""
+    from ncp.pipelines import load_pipeline
+    from ncp.shapes.grammar import parse
+    from ncp.shapes.render import render as draw
+
+    pipe = load_pipeline(model_dir)
+    tok, te, unet, vae = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
+    size = unet.config.sample_size * pipe.vae_scale_factor
+    t = pipe.scheduler.config.num_train_timesteps - 1
+    a = pipe.scheduler.alphas_cumprod[t]
+    eps = torch.randn((n, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size),
+                      generator=torch.Generator().manual_seed(0))  # fmt: skip
+    xs = torch.arange(size) + 0.5
+    out = {"alphabar_T": float(a)}
+    for image_side, text_side in (("left", "right"), ("right", "left")):
+        x = torch.from_numpy(draw(parse(f"a large red circle on the {image_side}, gray background"), size))
+        z0 = vae.encode(x.permute(2, 0, 1)[None].float() / 127.5 - 1).latents * vae.config.scaling_factor
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
+        ids = tok([f"a large red circle on the {text_side}, gray background"] * n, padding="max_length",
+                  max_length=tok.model_max_length, return_tensors="pt").input_ids  # fmt: skip
+        e = unet(zt, torch.full((n,), t), te(ids)[0]).sample
+        img = vae.decode((zt - (1 - a).sqrt() * e) / a.sqrt() / vae.config.scaling_factor).sample.mean(0)
+        red = (img[0] - 0.5 * (img[1] + img[2])).clamp(min=0).sum(0)  # column profile
+        out[f"image_{image_side}_text_{text_side}_x"] = float((red * xs).sum() / red.sum() * 64 / size)
+    return out
 
 
 def render(path: Path) -> str:
     rows = json.loads(path.read_text())
-    lines = ["| variant | what | position | colour | shape | size | judge | pos/colour text separation |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| variant | what | position | colour | shape | size | judge | pos/colour text separation |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         lines.append(
             f"| {r['variant']} | {r['what']} | {r['position']:.2f} | {r['color']:.2f} | {r['shape']:.2f} | "
@@ -184,7 +280,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=800)
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks/shapes_layout.json"))
     p.add_argument("--render", type=Path, help="print the table of a results file and exit")
+    p.add_argument("--probe", type=Path, nargs="+", help="trained pipelines: print their x0 centroids per position word")
     args = p.parse_args(argv)
+    if args.probe:
+        for folder in args.probe:
+            cents = probe_x0(folder)
+            spread = np.mean([np.hypot(*np.subtract(cents[k], cents["center"])) for k in cents if k != "center"])
+            leak = probe_leak(folder)
+            print(json.dumps({"model": str(folder), "centroids": cents, "mean_offset_px": round(float(spread), 2),
+                              "leak": leak}))  # fmt: skip
+        return
     if args.render:
         print(render(args.render))
         return

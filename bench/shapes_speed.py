@@ -1,6 +1,6 @@
 """Time one pair of shapes-world images: one pipeline call of batch 2 at the step count and scheduler the model ships.
 
-    python bench/shapes_speed.py                                         # models/shapes-tiny, 2 threads, 20 calls
+    python bench/shapes_speed.py                                         # models/shapes-base, 2 threads, 20 calls
     python bench/shapes_speed.py --model runs/shapes-pretrain/latest     # a checkpoint while pretraining runs
     python bench/shapes_speed.py --also-threads 1                        # also time 1 thread (busy machines)
 
@@ -152,7 +152,7 @@ def docs_section(r: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=Path, default=ROOT / "models" / "shapes-tiny", help="pipeline folder")
+    p.add_argument("--model", type=Path, default=ROOT / "models" / "shapes-base", help="pipeline folder")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for the headline figure")
     p.add_argument("--also-threads", type=int, nargs="*", default=[], help="extra thread counts to measure after it")
     p.add_argument("--calls", type=int, default=20, help="timed pipeline calls")

@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 class LoopConfig:
     """Settings of the alignment loop (every field has a default; the app's entry point maps env vars onto them)."""
 
-    model: str = "models/shapes-tiny"  # the base pipeline the trainer and evaluator load
+    model: str = "models/shapes-base"  # the base pipeline the trainer and evaluator load
     train_every_s: float = 300.0  # schedule interval
     min_new_votes: int = 32  # trainable votes since the last round needed to start one
     min_pairs: int = 16  # strict-preference pairs needed in the snapshot

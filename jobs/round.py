@@ -1,6 +1,6 @@
 """Run one alignment round by hand, with the app stopped (the app owns the DuckDB file while it runs).
 
-    python -m jobs.round --data-dir data [--model models/shapes-tiny] [--shapes-probes 32]
+    python -m jobs.round --data-dir data [--model models/shapes-base] [--shapes-probes 32]
 
 Exports a snapshot, trains a candidate from the serving adapter, evaluates, gates and, if it passes, publishes and
 points the registry at it; the next app start serves it.

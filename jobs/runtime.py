@@ -28,7 +28,7 @@ from ncp.generation_worker import GenerationWorker, load_serving_pipeline
 from ncp.serving import GenerationService, PairMix, SamplingConfig
 
 logger = logging.getLogger(__name__)
-SHAPES_MODEL = Path(__file__).resolve().parents[1] / "models" / "shapes-tiny"
+SHAPES_MODEL = Path(__file__).resolve().parents[1] / "models" / "shapes-base"
 SHAPES_CEILING = Path(__file__).resolve().parents[1] / "models" / "shapes-ceiling"  # clean captions: the gap's top
 _SHAPES_TOKENIZER = Path("tokenizer") / "tokenizer.json"
 
@@ -80,10 +80,10 @@ class ArenaConfig:
 
 
 def base_model_id(model: str) -> str:
-    """The base model id every image's lineage records (and the probe gallery's cache is keyed by): "shapes-tiny" for
+    """The base model id every image's lineage records (and the probe gallery's cache is keyed by): "shapes-base" for
     the embedded model, wherever the checkout lies; any other model, another shapes base included, as configured, so
     images of two bases never share an id."""
-    return "shapes-tiny" if Path(model).resolve() == SHAPES_MODEL.resolve() else model
+    return "shapes-base" if Path(model).resolve() == SHAPES_MODEL.resolve() else model
 
 
 # Share of two-object scenes among the raters' prompts: the pretraining data's and the probe set's (evaluate.py) mix.

@@ -40,7 +40,7 @@ _LOOP, _SAMPLING, _ABUSE = LoopConfig(), SamplingConfig(), AbuseConfig()
 SPACE_ADDRESS_VOTES_PER_MINUTE = 120.0  # default per-address limit on a public Space: 4x the per-rater rate
 ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("NCP_DATA_DIR", "/data/ncp-arena if /data is writable, else ./data", "DuckDB store, images, adapters"),
-    EnvVar("NCP_MODEL", "models/shapes-tiny (embedded)", "diffusers pipeline folder or hub id (SDXL or SD1.5)"),
+    EnvVar("NCP_MODEL", "models/shapes-base (embedded)", "diffusers pipeline folder or hub id (SDXL or SD1.5)"),
     EnvVar("GRADIO_SERVER_PORT", "7860", "HTTP port"),
     EnvVar("GRADIO_SERVER_NAME", "127.0.0.1 (the Dockerfile sets 0.0.0.0)", "interface to listen on"),
     EnvVar("NCP_ADMIN_TOKEN", "unset (no token admin)", "secret that unlocks the Admin tab and /admin"),

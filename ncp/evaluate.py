@@ -1,7 +1,7 @@
 """Evaluate adapter versions for the promotion gate: implicit reward accuracy on held-out pairs and, in the shapes
 world, the pixel judge's score on a fixed probe set.
 
-    python -m ncp.evaluate --model models/shapes-tiny --data snapshot/eval.parquet \
+    python -m ncp.evaluate --model models/shapes-base --data snapshot/eval.parquet \
         --version candidate=runs/r1/adapter --version serving=adapters/v0003 --shapes-probes 48 --out eval.json
 
 Loading each adapter with the stock `load_lora_weights` is also the load test a version must pass before it is

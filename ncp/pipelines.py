@@ -35,6 +35,8 @@ from diffusers import (
 from torch import Tensor
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+import ncp.shapes.unet  # noqa: F401 - diffusers loads the shapes UNet by its module path only once it is imported
+
 logger = logging.getLogger(__name__)
 
 TINY_IMAGE_SIZE = 64  # pixels; the 3-level VAE makes 16x16x4 latents

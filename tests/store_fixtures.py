@@ -38,7 +38,7 @@ def add_png(
     return store.add_image(
         prompt_id,
         path,
-        base_model="shapes-tiny",
+        base_model="shapes-base",
         adapter_version=version,
         seed=seed,
         scheduler="ddim",
@@ -68,7 +68,7 @@ def fast_images(store: FeedbackStore, prompt_id: int, versions: tuple[str, ...])
         out[v] = store.add_image(
             prompt_id,
             f"images/p{prompt_id}-{v}.png",
-            base_model="shapes-tiny",
+            base_model="shapes-base",
             adapter_version=v,
             seed=i,
             scheduler="ddim",

@@ -274,7 +274,7 @@ def test_config_from_env_maps_every_variable(tmp_path: Path) -> None:
     default = app.config_from_env({})
     assert default.schedule and default.admin_token is None and default.is_shapes and default.hub_push is None
     # lineage: the embedded model by its short id, any other base (a detuned shapes base too) as configured
-    assert base_model_id(default.model) == "shapes-tiny" and app.config_from_env({}).is_shapes
+    assert base_model_id(default.model) == "shapes-base" and app.config_from_env({}).is_shapes
     # A base pretrained from the embedded model (a detuned one: README) is a shapes model by its tokenizer, not its
     # name: it gets the grammar's pool, the judge-gated loop and the world's sampling, as bench/loop.py measures it.
     derived = tmp_path / "my-base"

@@ -1,5 +1,5 @@
 """End-to-end smoke test of bench/alignment.py (issue 7): the real script in a subprocess, `--smoke` budget, on the
-shapes model (models/shapes-tiny when it exists, else a freshly assembled random-weight shapes pipeline: same
+shapes model (models/shapes-base when it exists, else a freshly assembled random-weight shapes pipeline: same
 architecture and code path). Checks every phase left real results, the published files are well formed, nothing under
 docs/ was touched, and a rerun resumes from the state without training again.
 
@@ -22,7 +22,7 @@ METHODS = {f"{s}-{o}" for s in ("latent", "ncp") for o in ("dpo", "cpo", "sft")}
 
 
 def _model(tmp_path: Path) -> Path:
-    shipped = ROOT / "models" / "shapes-tiny"
+    shipped = ROOT / "models" / "shapes-base"
     if (shipped / "model_index.json").is_file():
         return shipped
     from ncp.shapes.model import assemble_pipeline, build_text_encoder, build_unet, build_vae, write_tokenizer

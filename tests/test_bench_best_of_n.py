@@ -107,8 +107,8 @@ def test_real_run_on_the_shipped_model(tmp_path: Path) -> None:
            "--out", str(out), "--docs", str(docs)]  # fmt: skip
     subprocess.run(cmd, check=True, cwd=tmp_path, timeout=300, capture_output=True)
     raw = json.loads(out.read_text())["raw"][0]
-    assert raw["model"] == "models/shapes-tiny"
+    assert raw["model"] == "models/shapes-base"
     assert np.asarray(raw["overall"]).shape == (3, 2) and np.asarray(raw["correct"]).shape == (3, 2, 6)
     assert np.asarray(raw["graded"]).shape == (3, 2, 6)
     assert 0.3 < np.mean(raw["overall"]) < 1.0  # the shipped model follows prompts (base ~0.72)
-    assert "models/shapes-tiny" in (docs / "BENCHMARKS.md").read_text()
+    assert "models/shapes-base" in (docs / "BENCHMARKS.md").read_text()

@@ -106,9 +106,9 @@ def test_poisoning_base_model_is_a_setting_named_in_the_doc(tmp_path) -> None:
     s = poisoning.PoisonSettings(model=str(tmp_path / "headroom-base"))
     config = poisoning.arm_config("defended", s, tmp_path / "data")
     assert config.model == config.loop.model == str(tmp_path / "headroom-base")  # serves and trains the same base
-    assert poisoning.PoisonSettings().model == str(ROOT / "models" / "shapes-tiny")
+    assert poisoning.PoisonSettings().model == str(ROOT / "models" / "shapes-base")
     assert reliability_render.model_name({"model": str(ROOT / "runs" / "x")}) == "runs/x"
-    assert reliability_render.model_name({}) == "models/shapes-tiny"  # results from before the setting existed
+    assert reliability_render.model_name({}) == "models/shapes-base"  # results from before the setting existed
 
 
 def test_replicated_poisoning_reads_the_goal_from_mean_gains_over_seeds() -> None:

@@ -13,7 +13,7 @@ import torch
 from bench import self_training
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = str(ROOT / "models" / "shapes-tiny")
+MODEL = str(ROOT / "models" / "shapes-base")
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_sweep_on_another_base_renders_its_own_section(tmp_path: Path) -> None:
     model = tmp_path / "other-base"
-    shutil.copytree(ROOT / "models" / "shapes-tiny", model)
+    shutil.copytree(ROOT / "models" / "shapes-base", model)
     out, docs = tmp_path / "r.json", tmp_path / "docs"
     sweep.main(["--smoke", "--model", str(model), "--out", str(out)])
     res = json.loads(out.read_text())
@@ -46,7 +46,7 @@ def test_headroom_share_is_measured_against_the_shipped_sweep(tmp_path: Path) ->
     (line,) = sweep._headroom(res, base, best)
     assert f"{top - base:.3f} of headroom" in line and "closes 25% of it" in line
     assert sweep._headroom({"settings": {"model": str(tmp_path), "val": 7}}, base, best) == []  # other prompts
-    on_shipped = {"settings": {"model": str(ROOT / "models" / "shapes-tiny"), "val": shipped["settings"]["val"]}}
+    on_shipped = {"settings": {"model": str(ROOT / "models" / "shapes-base"), "val": shipped["settings"]["val"]}}
     assert sweep._headroom(on_shipped, base, best) == []
 
 
@@ -177,7 +177,7 @@ def test_a_sweep_can_train_on_a_given_parquet_of_pairs(tmp_path: Path) -> None:
     rows = tmp_path / "snapshot.parquet"
     _write_pairs(rows, [(0, 0, 1), (1, 0, 1)], prompts, [[right[0], right[1]], [right[0], right[1]]])
     budget = Budget(4, 0, 2, 1, 1, 1, steps=1, checkpoints=1, batch=2, seeds=1, ablation_seeds=0, sample_steps=2)
-    bench = Bench("sweep", budget, {}, tmp_path / "work", ROOT / "models" / "shapes-tiny", "cpu", pairs_file=rows)
+    bench = Bench("sweep", budget, {}, tmp_path / "work", ROOT / "models" / "shapes-base", "cpu", pairs_file=rows)
     bench.state.setdefault("evals", {})
     bench.make_data()
     assert bench.state["data"]["train"] == {"rows": 2, "ties": 0, "from": str(rows)}

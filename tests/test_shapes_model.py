@@ -15,7 +15,7 @@ from ncp.perception import per_sample_errors
 from ncp.pipelines import encode_prompts, load_pipeline
 from ncp.shapes.grammar import VOCABULARY, probe_prompts
 from ncp.shapes.judge import score
-from ncp.shapes.model import DEFAULT_GUIDANCE, DEFAULT_STEPS, IMAGE_SIZE
+from ncp.shapes.model import DEFAULT_GUIDANCE, DEFAULT_STEPS, IMAGE_SIZE, LATENT_SIZE
 
 
 def test_folder_is_a_small_standard_pipeline() -> None:
@@ -46,7 +46,7 @@ def test_lora_and_ncp_follow_the_sd_code_path() -> None:
     pipe = load_pipeline(SHAPES_MODEL)
     add_lora(pipe.unet, LoraSettings(rank=4, alpha=4))
     cond = encode_prompts(pipe, probe_prompts(2, seed=1))
-    latents = torch.randn(2, 4, IMAGE_SIZE // 2, IMAGE_SIZE // 2)
+    latents = torch.randn(2, 4, LATENT_SIZE, LATENT_SIZE)
     errors = per_sample_errors(
         pipe.unet,
         pipe.scheduler,

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from diffusers import DiffusionPipeline
 
+from ncp.shapes.model import IMAGE_SIZE
+
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
@@ -35,6 +37,8 @@ def run(tmp: Path, unet_steps: int) -> None:
         "2",
         "--decoder-steps",
         "2",
+        "--cache-images",
+        "64",
     ]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=600)
 
@@ -44,7 +48,8 @@ def test_pretrain_writes_a_loadable_pipeline_and_resumes(tmp_path: Path) -> None
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "out", local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     image = pipe("a small red circle on the left, white background", num_inference_steps=2).images[0]
-    assert image.size == (32, 32)
+    assert image.size == (IMAGE_SIZE, IMAGE_SIZE)
+    assert type(pipe.unet).__name__ == "PositionalUNet2DConditionModel"  # loaded by its module path, coordinates on
     assert (tmp_path / "work" / "latest" / "step.txt").read_text() == "2"
     run(tmp_path, 4)  # resumes from the step-2 checkpoint instead of starting over
     assert (tmp_path / "work" / "latest" / "step.txt").read_text() == "4"
@@ -66,7 +71,7 @@ def test_caption_noise_names_random_values_at_its_rate() -> None:
     from ncp.shapes.pretrain import noisy_caption, parse_caption_noise
 
     assert parse_caption_noise("color=0.7, background=0.5") == {"color": 0.7, "background": 0.5}
-    for bad in ("shape=0.5", "color=1.5", "color"):
+    for bad in ("weight=0.5", "color=1.5", "color"):
         with pytest.raises(ValueError, match="caption noise"):
             parse_caption_noise(bad)
     rng = random.Random(0)
@@ -80,19 +85,24 @@ def test_caption_noise_names_random_values_at_its_rate() -> None:
         == (s.objects[0].shape, s.objects[0].size, s.objects[0].position, s.background)
         for n, s in zip(noisy, scenes, strict=True)
     )
+    # Position noise: one object moves to a random position; two objects get a random relation (and positions to match).
+    two = [random_scene(rng, 1.0) for _ in range(2000)]
+    moved = [parse(noisy_caption(s, {"position": 1.0}, rng)) for s in two]
+    assert sum(m.relation != s.relation for m, s in zip(moved, two, strict=True)) / len(two) == pytest.approx(0.75, abs=0.04)
+    assert all(m.objects[0].color == s.objects[0].color for m, s in zip(moved, two, strict=True))
 
 
 def test_pretrain_continues_from_a_model_with_noisy_captions(tmp_path: Path) -> None:
     """`--init-model` starts from a trained pipeline (its VAE copied unchanged, no VAE training) and trains on."""
-    cmd = [sys.executable, "-m", "ncp.shapes.pretrain", "--init-model", str(ROOT / "models" / "shapes-tiny"),
+    cmd = [sys.executable, "-m", "ncp.shapes.pretrain", "--init-model", str(ROOT / "models" / "shapes-base"),
            "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--unet-steps", "2", "--batch", "2",
-           "--ckpt-every", "2", "--caption-noise", "color=1.0"]  # fmt: skip
+           "--ckpt-every", "2", "--caption-noise", "color=1.0", "--cache-images", "64"]  # fmt: skip
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=600)
-    shipped = (ROOT / "models" / "shapes-tiny" / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
+    shipped = (ROOT / "models" / "shapes-base" / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
     assert (tmp_path / "out" / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == shipped
     log = [json.loads(x) for x in (tmp_path / "work" / "log.jsonl").read_text().splitlines()]
     assert not any(r.get("stage") == "vae" for r in log), "no VAE stage when continuing from a model"
     new = DiffusionPipeline.from_pretrained(tmp_path / "out", local_files_only=True).unet.state_dict()
-    old = DiffusionPipeline.from_pretrained(ROOT / "models" / "shapes-tiny", local_files_only=True).unet.state_dict()
+    old = DiffusionPipeline.from_pretrained(ROOT / "models" / "shapes-base", local_files_only=True).unet.state_dict()
     drift = max((new[k] - old[k]).abs().max().item() for k in old)
     assert 0 < drift < 0.05, f"two small steps from the shipped UNet, not a fresh one (max change {drift})"

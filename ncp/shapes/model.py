@@ -21,14 +21,16 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ncp.shapes.grammar import VOCABULARY
+from ncp.shapes.unet import PositionalUNet2DConditionModel
 
 IMAGE_SIZE = 64  # pixels; the 3-level VAE makes 16x16x4 latents
 LATENT_SIZE = IMAGE_SIZE // 4
 MAX_TOKENS = 24  # the longest grammar prompt is 13 words + 2 special tokens
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-# Sampling defaults the model ships with (documented in the model card, measured by bench/shapes_speed.py). 12 Euler-a
-# steps score within 0.015 of 20 on the judge (bench/shapes_recipe.py) and keep a pair under 1 s on this CPU.
-DEFAULT_STEPS = 12
+# Sampling defaults the model ships with (documented in the model card, measured by bench/shapes_speed.py). 10 Euler-a
+# steps keep a 64-px pair under 0.5 s on this 2-core CPU (12 steps: 0.57 s p50); the first, 32-px model scored within
+# 0.015 of 20 steps at 12 (bench/shapes_recipe.py).
+DEFAULT_STEPS = 10
 DEFAULT_GUIDANCE = 4.0
 # Lowest training timestep (fraction of the schedule) of the live loop's preference rounds on this world. Colour, size
 # and background are decided at high noise; NCP-DPO on t < 0.5 T alone lowered the judge score, on t >= 0.3 T it gained
@@ -45,7 +47,13 @@ SCALED_LINEAR = dict(
     beta_end=0.012,
     prediction_type="epsilon",
 )
-SCHEDULES = {"squaredcos_cap_v2": NOISE_SCHEDULE, "scaled_linear": SCALED_LINEAR}
+# DDPM's own linear schedule (Ho et al. 2020): terminal SNR 4e-5, a hundred times below SD1.5's 5e-3. At SD1.5's, a
+# large object still shows faintly in x_t at the highest training timesteps, so the model learns to read where it is
+# from x_t instead of from the prompt, and at sampling, where x_T is pure noise, places objects at random or in the
+# centre (Lin et al. 2023, sec. 3; docs/research/shapes-layout.md). Low enough that nothing of the layout survives,
+# nonzero so eps-prediction still has a signal at t = T.
+LINEAR = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0001, beta_end=0.02, prediction_type="epsilon")
+SCHEDULES = {"squaredcos_cap_v2": NOISE_SCHEDULE, "scaled_linear": SCALED_LINEAR, "linear": LINEAR}
 
 
 def _bpe(word: str, merges: list[tuple[str, str]]) -> list[str]:
@@ -123,8 +131,9 @@ def build_vae() -> AutoencoderTiny:
     return vae
 
 
-def build_unet() -> UNet2DConditionModel:
-    return UNet2DConditionModel(
+def build_unet() -> PositionalUNet2DConditionModel:
+    """The UNet at 16x16 latents, cross-attention at 8x8 and 4x4; its conv_in also sees x/y coordinates (unet.py)."""
+    return PositionalUNet2DConditionModel(
         sample_size=LATENT_SIZE,
         in_channels=4,
         out_channels=4,
