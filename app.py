@@ -222,7 +222,11 @@ def on_progress(ctx: Ctx) -> dict:
 
 def on_probes(ctx: Ctx, index: float) -> dict:
     versions = views.gallery_versions(ctx.runtime)
-    version = versions[max(0, min(int(index), len(versions) - 1))]
+    try:
+        at = int(index)
+    except (TypeError, ValueError, OverflowError):  # a hand-made queue call: show the oldest
+        at = 0
+    version = versions[max(0, min(at, len(versions) - 1))]
     label = f"Showing **{version}** ({versions.index(version) + 1} of {len(versions)}; seed {views.PROBE_SEED})"
     return {ctx.gallery: views.probe_gallery(ctx.runtime, version), ctx.probe_label: label}
 

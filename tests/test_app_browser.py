@@ -154,9 +154,11 @@ def test_progress_tab_and_admin_refusal(served, page: Page, tmp_path: Path) -> N
     assert len(list((Path(runtime.config.data_dir) / "probes" / "base").glob("*.png"))) == views.PROBE_COUNT
 
     page.get_by_role("tab", name="Data").click()
-    for _ in range(2):  # the second click within a minute reuses the snapshot: a public button cannot fill the disk
+    for _ in range(2):  # the second click within 10 s reuses the snapshot: a public button cannot fill the disk
         page.click("#export")
         expect(page.locator("#export-file")).to_contain_text(".zip")
+        expect(page.locator("#export-info")).to_contain_text(" UTC: ")  # the snapshot's time and row count
+        expect(page.locator("#export-info")).to_contain_text(" rows (")
     assert len(runtime.store.snapshots()) == 1
     with zipfile.ZipFile(next(views.export_dir(runtime).glob("*.zip"))) as z:
         names = z.namelist()
