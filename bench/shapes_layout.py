@@ -1,7 +1,11 @@
 """Why does the shapes model ignore position words? Short from-scratch pretraining ablations, judged on position.
 
-    python -m bench.shapes_layout --steps 800 --out docs/benchmarks/shapes_layout.json   # ~35 min on 2 cores
-    python -m bench.shapes_layout --render docs/benchmarks/shapes_layout.json            # table into docs/research
+    python -m bench.shapes_layout --probe models/shapes-ceiling runs/other-model   # position probe + x_T leak, 1 min
+    python -m bench.shapes_layout --render docs/benchmarks/shapes_layout.json         # the ablation table
+    git checkout cf6040c && python -m bench.shapes_layout --steps 800 --out r.json    # the ablations, ~35 min
+
+The ablations train on the first (32-px) model's VAE and its stock UNet, so they rerun at the commit that still has
+`models/shapes-tiny` (cf6040c); `--probe` runs on any pipeline folder.
 
 Every variant trains the same number of steps with the shipped recipe (batch 16, AdamW 1e-3, offset noise 0.1,
 min-SNR 5, SD1.5 schedule, 30% two-object scenes) and is sampled with the shipped sampler (Euler-a 12 steps, guidance 4)

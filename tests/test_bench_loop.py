@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from bench import loop
+from bench.loop_report import RERUN_DEFAULTS
 from jobs.runtime import SHAPES_MODEL
 from ncp.shapes.judge import ATTRIBUTES
 from ncp.shapes.model import DEFAULT_GUIDANCE, DEFAULT_STEPS
@@ -24,8 +25,8 @@ def rnd(
 
 
 def result(rounds: list[dict]) -> dict:
-    config = {"raters": 8, "objective": "dpo", "space": "ncp", "max_steps": 200, "lr": 1e-3, "beta": 5e5,
-              "probes": 48, "probe_seeds": 4, "gate_acc_z": 1.96}  # fmt: skip
+    config = {"raters": 8, "objective": "dpo", "space": "ncp", "max_steps": 200, "lr": RERUN_DEFAULTS["lr"],
+              "beta": 5e5, "probes": 48, "probe_seeds": 4, "gate_acc_z": 1.96}  # fmt: skip
     return {"config": config, "raters": {"votes": 2000}, "wall_s": 1000.0, "rounds": rounds, "leaderboard": []}
 
 
@@ -82,7 +83,7 @@ def test_another_base_gets_its_own_section_and_rerun_line() -> None:
     assert ", uniform timesteps;" in text  # a run from before the setting trained on the whole schedule
     res["config"] |= {"votes": 12000, "minutes": 30.0, "timestep_low": 0.3}
     text = loop.markdown(res, "loop_headroom")
-    assert "`python -m bench.loop --model runs/shapes-headroom --votes 12000 --name headroom`" in text
+    assert "`python -m bench.loop --model runs/shapes-headroom --votes 12000 --timestep-low 0.3 --name headroom`" in text
     assert ", timesteps t >= 0.3 T;" in text
     res["config"] |= {"minutes": 20.0, "timestep_low": 0.0}
     assert "--votes 12000 --minutes 20 --timestep-low 0 --name" in loop.markdown(res, "loop_headroom")
@@ -105,13 +106,13 @@ def test_another_base_gets_its_own_section_and_rerun_line() -> None:
 def test_the_rerun_line_names_every_flag_the_run_changed() -> None:
     # Every flag that shapes a run has its default in RERUN_DEFAULTS (the parser takes it from there), so a run with any
     # of them changed (a higher lr, say) reruns as it ran from its section's line.
-    where = {"model", "data_dir", "out", "name", "render", "help"}
+    where = {"model", "data_dir", "out", "name", "render", "help", "ceiling", "null", "test_probes", "test_seeds"}
     shaping = {a.dest: a.default for a in loop.parser()._actions if a.dest not in where}
     assert shaping == loop.RERUN_DEFAULTS
     res = result([rnd("promoted", 300, 0.02, version="v0001")])
-    res["config"] |= {"model": "runs/shapes-deficit1.0", "votes": 12000, "lr": 0.002, "timestep_low": 0.5}
+    res["config"] |= {"model": "runs/shapes-deficit1.0", "votes": 12000, "lr": 0.004, "timestep_low": 0.3}
     text = loop.markdown(res, "loop_deficit-lr2")
-    assert "`python -m bench.loop --model runs/shapes-deficit1.0 --votes 12000 --lr 0.002 --timestep-low 0.5 " in text
+    assert "`python -m bench.loop --model runs/shapes-deficit1.0 --votes 12000 --lr 0.004 --timestep-low 0.3 " in text
     assert "--name deficit-lr2`" in text
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
-from jobs.runtime import SHAPES_MODEL
+from jobs.runtime import SHAPES_CEILING, SHAPES_MODEL
 from ncp.adapters import LoraSettings, add_lora, lora_parameters
 from ncp.perception import per_sample_errors
 from ncp.pipelines import encode_prompts, load_pipeline
@@ -37,9 +37,10 @@ def test_loads_offline_and_generates_prompt_following_images() -> None:
     images = pipe(prompts, num_inference_steps=DEFAULT_STEPS, guidance_scale=DEFAULT_GUIDANCE, generator=gen).images
     assert all(im.size == (IMAGE_SIZE, IMAGE_SIZE) for im in images)
     scores = [score(im, p) for im, p in zip(images, prompts, strict=True)]
-    # Chance level for colour is 1/6: the trained model must clearly beat it.
-    assert np.mean([s.attributes_correct["color"] for s in scores]) > 0.3
-    assert np.mean([s.overall for s in scores]) > 0.3
+    # The default base ignores colour, size and background words by design (its captions named random values):
+    # prompt following is the ceiling's test below; here, distinct images the judge can read.
+    assert len({im.tobytes() for im in images}) == len(images)
+    assert np.mean([s.overall for s in scores]) > 0.2
 
 
 def test_lora_and_ncp_follow_the_sd_code_path() -> None:
@@ -61,3 +62,34 @@ def test_lora_and_ncp_follow_the_sd_code_path() -> None:
     assert errors.policy.shape == (2,) and torch.allclose(errors.policy, errors.reference)  # LoRA B starts at 0
     errors.policy.sum().backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_parameters(pipe.unet))
+
+
+def _accuracies(folder, prompts: list[str]) -> dict[str, float]:  # noqa: ANN001
+    pipe = load_pipeline(folder)
+    pipe.set_progress_bar_config(disable=True)
+    gens = [torch.Generator().manual_seed(100 + i) for i in range(len(prompts))]
+    images = pipe(prompts, num_inference_steps=DEFAULT_STEPS, guidance_scale=DEFAULT_GUIDANCE, generator=gens).images
+    scores = [score(im, p) for im, p in zip(images, prompts, strict=True)]
+    out = {a: float(np.mean([s.attributes_correct[a] for s in scores])) for a in ("color", "size", "background")}
+    return out | {"overall": float(np.mean([s.overall for s in scores]))}
+
+
+def test_ceiling_follows_its_words_and_the_default_base_has_room_below_it() -> None:
+    """A regression guard on a small fixed set (24 held-in single-object prompts, one seed each): the ceiling gets
+    colour, size and background right (full-size figures: bench/shapes_base.py), and the default base, detuned on
+    captions with random colour, size and background words, follows them clearly less."""
+    prompts = probe_prompts(24, seed=31)
+    ceiling, base = _accuracies(SHAPES_CEILING, prompts), _accuracies(SHAPES_MODEL, prompts)
+    assert ceiling["color"] >= 0.85 and ceiling["background"] >= 0.9 and ceiling["size"] >= 0.8, ceiling
+    assert base["color"] <= ceiling["color"] - 0.3 and base["background"] <= ceiling["background"] - 0.2, base
+    assert base["overall"] <= ceiling["overall"] - 0.1, (base, ceiling)
+
+
+def test_the_shapes_unet_sees_where_it_is() -> None:
+    """conv_in appends x/y coordinate channels: the same input at two places gives different features, and the
+    config (in_channels 4) is the stock one, so pipelines size their latents as usual."""
+    pipe = load_pipeline(SHAPES_CEILING)
+    assert pipe.unet.config.in_channels == 4 and pipe.unet.conv_in.weight.shape[1] == 6
+    flat = torch.zeros(1, 4, LATENT_SIZE, LATENT_SIZE)
+    features = pipe.unet.conv_in(flat)[0]
+    assert not torch.allclose(features[:, 4, 2], features[:, 4, -3])  # left vs right of one row, same input

@@ -1,9 +1,9 @@
 """Architecture of the shapes-world text-to-image model, assembled as a standard `StableDiffusionPipeline`.
 
 A word-level CLIP tokenizer over the grammar's vocabulary, a 2-layer CLIP text encoder, a TAESD-style AutoencoderTiny
-(32x32 RGB <-> 16x16x4 latents) and a small UNet2DConditionModel with cross-attention only at 8x8 and 4x4 (attention
-backward at higher resolution is slow on CPU). Because it is a stock SD1.5-style pipeline, LoRA loading, hot-swap and
-the NCP encoder follow exactly the SD code path.
+(64x64 RGB <-> 16x16x4 latents) and a small UNet2DConditionModel with cross-attention only at 8x8 and 4x4 (attention
+backward at higher resolution is slow on CPU) whose conv_in also sees x/y coordinates (`unet.py`). Because it is an
+SD1.5-style pipeline, LoRA loading, hot-swap and the NCP encoder follow exactly the SD code path.
 """
 
 from __future__ import annotations

@@ -280,9 +280,7 @@ def train_unet(args: argparse.Namespace, work: Path, out: Path, log) -> None:
         err = F.mse_loss(unet(zt, t, cond).sample, eps, reduction="none").mean(dim=(1, 2, 3))
         # eps-MSE = SNR x |x0 error|^2, so the weight w(t) below puts w * SNR on the x0 error. min-SNR-gamma (Hang et
         # al. 2023, eq. 6): w = min(SNR, g) / SNR. `--x0-floor` adds f / SNR: the x0 error then counts at least f at
-        # every noise level, as in a v-prediction loss; without it the high-noise steps, where nothing in x_t says where
-        # the object is and only the prompt can, carry SNR ~ 0.005-0.1 of the weight and position words go unlearned
-        # (docs/research/shapes-layout.md).
+        # every noise level, as in a v-prediction loss (an ablation in docs/research/shapes-layout.md; not shipped).
         snr = a.flatten() / (1 - a.flatten())
         if args.snr_gamma or args.x0_floor:
             gamma = args.snr_gamma or float("inf")
@@ -346,18 +344,19 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument(
         "--beta-schedule",
-        default="linear",
-        choices=["linear", "scaled_linear", "squaredcos_cap_v2"],
-        help="noise schedule (linear: terminal SNR low enough that the prompt, not x_T, decides the layout)",
+        default="scaled_linear",
+        choices=["scaled_linear", "linear", "squaredcos_cap_v2"],
+        help="noise schedule: scaled_linear (SD1.5's, the shipped models'), or linear (DDPM's: terminal SNR low enough "
+        "that x_T no longer shows the layout; docs/research/shapes-layout.md)",
     )
     p.add_argument("--noise-offset", type=float, default=0.1, help="offset-noise strength (0 = off)")
     p.add_argument("--snr-gamma", type=float, default=5.0, help="min-SNR weighting gamma (0 = off)")
     p.add_argument(
         "--x0-floor",
         type=float,
-        default=1.0,
+        default=0.0,
         help="add this to the x0-error weight at every timestep (1: v-prediction's weighting at high noise; 0: min-SNR "
-        "alone, the weighting that left the first model blind to position words)",
+        "alone, the shipped recipe)",
     )
     p.add_argument("--device", default="cpu", help="torch device (the shipped model is trained on cpu)")
     p.add_argument("--unet-steps", type=int, default=2500, help="UNet + text encoder training steps")
