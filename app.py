@@ -624,7 +624,7 @@ def main(argv: list[str] | None = None) -> int:
     if config.model == str(SHAPES_MODEL) and not SHAPES_MODEL.is_dir():
         parser.error(
             f"the embedded shapes model is not at {SHAPES_MODEL} yet: train it with `python -m ncp.shapes.pretrain "
-            "--out models/shapes-tiny` or set NCP_MODEL to a diffusers pipeline folder."
+            "--out models/shapes-base` or set NCP_MODEL to a diffusers pipeline folder."
         )
     logger.info("data dir %s, model %s, schedule %s", config.data_dir, config.model, config.schedule)
     runtime = Runtime(config)
