@@ -86,10 +86,12 @@ def attribute_line(result: dict) -> str:
 
 def markdown(result: dict, null: dict | None = None, stem: str = "loop_default") -> str:
     t, c = result["test"], result["config"]
+    model = Path(c["model"])
+    model = model.relative_to(ROOT) if model.is_absolute() and model.is_relative_to(ROOT) else model
     lines = [
         "## The out-of-the-box loop (`python -m bench.loop`)",
         "",
-        f"The app on the default base (`{c['model']}`), {c['raters']} simulated raters over HTTP, "
+        f"The app on the default base (`{model}`), {c['raters']} simulated raters over HTTP, "
         f"{result['raters'].get('votes', 0)} votes in {result['wall_s'] / 60:.1f} min on this 2-core CPU; rounds of "
         f"{c['max_steps']} NCP-DPO steps every {c['train_every']:g} s once {c['min_new_votes']} new votes are in. "
         f"Every promoted version is measured after the run on the **test probes**: {t['probes']} prompts x "
