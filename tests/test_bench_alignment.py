@@ -56,7 +56,7 @@ def test_smoke_runs_every_phase_and_resumes(tmp_path: Path) -> None:
     docs_before = _docs_snapshot()
     proc, seconds = _run(model, work)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert seconds < 150, f"--smoke took {seconds:.0f} s"
+    assert seconds < 300, f"--smoke took {seconds:.0f} s"  # 64-px shapes model: about 2 min on a quiet 2-core CPU
     assert "[alignment] mode=smoke" in proc.stdout and "min (upper bound)" in proc.stdout  # estimate printed first
 
     state = json.loads((work / "alignment.json").read_text())
