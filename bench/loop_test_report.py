@@ -66,7 +66,10 @@ def goal_lines(result: dict, null: dict | None) -> list[str]:
         n = served_curve(null)[-1]
         ok = abs(n["gain"]) <= NULL_BAND
         lines.append(f"- Null arm (coin-flip labels) within ±{NULL_BAND}: {'met' if ok else 'not met'} "
-                     f"(served {n['version']}: {n['gain']:+.3f}, 95% {n['lo']:+.3f}..{n['hi']:+.3f}).")  # fmt: skip
+                     f"(served {n['version']}: {n['gain']:+.3f}, 95% {n['lo']:+.3f}..{n['hi']:+.3f}; "
+                     f"{null['raters'].get('votes', 0)} votes in {null['wall_s'] / 60:.0f} min, "
+                     f"{sum(r['status'] == 'promoted' for r in null['rounds'])} of {len(null['rounds'])} rounds "
+                     "promoted by the gate on noise).")  # fmt: skip
     return lines
 
 

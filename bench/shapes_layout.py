@@ -131,9 +131,11 @@ def text_separation(tok, te) -> float:  # noqa: ANN001
 def sample(model, te, tok, vae, prompts: list[str], latent: bool, steps: int = 12, guidance: float = 4.0) -> list:  # noqa: ANN001
     sched = EulerAncestralDiscreteScheduler(**SCALED_LINEAR, steps_offset=1)
     sched.set_timesteps(steps)
-    enc = lambda ps: te(tok(ps, padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids)[
-        0
-    ]  # noqa: E731
+
+    def enc(ps: list[str]) -> torch.Tensor:
+        ids = tok(ps, padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+        return te(ids)[0]
+
     cond, uncond = enc(prompts), enc([""] * len(prompts))
     shape = (len(prompts), 4, 16, 16) if latent else (len(prompts), 3, 32, 32)
     g = torch.Generator().manual_seed(0)
@@ -284,7 +286,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=800)
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks/shapes_layout.json"))
     p.add_argument("--render", type=Path, help="print the table of a results file and exit")
-    p.add_argument("--probe", type=Path, nargs="+", help="trained pipelines: print their x0 centroids per position word")
+    p.add_argument(
+        "--probe", type=Path, nargs="+", help="trained pipelines: print their x0 centroids per position word"
+    )
     args = p.parse_args(argv)
     if args.probe:
         for folder in args.probe:

@@ -83,7 +83,9 @@ def test_another_base_gets_its_own_section_and_rerun_line() -> None:
     assert ", uniform timesteps;" in text  # a run from before the setting trained on the whole schedule
     res["config"] |= {"votes": 12000, "minutes": 30.0, "timestep_low": 0.3}
     text = loop.markdown(res, "loop_headroom")
-    assert "`python -m bench.loop --model runs/shapes-headroom --votes 12000 --timestep-low 0.3 --name headroom`" in text
+    assert (
+        "`python -m bench.loop --model runs/shapes-headroom --votes 12000 --timestep-low 0.3 --name headroom`" in text
+    )
     assert ", timesteps t >= 0.3 T;" in text
     res["config"] |= {"minutes": 20.0, "timestep_low": 0.0}
     assert "--votes 12000 --minutes 20 --timestep-low 0 --name" in loop.markdown(res, "loop_headroom")

@@ -23,8 +23,12 @@ def _result(rounds: list[dict], gains: dict[str, tuple[float, float, float]], ce
 
 def test_served_version_at_a_vote_count_is_the_last_promoted_before_it() -> None:
     res = _result(
-        [_round("v0001", "promoted", 900, 5), _round(None, "rejected", 1500, 9), _round("v0002", "promoted", 2400, 14),
-         _round("v0003", "promoted", 5200, 25)],  # fmt: skip
+        [
+            _round("v0001", "promoted", 900, 5),
+            _round(None, "rejected", 1500, 9),
+            _round("v0002", "promoted", 2400, 14),
+            _round("v0003", "promoted", 5200, 25),
+        ],  # fmt: skip
         {"v0001": (0.05, 0.02, 0.08), "v0002": (0.12, 0.08, 0.16), "v0003": (0.14, 0.10, 0.18)},
     )
     assert [p["version"] for p in report.served_curve(res)] == ["base", "v0001", "v0002", "v0003"]
@@ -37,15 +41,18 @@ def test_served_version_at_a_vote_count_is_the_last_promoted_before_it() -> None
 
 def test_a_gain_needs_its_lower_bound_above_zero_and_the_null_arm_its_band() -> None:
     res = _result([_round("v0001", "promoted", 1500, 8)], {"v0001": (0.11, -0.01, 0.23)})
-    assert "- Gain >= +0.10 (bootstrap 95% lower bound > 0) within 2000 votes and 30 min: not met" in report.goal_lines(
-        res, None
-    )[1]
+    assert (
+        "- Gain >= +0.10 (bootstrap 95% lower bound > 0) within 2000 votes and 30 min: not met"
+        in report.goal_lines(res, None)[1]
+    )
     null_ok = _result([_round("v0001", "promoted", 1500, 8)], {"v0001": (0.015, -0.02, 0.05)})
     null_bad = _result([_round("v0001", "promoted", 1500, 8)], {"v0001": (0.04, 0.0, 0.08)})
     assert report.goal_lines(res, null_ok)[-1].startswith("- Null arm (coin-flip labels) within ±0.02: met")
     assert report.goal_lines(res, null_bad)[-1].startswith("- Null arm (coin-flip labels) within ±0.02: not met")
     slow = _result([_round("v0001", "promoted", 1500, 8, round_s=301)], {"v0001": (0.2, 0.1, 0.3)})
-    assert any(line.startswith("- Every round <= 5 min: not met (longest 301 s") for line in report.goal_lines(slow, None))
+    assert any(
+        line.startswith("- Every round <= 5 min: not met (longest 301 s") for line in report.goal_lines(slow, None)
+    )
 
 
 def test_section_and_plot_are_written(tmp_path: Path) -> None:

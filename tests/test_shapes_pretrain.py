@@ -88,7 +88,9 @@ def test_caption_noise_names_random_values_at_its_rate() -> None:
     # Position noise: one object moves to a random position; two objects get a random relation (and positions to match).
     two = [random_scene(rng, 1.0) for _ in range(2000)]
     moved = [parse(noisy_caption(s, {"position": 1.0}, rng)) for s in two]
-    assert sum(m.relation != s.relation for m, s in zip(moved, two, strict=True)) / len(two) == pytest.approx(0.75, abs=0.04)
+    assert sum(m.relation != s.relation for m, s in zip(moved, two, strict=True)) / len(two) == pytest.approx(
+        0.75, abs=0.04
+    )
     assert all(m.objects[0].color == s.objects[0].color for m, s in zip(moved, two, strict=True))
 
 

@@ -52,7 +52,9 @@ SCALED_LINEAR = dict(
 # from x_t instead of from the prompt, and at sampling, where x_T is pure noise, places objects at random or in the
 # centre (Lin et al. 2023, sec. 3; docs/research/shapes-layout.md). Low enough that nothing of the layout survives,
 # nonzero so eps-prediction still has a signal at t = T.
-LINEAR = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0001, beta_end=0.02, prediction_type="epsilon")
+LINEAR = dict(
+    num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0001, beta_end=0.02, prediction_type="epsilon"
+)
 SCHEDULES = {"squaredcos_cap_v2": NOISE_SCHEDULE, "scaled_linear": SCALED_LINEAR, "linear": LINEAR}
 
 
