@@ -56,7 +56,8 @@ def test_sigkill_mid_load_loses_no_acknowledged_vote(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_poisoning_arm_runs_a_round_and_reports_its_gain(tmp_path) -> None:
-    s = poisoning.PoisonSettings(raters=5, rounds=1, votes_per_round=40, max_steps=2, probes=2, probe_seeds=1, steps=2)
+    # 300 votes: at 2 sampling steps most pairs are ties or both bad; the round needs 16 strict pairs.
+    s = poisoning.PoisonSettings(raters=5, rounds=1, votes_per_round=300, max_steps=2, probes=2, probe_seeds=1, steps=2)
     out = poisoning.run(s, tmp_path, arms=("defended",))
     arm = out["arms"]["defended"]
     assert arm["adversaries"] == 1 and arm["refused_votes"] == 0  # human pace: no rate limit, no cap
@@ -73,7 +74,7 @@ def test_poisoning_arm_runs_a_round_and_reports_its_gain(tmp_path) -> None:
 def test_poisoning_arms_run_in_parallel_processes_with_their_own_settings(tmp_path) -> None:
     """parallel_arms > 1: each arm in a spawned process; both come back whole, with the clean arm's adversary-free
     raters and the trainer's timestep floor from the settings."""
-    s = poisoning.PoisonSettings(raters=5, rounds=1, votes_per_round=30, max_steps=2, probes=2, probe_seeds=1,
+    s = poisoning.PoisonSettings(raters=5, rounds=1, votes_per_round=300, max_steps=2, probes=2, probe_seeds=1,
                                  steps=2, parallel_arms=2, keep_data=True)  # fmt: skip
     out = poisoning.run(s, tmp_path, arms=("clean", "poisoned"))
     assert set(out["arms"]) == {"clean", "poisoned"} and "goal" in out
