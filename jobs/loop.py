@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import shutil
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -26,90 +25,12 @@ import pyarrow.parquet as pq
 from feedback_store import FeedbackStore
 from feedback_store.export import export_snapshot
 from jobs.gate import promotion_gate
+from jobs.loop_config import LoopConfig  # noqa: F401 - re-exported: `from jobs.loop import LoopConfig`
 from jobs.registry import BASE, AdapterRegistry, RegistryError
 from jobs.subprocess_run import read_progress, run_child
 from jobs.training_pairs import cap_rater_share
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LoopConfig:
-    """Settings of the alignment loop (every field has a default; the app's entry point maps env vars onto them)."""
-
-    model: str = "models/shapes-base"  # the base pipeline the trainer and evaluator load
-    train_every_s: float = 300.0  # schedule interval
-    min_new_votes: int = 32  # trainable votes since the last round needed to start one
-    min_pairs: int = 16  # strict-preference pairs needed in the snapshot
-    quarantine_s: float = 0.0  # votes younger than this wait for the next round (time to flag abuse)
-    max_rater_share: float = 0.34  # at most this share of a round's pairs from one rater (poisoning bound)
-    time_limit_s: float = 300.0  # wall-clock limit of the training subprocess
-    eval_time_limit_s: float = 240.0
-    objective: str = "dpo"
-    space: str = "ncp"
-    beta: float = 5e5
-    # The best ncp-dpo grid point on the shapes validation prompts (bench/alignment.py, 120 steps of 8 pairs): at 2e-4
-    # the LoRA barely moves in a round, 3e-3 overshoots.
-    lr: float = 1e-3
-    max_steps: int = 120
-    batch_size: int = 8
-    lora_rank: int = 8  # fixed for the life of a deployment (hot-swap needs the same rank and targets)
-    lora_alpha: int = 8
-    # Lowest training timestep as a fraction of the schedule (ncp.train --timestep-low): 0 is the paper's uniform t;
-    # the shapes world trains on t >= 0.3 T, where its preferences are decided (ncp.shapes.model.DEFAULT_TIMESTEP_LOW).
-    timestep_low: float = 0.0
-    # DPO reference of a round that continues an adapter (ncp.train --reference): "base" (the paper: every round's KL
-    # is measured from the base, so rounds converge to one tilt of it) or "init" (iterative DPO: the version the round
-    # continues is the reference, so each round is one more step of a bounded size beyond the last).
-    reference: str = "base"
-    # Which votes a round trains on: "all" (the whole snapshot) or "serving" (only pairs the serving version drew both
-    # images of: on-policy data, what iterative DPO with reference "init" assumes; with it, every round starts from
-    # the serving version, since a rejected candidate has no pairs of its own, and a round waits (skipped, no run
-    # recorded) until the serving version has `min_pairs` of them: raise min_pairs for this window).
-    train_window: str = "all"
-    extra_train_args: tuple[str, ...] = ()
-    launcher: tuple[str, ...] = (sys.executable, "-m", "ncp.train")  # or ("accelerate", "launch", "-m", "ncp.train")
-    evaluator: tuple[str, ...] = (sys.executable, "-m", "ncp.evaluate")
-    threads: int = 1  # torch threads of the subprocesses (the app keeps generating beside them)
-    shapes_probes: int = 0  # shapes world: judge probe prompts for the gate (0: no judge)
-    probe_seeds: int = 2
-    probe_steps: int = 20  # sampler of the probe images (the shapes world uses the model's shipped sampler)
-    probe_guidance: float = 3.0
-    gate_min_acc_delta: float = -0.02  # promote if candidate implicit acc >= serving's + this (held-out pairs)
-    # ...unless the drop is within noise: the criterion rejects only when delta + z x its paired standard error is
-    # still below the margin (1.96: the 95% interval of the drop lies wholly below it; 0: the point estimate).
-    gate_acc_z: float = 1.96
-    gate_min_eval_pairs: int = 8  # fewer held-out pairs than this: the accuracy criterion is not used
-    # The evaluator scores only the newest this many held-out pairs (0: all). The held-out split grows with every
-    # vote, and scoring all of it made a round's evaluation grow with the arena's age (ncp.evaluate --max-pairs).
-    eval_max_pairs: int = 256
-    gate_min_judge_delta: float = 0.0  # shapes: promote only if judge(candidate) - judge(serving) >= this
-    keep_versions: int = 5
-    # A rejected candidate seeds the next round (more steps on more votes) up to this many rounds in a row before the
-    # line restarts from the serving version; 0 = every round starts from the serving version. The offline sweeps
-    # peak a few hundred steps in (docs/BENCHMARKS.md), more than one round trains; the gate still guards what is
-    # served.
-    continue_rejected: int = 3
-
-    def __post_init__(self) -> None:
-        if self.objective not in ("dpo", "cpo", "sft") or self.space not in ("latent", "ncp"):
-            raise ValueError(f"objective must be dpo|cpo|sft and space latent|ncp, got {self.objective}/{self.space}.")
-        if self.reference not in ("base", "init"):
-            raise ValueError(f"reference must be base|init, got {self.reference!r}.")
-        if self.train_window not in ("all", "serving"):
-            raise ValueError(f"train_window must be all|serving, got {self.train_window!r}.")
-        if not 0 <= self.timestep_low < 1:
-            raise ValueError(f"timestep_low is a fraction of the schedule in [0, 1), got {self.timestep_low}.")
-        if self.gate_acc_z < 0:
-            raise ValueError(f"gate_acc_z must be >= 0 (0: the point estimate), got {self.gate_acc_z}.")
-        if self.eval_max_pairs < 0:
-            raise ValueError(f"eval_max_pairs must be >= 0 (0: all held-out pairs), got {self.eval_max_pairs}.")
-        if self.continue_rejected < 0:
-            raise ValueError(f"continue_rejected must be >= 0 rounds, got {self.continue_rejected}.")
-        if not 0 < self.max_rater_share <= 1:
-            raise ValueError(f"max_rater_share must be in (0, 1], got {self.max_rater_share}.")
-        if self.time_limit_s <= 0 or self.train_every_s <= 0:
-            raise ValueError("time_limit_s and train_every_s must be positive.")
 
 
 @dataclass
@@ -380,4 +301,11 @@ class AlignmentLoop:
 
     def gate(self, ev: dict, parent: str) -> tuple[bool, str]:
         """The promotion rule (jobs.gate.promotion_gate) on this round's evaluation."""
-        return promotion_gate(ev, self.config)
+        c = self.config
+        return promotion_gate(
+            ev,
+            min_eval_pairs=c.gate_min_eval_pairs,
+            acc_z=c.gate_acc_z,
+            min_acc_delta=c.gate_min_acc_delta,
+            min_judge_delta=c.gate_min_judge_delta,
+        )

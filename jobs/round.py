@@ -15,7 +15,8 @@ from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 from feedback_store import FeedbackStore
-from jobs.loop import AlignmentLoop, LoopConfig
+from jobs.loop import AlignmentLoop
+from jobs.loop_config import LoopConfig
 from jobs.registry import AdapterRegistry
 
 

@@ -6,6 +6,7 @@ Runtime directly with a temporary data dir. Admin actions live here too, each ch
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hmac
 import logging
@@ -18,8 +19,11 @@ from feedback_store import FeedbackStore, pseudonymize
 from feedback_store.export import export_snapshot
 from jobs.abuse import AbuseConfig, VoteGuard
 from jobs.arena import ArenaService
+from jobs.gpu_plan import app_plan
+from jobs.gpu_round import RoundPause
 from jobs.hub_push import HubPushConfig, HubPusher
-from jobs.loop import AlignmentLoop, LoopConfig
+from jobs.loop import AlignmentLoop
+from jobs.loop_config import LoopConfig
 from jobs.prompts import Blocklist, PoolPrompt, PromptPool, load_pool
 from jobs.registry import BASE, AdapterRegistry
 from jobs.schedule import LoopScheduler
@@ -73,6 +77,9 @@ class ArenaConfig:
     generation_worker: bool = False
     generation_nice: int = 10  # the worker's niceness (0-19): under contention HTTP handlers get the CPU first
     device: str = "auto"  # where the arena's pipeline runs: "auto" (CUDA when available), "cpu", "cuda", "cuda:1"
+    # The GPU memory plan (jobs/gpu_plan.py): "auto" decides from the card whether a round trains beside generation
+    # ("shared") or alone with generation paused ("exclusive"), and with which trainer memory options.
+    gpu_plan: str = "auto"
 
     @property
     def is_shapes(self) -> bool:
@@ -153,15 +160,36 @@ class Runtime:
         self.arena.prefetcher.mix = config.mix
         self.arena.guard = VoteGuard(self.store, config.abuse) if config.abuse is not None else None
         review = self.arena.guard.review if self.arena.guard is not None else None
+        s, lc = config.sampling, config.loop
+        plan, train_args = app_plan(
+            config.model, self.generation.card_info(), width=s.width, height=s.height, space=lc.space,
+            batch_size=lc.batch_size, lora_rank=lc.lora_rank, requested=config.gpu_plan,  # type: ignore[arg-type]
+        )  # fmt: skip
+        logger.info("GPU plan: %s; rounds train with %s", plan.summary(), " ".join(train_args) or "the defaults")
+        self.gpu = RoundPause(
+            plan,
+            self.arena.prefetcher,
+            self.generation,
+            pace=self.arena.pace_per_s,
+            ratings_per_pair=config.ratings_per_pair,
+            base_size=config.prefetch,
+            expected_round_s=lc.time_limit_s + lc.eval_time_limit_s,
+        )
+
+        def before_round() -> None:
+            if review is not None:
+                review()
+            self.gpu.before_round()
+
         self.loop = AlignmentLoop(
             self.store,
             self.registry,
             data,
-            config.loop,
+            dataclasses.replace(lc, extra_train_args=(*train_args, *lc.extra_train_args)),
             on_promote=lambda _v: self.serve_current(),
-            before_export=review,
+            before_export=before_round,
         )
-        self.scheduler = LoopScheduler(self.loop, config.loop.train_every_s)
+        self.scheduler = LoopScheduler(self.loop, lc.train_every_s, after_round=self.gpu.after_round)
         self.hub = HubPusher(self.store, data, config.hub_push) if config.hub_push is not None else None
         if self.hub is not None:
             self.scheduler.add_periodic("hub-push", self.hub.push, config.hub_push.every_s)
@@ -172,6 +200,7 @@ class Runtime:
         # Both adapter slots exist from the start (zero LoRAs), so the first hot-swap is as quick as every later one.
         self.generation.warm_slots(LoraSettings().target_modules, self.config.loop.lora_alpha)
         self.arena.start()
+        self.gpu.resize()
         self.scheduler.start()
         if not self.config.schedule:
             self.scheduler.pause()
@@ -191,7 +220,8 @@ class Runtime:
             if version != BASE:
                 self.generation.register_version(version, self.registry.info(version).folder)
             seconds = self.generation.swap_adapter(version)
-            self.arena.prefetcher.flush()
+            # After a paused round the old pairs bridge the raters until the new version's pairs are ready.
+            self.arena.prefetcher.flush(bridge=self.gpu.plan.pauses_generation)
             return seconds
 
     def serve_current(self) -> float:

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jobs.abuse import AbuseConfig
+from jobs.gpu_plan import PLAN_MODES
 from jobs.hub_push import HubPushConfig
-from jobs.loop import LoopConfig
+from jobs.loop_config import LoopConfig
 from jobs.runtime import SHAPES_MODEL, ArenaConfig, is_shapes_model
 from ncp.serving import SamplingConfig
 from ncp.shapes.model import DEFAULT_GUIDANCE as SHAPES_GUIDANCE
@@ -70,6 +71,16 @@ ENV_VARS: tuple[EnvVar, ...] = (
     ),
     EnvVar("NCP_STEPS", f"{_SAMPLING.steps} (shapes model: {SHAPES_STEPS})", "diffusion steps per arena image"),
     EnvVar("NCP_GUIDANCE", str(_SAMPLING.guidance), "classifier-free guidance scale of arena images"),
+    EnvVar(
+        "NCP_SCHEDULER",
+        "dpmpp-2m (shapes model: model)",
+        "sampler of arena images: dpmpp-2m (DPM-Solver++ 2M, Karras sigmas: fast at 20 steps) or model (as shipped)",
+    ),
+    EnvVar(
+        "NCP_GPU_PLAN",
+        "auto",
+        "GPU memory plan of a round: auto (from the card), shared (train beside generation) or exclusive (pause it)",
+    ),
     EnvVar("NCP_SCHEDULE", "1", "1: train on a timer; 0: only when an admin runs a round"),
     EnvVar("NCP_PREFETCH", str(ArenaConfig().prefetch), "ready pairs kept in the prefetch queue"),
     EnvVar(
@@ -179,7 +190,11 @@ def config_from_env(env: Mapping[str, str]) -> ArenaConfig:
     sampling = SamplingConfig(
         steps=int(env_value(env, "NCP_STEPS", int, SHAPES_STEPS if shapes else _SAMPLING.steps)),
         guidance=float(env_value(env, "NCP_GUIDANCE", float, _SAMPLING.guidance)),
+        scheduler=str(env_value(env, "NCP_SCHEDULER", str, "model" if shapes else "dpmpp-2m")),  # type: ignore[arg-type]
     )
+    gpu_plan = str(env_value(env, "NCP_GPU_PLAN", str, "auto"))
+    if gpu_plan not in PLAN_MODES:
+        raise ValueError(f"NCP_GPU_PLAN must be one of {', '.join(PLAN_MODES)}, got {gpu_plan!r}.")
     salt = env.get("NCP_RATER_SALT") or ArenaConfig().rater_salt
     if len(salt.encode()) < 16:
         raise ValueError("NCP_RATER_SALT must be at least 16 bytes; generate one with `openssl rand -hex 16`.")
@@ -235,4 +250,5 @@ def config_from_env(env: Mapping[str, str]) -> ArenaConfig:
         generation_worker=worker == "1",
         generation_nice=nice,
         device=device,
+        gpu_plan=gpu_plan,
     )

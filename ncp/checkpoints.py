@@ -11,14 +11,12 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ncp.adapters import unwrap_unet
-
-if TYPE_CHECKING:
-    from ncp.trainer import TrainConfig
+from ncp.train_config import TrainConfig
 
 logger = logging.getLogger(__name__)
 

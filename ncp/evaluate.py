@@ -28,7 +28,7 @@ from ncp.data import encode_pairs, load_pairs
 from ncp.losses import timestep_bounds
 from ncp.perception import noisy_latents
 from ncp.pipelines import encode_prompts, is_sdxl, load_pipeline
-from ncp.trainer import TrainConfig
+from ncp.train_config import TrainConfig
 
 logger = logging.getLogger(__name__)
 PROBE_SEED = 777  # the gate's probe prompts come from this seed; the arena's prompt pool excludes them

@@ -7,8 +7,6 @@ Used by the trainer (`ncp.trainer.train`) and, unchanged, by the benchmarks, so 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from diffusers import DDPMScheduler
 
@@ -17,9 +15,7 @@ from ncp.data import PairBatch
 from ncp.objectives import PreferenceLoss, preference_loss
 from ncp.perception import noisy_latents, per_sample_errors
 from ncp.pipelines import Conditioning
-
-if TYPE_CHECKING:
-    from ncp.trainer import TrainConfig
+from ncp.train_config import TrainConfig
 
 
 def timestep_bounds(config: TrainConfig, num_train_timesteps: int) -> tuple[int, int]:

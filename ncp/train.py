@@ -33,7 +33,8 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from ncp.data import DataError
-from ncp.trainer import TrainConfig, TrainingError, train
+from ncp.train_config import TrainConfig
+from ncp.trainer import TrainingError, train
 
 logger = logging.getLogger("ncp.train")
 

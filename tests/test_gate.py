@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jobs.gate import promotion_gate
-from jobs.loop import LoopConfig
+from jobs.loop_config import LoopConfig
 from ncp.evaluate import correct, paired
 
 
@@ -24,19 +24,19 @@ def _ev(cand_acc: float, serv_acc: float | None, se: float | None, pairs: int = 
 
 
 def test_a_drop_within_its_noise_passes_and_a_clear_one_rejects() -> None:
-    cfg = LoopConfig(gate_min_acc_delta=-0.02, gate_min_eval_pairs=8)
+    cfg = {"min_acc_delta": -0.02, "min_eval_pairs": 8}
     # -0.06 with SE 0.03: -0.06 + 1.96 x 0.03 = -0.001 >= -0.02, the drop is noise (a live run rejected such ones).
-    ok, why = promotion_gate(_ev(0.55, 0.61, 0.03), cfg)
+    ok, why = promotion_gate(_ev(0.55, 0.61, 0.03), **cfg)
     assert ok and "SE 0.030" in why
     # The same drop measured precisely is real.
-    ok, why = promotion_gate(_ev(0.55, 0.61, 0.005), cfg)
+    ok, why = promotion_gate(_ev(0.55, 0.61, 0.005), **cfg)
     assert not ok and "1.96 SE < -0.020" in why
     # z = 0 is the point-estimate rule; a missing SE (an older evaluator) falls back to it as well.
-    assert not promotion_gate(_ev(0.55, 0.61, 0.03), LoopConfig(gate_acc_z=0.0, gate_min_eval_pairs=8))[0]
-    assert not promotion_gate(_ev(0.55, 0.61, None), cfg)[0]
+    assert not promotion_gate(_ev(0.55, 0.61, 0.03), acc_z=0.0, min_eval_pairs=8)[0]
+    assert not promotion_gate(_ev(0.55, 0.61, None), **cfg)[0]
     # Against the base (accuracy 0.5 by definition) the candidate's own standard error is the drop's.
-    assert promotion_gate(_ev(0.45, None, 0.04), cfg)[0]
-    assert not promotion_gate(_ev(0.45, None, 0.01), cfg)[0]
+    assert promotion_gate(_ev(0.45, None, 0.04), **cfg)[0]
+    assert not promotion_gate(_ev(0.45, None, 0.01), **cfg)[0]
 
 
 def test_gate_z_must_not_be_negative() -> None:
