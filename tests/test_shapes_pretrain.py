@@ -108,3 +108,21 @@ def test_pretrain_continues_from_a_model_with_noisy_captions(tmp_path: Path) -> 
     old = DiffusionPipeline.from_pretrained(ROOT / "models" / "shapes-base", local_files_only=True).unet.state_dict()
     drift = max((new[k] - old[k]).abs().max().item() for k in old)
     assert 0 < drift < 0.05, f"two small steps from the shipped UNet, not a fresh one (max change {drift})"
+
+
+def test_high_share_oversamples_the_high_noise_slice() -> None:
+    """The layout stage's timestep sampler: a share of each batch from [t_low T, T), the rest uniform over [0, T)."""
+    import torch
+
+    from ncp.shapes.pretrain import sample_timesteps
+
+    torch.manual_seed(0)
+    dev = torch.device("cpu")
+    uniform = sample_timesteps(20000, 1000, 0.5, 0.0, dev)
+    assert uniform.min() >= 0 and uniform.max() <= 999
+    assert (uniform >= 500).float().mean().item() == pytest.approx(0.5, abs=0.02)
+    only_high = sample_timesteps(20000, 1000, 0.5, 1.0, dev)
+    assert only_high.min() >= 500 and only_high.max() <= 999
+    mixed = sample_timesteps(20000, 1000, 0.5, 0.5, dev)  # half from the slice + half of the uniform rest: 75%
+    assert (mixed >= 500).float().mean().item() == pytest.approx(0.75, abs=0.02)
+    assert (mixed < 500).any()

@@ -221,6 +221,20 @@ def latent_cache(vae, args: argparse.Namespace, work: Path, dev: torch.device) -
     return cache
 
 
+def sample_timesteps(n: int, num_train: int, t_low: float, high_share: float, dev: torch.device) -> torch.Tensor:
+    """Training timesteps: a `high_share` of the batch from the high-noise slice [t_low T, T), the rest from [0, T).
+
+    With t uniform the few samples where x_t no longer shows the layout carry tiny eps-gradients, and Adam's step
+    is normalised by the much larger gradients of the low-noise samples: the model learns layout from x_t, never from
+    the position words (docs/research/shapes-layout.md). Oversampling the high-noise slice is the sampling form of
+    P2 weighting (Choi et al. 2022, "Perception Prioritized Training of Diffusion Models"): more of the update goes
+    to the noise levels where content and layout are decided."""
+    t = torch.randint(0, num_train, (n,), device=dev)
+    high = torch.rand(n, device=dev) < high_share
+    lo = min(int(t_low * num_train), num_train - 1)
+    return torch.where(high, torch.randint(lo, num_train, (n,), device=dev), t)
+
+
 def train_unet(args: argparse.Namespace, work: Path, out: Path, log) -> None:
     from diffusers import AutoencoderTiny
 
@@ -271,7 +285,7 @@ def train_unet(args: argparse.Namespace, work: Path, out: Path, log) -> None:
         prompts = ["" if rng.random() < 0.1 else p for p in prompts]
         ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
         cond = text_encoder(ids.input_ids.to(dev))[0]  # (B, 24, 64)
-        t = torch.randint(0, sched.config.num_train_timesteps, (len(prompts),), device=dev)
+        t = sample_timesteps(len(prompts), sched.config.num_train_timesteps, args.t_low, args.high_share, dev)
         eps = torch.randn_like(z0)
         if args.noise_offset:  # offset noise: a per-image, per-channel constant, so the model learns the image means
             eps = eps + args.noise_offset * torch.randn(z0.shape[0], z0.shape[1], 1, 1, device=dev)
@@ -357,6 +371,15 @@ def main(argv: list[str] | None = None) -> None:
         default=0.0,
         help="add this to the x0-error weight at every timestep (1: v-prediction's weighting at high noise; 0: min-SNR "
         "alone, the shipped recipe)",
+    )
+    p.add_argument(
+        "--t-low",
+        type=float,
+        default=0.0,
+        help="start of the high-noise slice --high-share oversamples (fraction of T)",
+    )
+    p.add_argument(
+        "--high-share", type=float, default=0.0, help="share of each batch drawn from [t_low T, T) (1: only there)"
     )
     p.add_argument("--device", default="cpu", help="torch device (the shipped model is trained on cpu)")
     p.add_argument("--unet-steps", type=int, default=2500, help="UNet + text encoder training steps")
