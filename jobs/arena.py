@@ -25,6 +25,7 @@ import hashlib
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -35,7 +36,8 @@ from feedback_store.records import MAX_REASONS, utcnow
 from jobs.abuse import VoteGuard
 from jobs.prompts import Blocklist, PromptPool, validate_prompt
 from jobs.registry import BASE, AdapterRegistry
-from ncp.serving import GeneratedImage, GenerationService, PairPrefetcher, ReadyPair
+from ncp.prefetch import PairPrefetcher
+from ncp.serving import GeneratedImage, GenerationPaused, GenerationService, ReadyPair
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +149,8 @@ class ArenaService:
         self._open_lock = threading.Lock()
         self._last_purge = time.monotonic()
         self.purged_unvoted = 0  # pairs deleted by the retention rule since start
+        self._showings: deque[float] = deque(maxlen=4096)  # time.monotonic() of each pool showing (raters' pace)
+        self.paused_refusals = 0  # requests refused because generation was paused and no pair was left
         self.prefetcher = PairPrefetcher(
             generation, pool.draw, self.battle_versions, size=prefetch_size, seed=seed, prepare=self._store_pool_pair
         )
@@ -245,9 +249,19 @@ class ArenaService:
         self.purge_unvoted()
         if prompt:
             text = validate_prompt(prompt, self.blocklist, self.model_check)
-            ready = self.prefetcher.produce_one(text)
+            if self.prefetcher.paused:
+                self.paused_refusals += 1
+                raise InputRejected(
+                    "generation_paused",
+                    "a training round has the GPU, so typed prompts wait until it ends; vote on ready pairs meanwhile",
+                )
+            try:
+                ready = self.prefetcher.produce_one(text)
+            except GenerationPaused as err:
+                raise InputRejected("generation_paused", f"{err}; try your prompt again after the round") from None
             source, category = "typed", "typed"
             return self._issue(ready, session, source, category)
+        self._showings.append(time.monotonic())
         shown = self._take_shown(session)
         if shown is None and self.overflow_wait_s is not None and self.ratings_per_pair > 1:
             ready = self.prefetcher.try_get(self.overflow_wait_s)
@@ -256,9 +270,26 @@ class ArenaService:
             shown = self._take_shown(session, overflow=True)
         if shown is not None:
             return self._issue_ids(shown.ready, shown.prompt_id, shown.left_id, shown.right_id, session)
-        ready = self.prefetcher.get()
+        try:
+            ready = self.prefetcher.get()
+        except GenerationPaused:  # the round has the card and the queue ran out: a pair shown before, if any
+            shown = self._take_shown(session, overflow=True)
+            if shown is not None:
+                return self._issue_ids(shown.ready, shown.prompt_id, shown.left_id, shown.right_id, session)
+            self.paused_refusals += 1
+            raise InputRejected(
+                "generation_paused", "a training round has the GPU and every ready pair is taken; new pairs follow it"
+            ) from None
         category = self.pool.category(ready.prompt)
         return self._issue(ready, session, "pool", category, reusable=True)
+
+    def pace_per_s(self, window_s: float = 600.0) -> float:
+        """Pool pairs shown to raters per second over the last `window_s` seconds (0 before any)."""
+        now = time.monotonic()
+        recent = [t for t in list(self._showings) if now - t <= window_s]
+        if not recent:
+            return 0.0
+        return len(recent) / max(now - recent[0], min(window_s, 60.0))
 
     def _take_shown(self, session: str, overflow: bool = False) -> _Shown | None:
         """The newest pool pair this session has not seen that may be shown once more (None if there is none);

@@ -7,6 +7,7 @@ are skipped (STACK_NOTES). `run_now()` moves the next run to now (the admin tab'
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -18,9 +19,10 @@ JOB_ID = "alignment-round"
 
 
 class LoopScheduler:
-    def __init__(self, loop: AlignmentLoop, every_s: float) -> None:
+    def __init__(self, loop: AlignmentLoop, every_s: float, after_round: Callable[[], object] | None = None) -> None:
         self.loop = loop
         self.every_s = every_s
+        self.after_round = after_round  # after every tick, round or not (the GPU plan resumes generation here)
         self.scheduler = BackgroundScheduler(timezone=UTC)
         self._force = False
         self.scheduler.add_job(
@@ -29,7 +31,11 @@ class LoopScheduler:
 
     def _job(self) -> None:
         force, self._force = self._force, False
-        result = self.loop.run_round(trigger="admin") if force else self.loop.tick()
+        try:
+            result = self.loop.run_round(trigger="admin") if force else self.loop.tick()
+        finally:
+            if self.after_round is not None:
+                self.after_round()
         logger.info("alignment round: %s (%s)", result.status, result.reason)
 
     def add_periodic(self, job_id: str, fn, every_s: float) -> None:  # noqa: ANN001 - any callable

@@ -60,6 +60,12 @@ def load_serving_pipeline(model: str, device: str = "auto"):  # noqa: ANN201 - a
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     pipe = load_pipeline(model, dtype=dtype, device=device)
     pipe.set_progress_bar_config(disable=True)
+    vae = getattr(pipe, "vae", None)
+    if dtype == torch.float16 and vae is not None and getattr(pipe.unet.config, "addition_embed_type", None):
+        # SDXL's stock VAE overflows in fp16 (METHOD.md pitfalls): its config says force_upcast, and the pipeline
+        # decodes in fp32 (about +1-2 GiB at 1024 px). The fp16-fix VAE (config force_upcast false) decodes in fp16.
+        how = "in fp32 (force_upcast)" if getattr(vae.config, "force_upcast", False) else "in fp16 (no force_upcast)"
+        logger.info("SDXL VAE decodes %s; to decode in fp16 put the fp16-fix VAE in %s/vae", how, model)
     return pipe
 
 
@@ -201,6 +207,20 @@ class GenerationWorker(PairMaker):
         logger.info("now serving %s (swap took %.1f ms)", version, 1000 * self.last_swap_s)
         return self.last_swap_s
 
+    def card_info(self):  # noqa: ANN201 - ncp.memory.CardInfo | None
+        """The child's CUDA card (None on the CPU); asked of the child, so the app process opens no CUDA context."""
+        with self._lock:
+            return self._call("card")
+
+    def release_device(self) -> float:
+        """The child's weights off the GPU for a round that trains alone (GenerationService.release_device)."""
+        with self._lock:
+            return self._call("release")
+
+    def restore_device(self) -> float:
+        with self._lock:
+            return self._call("restore")
+
     def generate(self, prompt: str, seeds: Sequence[int], version: str | None = None) -> list[GeneratedImage]:
         if not seeds:
             raise ValueError("generate needs at least one seed.")
@@ -267,6 +287,9 @@ def serve(conn: mpc.Connection) -> None:
         "register": lambda version, folder: service.register_version(version, Path(folder)),
         "warm": service.warm_slots,
         "swap": service.swap_adapter,
+        "card": service.card_info,
+        "release": service.release_device,
+        "restore": service.restore_device,
         "generate": lambda prompt, seeds, version: [
             {f.name: getattr(img, f.name) for f in dataclasses.fields(img) if f.name != "image"}
             for img in service.generate(prompt, seeds, version=version)
