@@ -1,9 +1,8 @@
 """Read-side helpers for the UI: plain data (dicts, lists, paths) built from the runtime's services.
 
-app.py's handlers call these so that they hold no SQL, no tensors and no statistics: the leaderboard and rating
-history (feedback_store.stats), the round in progress (jobs.loop), the Progress tab's table and text, the fixed-seed
-probe gallery (cached per version on disk), the latest export as a zip, admin-only reads, the server-side clock that
-times API votes, and the handlers' own timings.
+The UI's handlers call these so that they hold no SQL, no tensors and no statistics: the fixed-seed probe gallery
+(cached per version on disk), the latest export as a zip, admin-only reads, the server-side clock that times API votes,
+the handlers' own timings, and a rater's own counts (the Progress tab's data is in jobs.progress).
 
 Nothing here imports gradio (DESIGN.md import rules); run the app (`python app.py`) to see these in use.
 """
@@ -11,9 +10,11 @@ Nothing here imports gradio (DESIGN.md import rules); run the app (`python app.p
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import logging
 import math
+import secrets
 import shutil
 import threading
 import time
@@ -24,11 +25,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import pandas as pd
-
 from feedback_store.records import MAX_TIME_TO_VOTE_MS, check_ident
-from feedback_store.stats import leaderboard, rating_history
 from jobs.abuse import client_address
+from jobs.progress import MIN_LEADERBOARD_VOTES, leaderboard_rows, round_status  # noqa: F401 (re-exported)
 from jobs.registry import BASE
 
 if TYPE_CHECKING:
@@ -38,7 +37,6 @@ logger = logging.getLogger(__name__)
 
 PROBE_COUNT = 8  # prompts in the probe gallery
 PROBE_SEED = 1234  # one fixed seed for every probe image, so versions differ only by their weights
-MIN_LEADERBOARD_VOTES = 30  # votes before a version is ranked (DESIGN.md: "minimum votes before a rank")
 _probe_lock = threading.Lock()
 _export_lock = threading.Lock()
 
@@ -109,54 +107,6 @@ def elapsed_ms(start_monotonic: float) -> int:
     return max(0, min(MAX_TIME_TO_VOTE_MS, int(1000 * (time.monotonic() - start_monotonic))))
 
 
-# -- progress ("watch it learn") ------------------------------------------------------------------------------------
-def leaderboard_rows(runtime: Runtime) -> list[dict]:
-    """Bradley-Terry leaderboard rows (rank, version, rating, ci_low, ci_high, votes, win_rate_vs_base,
-    preliminary, serving), best first; every kept version appears, with no votes yet if it has none."""
-    board = leaderboard(runtime.store.cross_version_comparisons(), min_votes=MIN_LEADERBOARD_VOTES)
-    serving = runtime.generation.serving_version
-    rows = [{**r, "serving": r["version"] == serving} for r in board.rows()]
-    seen = {r["version"] for r in rows}
-    for v in [BASE, *runtime.registry.versions()]:
-        if v not in seen:
-            rows.append(
-                {"rank": None, "version": v, "rating": None, "ci_low": None, "ci_high": None, "votes": 0}
-                | {"wins": 0.0, "win_rate_vs_base": None, "votes_vs_base": 0, "preliminary": True}
-                | {"serving": v == serving}
-            )
-    return rows
-
-
-def rating_points(runtime: Runtime, points: int = 30) -> list[dict]:
-    """Each version's rating (Elo scale, base = 1000) refitted on the votes up to ~`points` moments in time:
-    [{"until": datetime, "votes": n, "version": v, "rating": r}]."""
-    comparisons = runtime.store.cross_version_comparisons()
-    if not comparisons:
-        return []
-    return rating_history(comparisons, every=max(1, math.ceil(len(comparisons) / points)))
-
-
-def round_status(runtime: Runtime) -> dict:
-    """The round in progress and the last one, plus the schedule: plain values for a status panel."""
-    status = runtime.loop.status
-    progress = status.progress or {}
-    nxt = runtime.scheduler.next_run()
-    return {
-        "serving": runtime.generation.serving_version,
-        "state": status.state,
-        "step": progress.get("step") if status.state == "training" else None,
-        "max_steps": runtime.config.loop.max_steps,
-        "loss": progress.get("loss") if status.state == "training" else None,
-        "running_s": None if status.started is None or status.state == "idle" else time.time() - status.started,
-        "last": status.last,
-        "paused": runtime.scheduler.paused,
-        "next_run_in_s": None if nxt is None else max(0.0, (nxt - datetime.now(UTC)).total_seconds()),
-        "every_s": runtime.config.loop.train_every_s,
-        "new_votes": runtime.loop.new_trainable_votes(),
-        "min_new_votes": runtime.config.loop.min_new_votes,
-    }
-
-
 # -- probe gallery --------------------------------------------------------------------------------------------------
 def gallery_versions(runtime: Runtime) -> list[str]:
     """Versions the probe gallery can show, oldest first: base and every kept, intact version."""
@@ -223,7 +173,7 @@ class ExportInfo:
     def summary(self) -> str:
         rows = self.rows
         text = (
-            f"Snapshot **{self.snapshot_id}**, taken {self.created.replace('T', ' ')[:19]} UTC: "
+            f"Snapshot {self.snapshot_id}, taken {self.created.replace('T', ' ')[:19]} UTC: "
             f"{rows.get('total', 0)} rows ({rows.get('train', 0)} train + {rows.get('eval', 0)} eval)."
         )
         if self.newer_votes:
@@ -401,51 +351,6 @@ def admin_action(
     return read_blocklist(runtime, token if isinstance(token, str) else None, username)  # "read_blocklist"
 
 
-# -- Progress tab text ----------------------------------------------------------------------------------------------
-def _fmt(x: float | None, spec: str = ".0f") -> str:
-    return "" if x is None else format(x, spec)
-
-
-def leaderboard_frame(rows: list[dict]) -> pd.DataFrame:
-    """The Progress tab's leaderboard table, one row per version (`leaderboard_rows`)."""
-    table = [
-        {
-            "Rank": "" if r["rank"] is None else str(r["rank"]),
-            "Version": r["version"] + (" (serving)" if r["serving"] else ""),
-            "Rating": _fmt(r["rating"]),
-            "95% CI": "" if r["ci_low"] is None else f"{r['ci_low']:.0f} to {r['ci_high']:.0f}",
-            "Votes": r["votes"],
-            "Win rate vs base": _fmt(r["win_rate_vs_base"], ".0%"),
-            "Status": f"preliminary ({r['votes']}/{MIN_LEADERBOARD_VOTES} votes)" if r["preliminary"] else "",
-        }
-        for r in rows
-    ]
-    return pd.DataFrame(table, columns=["Rank", "Version", "Rating", "95% CI", "Votes", "Win rate vs base", "Status"])
-
-
-def status_markdown(s: dict) -> str:
-    """The Progress tab's schedule, round in progress and last round (`round_status`), as Markdown."""
-    if s["paused"]:
-        schedule = "paused"
-    else:
-        schedule = f"every {s['every_s']:.0f} s, next check in {_fmt(s['next_run_in_s'])} s"
-    lines = [
-        f"**Serving:** {s['serving']} · **Schedule:** {schedule} · "
-        f"**New trainable votes:** {s['new_votes']} (a round needs {s['min_new_votes']})",
-    ]
-    if s["state"] == "idle":
-        lines.append("**Training round:** none running.")
-    else:
-        step = f", step {s['step']}/{s['max_steps']}" if s["step"] is not None else ""
-        loss = f", loss {s['loss']:.4f}" if isinstance(s["loss"], float) else ""
-        lines.append(f"**Training round:** {s['state']}{step}{loss} ({_fmt(s['running_s'])} s so far)")
-    last = s["last"]
-    if last:
-        made = f" → {last['version']}" if last.get("version") else ""
-        lines.append(f"**Last round:** {last['status']}{made} in {last['seconds']:.0f} s: {last['reason']}")
-    return "\n\n".join(lines)
-
-
 def vote_address(runtime: Runtime, peer: str | None, forwarded_for: str | None) -> str | None:
     """The client address the per-address vote limit counts (jobs.abuse.client_address), or None when that limit is
     off (no address is then even computed)."""
@@ -453,3 +358,30 @@ def vote_address(runtime: Runtime, peer: str | None, forwarded_for: str | None) 
     if guard is None or not guard.config.address_votes_per_minute:
         return None
     return client_address(peer, forwarded_for, guard.config.trusted_proxy_hops)
+
+
+# -- a rater's identity and own counts ----------------------------------------------------------------------------
+def new_browser_id(secret: str) -> str:
+    """A random id for a browser's storage, signed with the server's secret ("<random>.<signature>"), so a browser
+    keeps one rater pseudonym across reloads and an id the server did not issue is refused."""
+    raw = secrets.token_urlsafe(18)
+    return f"{raw}.{_sign(raw, secret)}"
+
+
+def check_browser_id(value: object, secret: str) -> str | None:
+    """The random part of a signed browser id, or None for anything else (missing, edited, another server's)."""
+    if not isinstance(value, str) or len(value) > 80 or value.count(".") != 1:
+        return None
+    raw, sig = value.split(".")
+    return raw if raw and hmac.compare_digest(sig, _sign(raw, secret)) else None
+
+
+def _sign(raw: str, secret: str) -> str:
+    return hmac.new(secret.encode(), f"browser-id:{raw}".encode(), hashlib.sha256).hexdigest()[:24]
+
+
+def rater_counts(runtime: Runtime, rater: str) -> dict[str, int]:
+    """A rater's votes today (UTC) and attention checks seen and passed: the Arena's personal counter."""
+    midnight = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    controls, passed = runtime.store.rater_controls(rater)
+    return {"today": runtime.store.rater_votes_since(rater, midnight), "controls": controls, "passed": passed}
