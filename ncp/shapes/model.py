@@ -37,9 +37,8 @@ DEFAULT_GUIDANCE = 4.0
 # about twice what a uniform t gained (docs/BENCHMARKS.md, section alignment-sweep-headroom-timesteps).
 DEFAULT_TIMESTEP_LOW = 0.3
 NOISE_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
-# SD1.5's schedule: its terminal SNR is small but not zero, which eps-prediction needs to get the coarse layout
-# (background colour, position) right at the high-noise end (Lin et al. 2023, "Common Diffusion Noise Schedules and
-# Sample Steps are Flawed", sec. 3).
+# SD1.5's schedule (the first shapes models'): its terminal SNR of 5e-3 leaves the layout readable in x_T, so a
+# model trained on it takes the layout from the noise, not from the prompt (docs/research/shapes-layout.md).
 SCALED_LINEAR = dict(
     num_train_timesteps=1000,
     beta_schedule="scaled_linear",

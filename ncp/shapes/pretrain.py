@@ -358,10 +358,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument(
         "--beta-schedule",
-        default="scaled_linear",
+        default="linear",
         choices=["scaled_linear", "linear", "squaredcos_cap_v2"],
-        help="noise schedule: scaled_linear (SD1.5's, the shipped models'), or linear (DDPM's: terminal SNR low enough "
-        "that x_T no longer shows the layout; docs/research/shapes-layout.md)",
+        help="noise schedule: linear (DDPM's, the shipped models': terminal SNR low enough that x_T no longer shows "
+        "the layout; docs/research/shapes-layout.md) or scaled_linear (SD1.5's)",
     )
     p.add_argument("--noise-offset", type=float, default=0.1, help="offset-noise strength (0 = off)")
     p.add_argument("--snr-gamma", type=float, default=5.0, help="min-SNR weighting gamma (0 = off)")
