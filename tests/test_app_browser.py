@@ -190,6 +190,11 @@ def test_typed_markup_is_text_and_reasons_and_double_click(served, browser) -> N
     page, errors, requests = _page(browser, "laptop")
     page.goto(url, wait_until="load")
     page.wait_for_function(ENABLED)
+    presses = 0  # the vote row comes right after the tabs and the images in the tab order
+    while page.evaluate("(document.activeElement || {}).id") != "vote-left" and presses < 12:
+        page.keyboard.press("Tab")
+        presses += 1
+    assert presses <= 8, f"{presses} Tab presses to reach 'Left is better'"
     box = page.get_by_label("Your own prompt (optional)")
     assert box.get_attribute("maxlength") == "300"  # the server's limit (jobs.prompts.MAX_PROMPT_CHARS)
     expect(page.locator("#vocabulary")).to_contain_text("300 characters")
@@ -252,6 +257,7 @@ def test_progress_data_and_admin(served, browser, tmp_path: Path) -> None:
     expect(page.locator("#before-after img").first).to_have_attribute("alt", f"before (base): {first}")
     expect(page.locator("#before-after img").nth(1)).to_have_attribute("alt", f"after ({version}): {first}")
     assert page.screenshot(path=str(tmp_path / "progress.png"), full_page=True).startswith(b"\x89PNG")
+    assert page.get_by_role("button", name="Share").count() == 0  # no Share buttons off Spaces
 
     page.get_by_role("tab", name="Data").click()
     for _ in range(2):  # the second click within 10 s reuses the snapshot: a public button cannot fill the disk

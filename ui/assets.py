@@ -26,7 +26,7 @@ CSS = """
 }
 #arena-pair .arena-prompt { margin: 0 0 4px 0; font-weight: 600; overflow-wrap: anywhere; }
 #arena-pair .pair-imgs { display: grid; grid-template-columns: 1fr 1fr; gap: 8px; justify-items: center; }
-#arena-pair figure { margin: 0; width: 100%; max-width: min(100%, calc(100svh - 390px)); min-width: 0; }
+#arena-pair figure { margin: 0; width: 100%; max-width: min(100%, calc(100svh - 460px)); min-width: 0; }
 #arena-pair img { display: block; width: 100%; aspect-ratio: 1 / 1; height: auto; border-radius: 6px;
   image-rendering: pixelated; image-rendering: crisp-edges; background: #8882; }
 #arena-pair figcaption { text-align: center; font-size: 0.85rem; }
