@@ -261,6 +261,7 @@ def round_status(runtime: Runtime) -> dict:
         "every_s": runtime.config.loop.train_every_s,
         "new_votes": runtime.loop.new_trainable_votes(),
         "min_new_votes": runtime.config.loop.min_new_votes,
+        "gpu_plan": runtime.gpu.line(),  # jobs/gpu_round.py: whether generation pauses during a round, and why
     }
 
 
@@ -279,4 +280,6 @@ def status_lines(s: dict) -> list[str]:
     if s["state"] != "idle":
         step = f", step {s['step']} of {s['max_steps']}" if s["step"] is not None else ""
         lines.append(f"A round is {s['state']} now{step} ({_fmt(s['running_s'])} s so far).")
+    if s.get("gpu_plan"):
+        lines.append(s["gpu_plan"])
     return lines

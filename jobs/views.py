@@ -336,7 +336,9 @@ def admin_action(
     if action == "status":
         status = {k: v for k, v in round_status(runtime).items() if k != "last"}
         arena = runtime.arena
-        status["pairs"] = {"queued": arena.prefetcher.qsize(), "overflow_showings": arena.overflow_issued}
+        status["pairs"] = {"queued": arena.prefetcher.qsize(), "overflow_showings": arena.overflow_issued,
+                           "refused_while_paused": arena.paused_refusals}  # fmt: skip
+        status["gpu"] = runtime.gpu.status()  # the GPU plan, its reasons and the last paused round
         if timings is not None:
             status["handler_ms"] = timings.summary()
         return json.dumps(status, default=str)
