@@ -19,10 +19,14 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import diffusers.utils.logging
 import torch
+import transformers.utils.logging
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
@@ -128,7 +132,8 @@ def load_pipeline(
     else:
         source = str(model)
     try:
-        pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype, local_files_only=True)
+        with _no_loading_bars():
+            pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype, local_files_only=True)
     except OSError as err:  # huggingface_hub's LocalEntryNotFoundError and missing files are OSErrors
         raise FileNotFoundError(
             f"Could not load pipeline {source!r} offline: {err}. Pass a local folder, or download the hub id on a "
@@ -136,6 +141,20 @@ def load_pipeline(
         ) from err
     logger.info("loaded %s (%s) on %s as %s", source, type(pipe).__name__, device, dtype)
     return pipe.to(device)
+
+
+@contextmanager
+def _no_loading_bars() -> Iterator[None]:
+    """No "Loading pipeline components" / "Loading weights" progress bars: a local load takes about a second, and in
+    the app's log (or a training run's) a bar is noise. The libraries' own switches, restored afterwards."""
+    libs = [lib for lib in (diffusers.utils.logging, transformers.utils.logging) if lib.is_progress_bar_enabled()]
+    for lib in libs:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib in libs:
+            lib.enable_progress_bar()
 
 
 def is_sdxl(pipe: DiffusionPipeline) -> bool:

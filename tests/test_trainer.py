@@ -45,6 +45,7 @@ from ncp.pipelines import (
 from ncp.train import build_parser, config_from_args
 from ncp.train import main as cli_main
 from ncp.trainer import TrainConfig, TrainingError, batch_indices, pair_loss, probe_eps, train
+from tests.helpers.logs import warning_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = dict(lora_rank=4, lora_alpha=8.0, lr=1e-3, batch_size=2, beta=5000.0)  # alpha != rank: a lost alpha shows
@@ -92,6 +93,8 @@ def test_cli_writes_an_adapter_that_stock_diffusers_loads_and_reproduces(world: 
     out, progress = world["root"] / "cli-adapter", world["root"] / "cli-progress.jsonl"
     proc = subprocess.run(_cli(world, out, "--progress-file", str(progress)), env=ENV, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # Every line is useful: no third-party notices, no "truncated to N tokens" (the tokenizer covers the captions).
+    assert not warning_lines(proc.stdout + proc.stderr), "\n".join(warning_lines(proc.stdout + proc.stderr))
     assert sorted(p.name for p in out.iterdir()) == [
         "adapter_config.json", "metadata.json", "metrics.json", "pytorch_lora_weights.safetensors",
     ]  # fmt: skip

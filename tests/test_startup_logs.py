@@ -1,0 +1,77 @@
+"""Starting the app on the shipped model prints only lines a user can use: no third-party notices, no warnings.
+
+The app runs as `scripts/run.sh` starts it (`python app.py` with the same environment), on a free port and a fresh
+data folder, until it serves its page and its generation worker has warmed its adapter slots; then it is stopped the
+way `docker stop` stops it (SIGTERM) and everything it printed is read."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.app_fixtures import free_port
+from tests.helpers.logs import warning_lines
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_warning_lines_reads_the_notices_it_must_catch() -> None:
+    noisy = (
+        "2026-12-03 12:45:05,484 WARNING jobs.loop: round failed\n"
+        "[transformers] `CLIPImageProcessor` requires torchvision (not installed); falling back\n"
+        "Loading pipeline components...:  60%|###| 3/5\rExpected types for vae: (AutoencoderKL,), got AutoencoderTiny.\n"
+        "/x/peft/tuners/tuners_utils.py:331: UserWarning: Already found a `peft_config` attribute in the model.\n"
+        "Token indices sequence length ... truncated to 32 tokens\n"
+    )
+    assert len(warning_lines(noisy)) == 5
+    quiet = (
+        "2026-12-03 12:45:08,571 INFO apscheduler.scheduler: Scheduler started\n* Running on local URL:  http://x\n"
+    )
+    assert warning_lines(quiet) == []
+
+
+@pytest.mark.slow
+def test_the_app_starts_on_the_shipped_model_without_warning_lines(tmp_path: Path) -> None:
+    port = free_port()
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "NCP_DATA_DIR": str(tmp_path / "data"),
+        "GRADIO_SERVER_PORT": str(port),
+        "PYTHONUNBUFFERED": "1",
+    }
+    env.pop("NCP_MODEL", None)  # the shipped default, models/shapes-base
+    log = tmp_path / "app.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "app.py"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True
+        )
+        try:
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline and proc.poll() is None:
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).close()
+                    break
+                except OSError:
+                    time.sleep(1)
+            assert proc.poll() is None, "the app exited during startup:\n" + log.read_text()[-4000:]
+            time.sleep(10)  # the worker's first generations and the scheduler's start log after the page is up
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    output = log.read_text()
+    assert "Running on local URL" in output, output[-4000:]
+    assert not warning_lines(output), "warning lines at startup:\n" + "\n".join(warning_lines(output))
