@@ -13,8 +13,7 @@ then read the event stream), so wrong types, raw bytes and malformed bodies reac
 "edges" cases go around the API: an upload, the UI's private handlers called by name, the UI's queue with a hostile
 session hash, oversized or wrongly typed admin values, free-text reasons, a session hoarding unvoted pairs, export
 and admin-token flooding from one address.
-Used by bench/reliability.py (the table in docs/RELIABILITY.md) and tests/test_bad_input.py (CI).
-"""
+Used by bench/reliability.py (the table in docs/RELIABILITY.md) and tests/test_bad_input.py (CI)."""
 
 from __future__ import annotations
 
@@ -30,7 +29,7 @@ from pathlib import Path
 import httpx
 
 import app
-from bench.net import free_port
+from bench.harness import free_port
 from jobs.runtime import Runtime
 
 ADMIN_TOKEN = "bad-input-admin-token-0123456789abcdef"

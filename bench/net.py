@@ -1,9 +1,3 @@
-"""A free localhost port for benchmarks that launch the app in-process."""
+"""A free localhost port: lives in `bench/harness.py`, re-exported here for the scripts that import `bench.net`."""
 
-import socket
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from bench.harness import free_port  # noqa: F401

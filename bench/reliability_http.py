@@ -15,9 +15,6 @@ import json
 import logging
 import os
 import secrets
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -25,18 +22,12 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import httpx
 import numpy as np
-import torch
 from PIL import Image
 
-from bench.net import free_port
+from bench.harness import AppServer, free_port, publish_versions  # noqa: F401 - AppServer: bench/serving.py
 from feedback_store import FeedbackStore
-from jobs.loop import LoopConfig
-from jobs.registry import BASE, AdapterRegistry
-from jobs.runtime import SHAPES_MODEL
-from ncp.adapters import LoraSettings, add_lora, save_adapter
-from ncp.pipelines import load_pipeline
+from jobs.registry import AdapterRegistry
 from ncp.shapes.rater import SimulatedRater
 
 logger = logging.getLogger(__name__)
@@ -66,57 +57,6 @@ class LoadSettings:
     seed: int = 0
 
 
-# -- the server process ---------------------------------------------------------------------------------------------
-class AppServer:
-    """`python app.py` (or bench/reliability_server.py) in its own process group, logging to the data dir."""
-
-    def __init__(self, data_dir: Path, port: int, env: dict[str, str], use_wrapper: bool) -> None:
-        self.data_dir, self.port, self.env = data_dir, port, env
-        self.cmd = [sys.executable, "-m", "bench.reliability_server"] if use_wrapper else [sys.executable, "app.py"]
-        self.url = f"http://127.0.0.1:{port}"
-        self.proc: subprocess.Popen | None = None
-        self.starts = 0
-
-    def start(self) -> None:
-        self.starts += 1
-        log = open(self.data_dir / f"server-{self.starts}.log", "ab")  # noqa: SIM115 - the child owns it
-        self.proc = subprocess.Popen(
-            self.cmd, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        log.close()
-
-    def wait_ready(self, timeout_s: float) -> float:
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout_s:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"the app exited with {self.proc.returncode} at start; see {self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/config", timeout=5).status_code == 200:
-                    return time.monotonic() - t0
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"the app did not answer within {timeout_s:.0f} s; see {self.log_tail()}")
-
-    def log_tail(self) -> str:
-        path = self.data_dir / f"server-{self.starts}.log"
-        return path.read_text(errors="replace")[-3000:] if path.exists() else "(no log)"
-
-    def kill(self) -> None:
-        """SIGKILL the whole process group (the app and a training or evaluation child, if one runs)."""
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-
-    def stop(self, timeout_s: float = 120.0) -> int:
-        """SIGTERM (a clean shutdown: the app stops its runtime and closes the store), SIGKILL if it hangs."""
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            return self.proc.wait()
-
-
 def server_env(s: LoadSettings, data_dir: Path, port: int, admin_token: str) -> dict[str, str]:
     """The app's environment: small images steps, defences on but limits too generous for bots, schedule off."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NCP_", "GRADIO_SERVER"))}
@@ -143,30 +83,6 @@ def server_env(s: LoadSettings, data_dir: Path, port: int, admin_token: str) -> 
     if s.loop_overrides:
         env["NCP_BENCH_LOOP"] = json.dumps(s.loop_overrides)
     return env
-
-
-def publish_versions(data_dir: Path, n: int = 2, std: float = 0.02) -> list[str]:
-    """Publish `n` LoRA versions of the shapes model (random B matrices, LoopConfig's rank and alpha) into the data
-    dir's registry and register them in the store, as the loop would; the registry keeps pointing at base."""
-    loop = LoopConfig()
-    registry = AdapterRegistry(data_dir / "adapters", keep=loop.keep_versions)
-    versions = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for seed in range(1, n + 1):
-            pipe = load_pipeline(SHAPES_MODEL)
-            settings = LoraSettings(rank=loop.lora_rank, alpha=loop.lora_alpha)
-            add_lora(pipe.unet, settings)
-            torch.manual_seed(seed)
-            with torch.no_grad():
-                for name, p in pipe.unet.named_parameters():
-                    if "lora_B" in name:
-                        p.normal_(0.0, std)
-            folder = save_adapter(pipe, pipe.unet, Path(tmp) / f"adapter-{seed}", settings)
-            versions.append(registry.publish(folder, parent=BASE, snapshot_id=None, metrics={"bench": True}).version)
-    with FeedbackStore(data_dir / "arena.duckdb") as store:
-        for v in versions:
-            store.register_adapter_version(v, BASE, None, {"bench": "reliability"}, status="published")
-    return versions
 
 
 # -- clients --------------------------------------------------------------------------------------------------------

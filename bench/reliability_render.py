@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.docs import ROOT, repo_path
+from bench.harness import ROOT, repo_path
+from bench.harness import fmt as _f
+from bench.harness import ms_cell as _ms
+from bench.harness import yes_no as _yes
 from bench.poisoning import PoisonSettings
 from bench.reliability_http import LoadSettings, server_env
 from jobs.abuse import AbuseConfig
@@ -18,18 +21,6 @@ LOAD_GOAL = (
 CRASH_GOAL = "SIGKILL mid-load, restart: every acknowledged vote there, the registry's version served"
 BAD_GOAL = ">= 30 malformed or hostile requests, each refused with a clear message, nothing stored changed"
 POISON_GOAL = "20% adversarial raters: gain with defences >= 80% of the clean run's"
-
-
-def _yes(ok: bool | None) -> str:
-    return "not measurable" if ok is None else ("**yes**" if ok else "**no**")
-
-
-def _ms(d: dict) -> str:
-    return "" if not d.get("n") else f"{d['p50']:.0f} / {d['p95']:.0f} / {d['p99']:.0f} / {d['max']:.0f}"
-
-
-def _f(x: float | None, spec: str = ".3f") -> str:
-    return "" if x is None else format(x, spec)
 
 
 def load_ok(r: dict) -> bool:

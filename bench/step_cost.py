@@ -22,7 +22,6 @@ import gc
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+
+from bench.harness import maxrss_mb, rss_mb  # noqa: E402
+
 METHODS = [(o, s) for s in ("latent", "ncp") for o in ("dpo", "cpo", "sft")]
 # name -> (UNet overrides of the tiny SDXL UNet, latent side, pairs per step)
 CONFIGS = {
@@ -50,15 +52,6 @@ CONFIGS = {
     ),
 }
 LORA_RANK = 16
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _maxrss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def worker(config: str, objective: str, space: str, steps: int, warmup: int) -> dict:
@@ -108,11 +101,11 @@ def worker(config: str, objective: str, space: str, steps: int, warmup: int) -> 
 
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
-    rss_before, maxrss_setup = _rss_mb(), _maxrss_mb()
+    rss_before, maxrss_setup = rss_mb(), maxrss_mb()
     for i in range(warmup):
         step(i)
     times = [step(warmup + i) for i in range(steps)]
-    maxrss_end = _maxrss_mb()
+    maxrss_end = maxrss_mb()
     extra = _encoder_fraction(pipe, unet, batch) if (objective, space) == ("dpo", "latent") else {}
     return {
         **extra,

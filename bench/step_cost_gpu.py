@@ -47,7 +47,7 @@ from types import SimpleNamespace
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from bench.docs import write_section  # noqa: E402
+from bench.harness import write_json, write_section  # noqa: E402
 
 # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (UNet2DConditionModel defaults for the rest)
 SDXL_UNET = dict(
@@ -140,7 +140,7 @@ def _measure(record: dict, config: str, method: str, device, steps: int, warmup:
     import transformers
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    from bench.step_cost import _maxrss_mb, _rss_mb
+    from bench.harness import maxrss_mb, rss_mb
     from ncp.data import PairBatch
     from ncp.perception import _encoder_in_fp32
     from ncp.pipelines import _SD_SCHEDULE, Conditioning
@@ -219,7 +219,7 @@ def _measure(record: dict, config: str, method: str, device, steps: int, warmup:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         record["weights_mb"] = torch.cuda.memory_allocated(device) / 2**20
-    rss_before = _rss_mb()
+    rss_before = rss_mb()
     times = []
     with _encoder_precision(encoder_fp32):
         for i in range(warmup + steps):
@@ -231,7 +231,7 @@ def _measure(record: dict, config: str, method: str, device, steps: int, warmup:
         record["peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         record["peak_reserved_mb"] = torch.cuda.max_memory_reserved(device) / 2**20
     else:  # CPU: extra resident memory of the steps (as bench/step_cost.py)
-        record["peak_mb"] = _maxrss_mb() - rss_before
+        record["peak_mb"] = maxrss_mb() - rss_before
     record.update(step_ms=statistics.median(times) * 1e3, step_times_ms=[t * 1e3 for t in times], losses=losses)
     _log(method, f"median {record['step_ms']:.0f} ms/step, peak {record['peak_mb']:.0f} MB")
     return record
@@ -300,15 +300,8 @@ def run_all(config: str, device: str, methods: list[str], steps: int, warmup: in
             data["machine"] = machine
         data["results"][method] = rec
         data["wall_s"] = time.monotonic() - started
-        _write_json(add_ratios(data), out)  # partial results survive a kill
+        write_json(add_ratios(data), out)  # partial results survive a kill
     return data
-
-
-def _write_json(data: dict, out: Path) -> None:
-    from ncp.checkpoints import finite_json
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(finite_json(data), indent=2))
 
 
 def render(data: dict) -> str:
@@ -393,7 +386,7 @@ def main() -> None:
     else:
         config = "tiny" if args.tiny else "sdxl-full"
         data = run_all(config, args.device, methods, steps, warmup, args.budget_s, out)
-    _write_json(data, out)
+    write_json(data, out)
     if docs:
         write_section(Path(docs), "step_cost_gpu", render(data))
     print(render(data), flush=True)

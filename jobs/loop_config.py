@@ -26,8 +26,8 @@ class LoopConfig:
     objective: str = "dpo"
     space: str = "ncp"
     beta: float = 5e5
-    # The best ncp-dpo grid point on the shapes validation prompts (bench/alignment.py, 120 steps of 8 pairs): at 2e-4
-    # the LoRA barely moves in a round, 3e-3 overshoots.
+    # The best ncp-dpo grid point on the shapes validation prompts (docs/research/ncp-vs-latent-dpo.md, 120 steps of
+    # 8 pairs): at 2e-4 the LoRA barely moves in a round, 3e-3 overshoots.
     lr: float = 1e-3
     max_steps: int = 120
     batch_size: int = 8

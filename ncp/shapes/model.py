@@ -29,7 +29,7 @@ MAX_TOKENS = 24  # the longest grammar prompt is 13 words + 2 special tokens
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # Sampling defaults the model ships with (documented in the model card, measured by bench/shapes_speed.py). 10 Euler-a
 # steps keep a 64-px pair under 0.5 s on this 2-core CPU (12 steps: 0.57 s p50); the first, 32-px model scored within
-# 0.015 of 20 steps at 12 (bench/shapes_recipe.py).
+# 0.015 of 20 steps at 12 (docs/research/shapes-pretraining-recipe.md).
 DEFAULT_STEPS = 10
 DEFAULT_GUIDANCE = 4.0
 # Lowest training timestep (fraction of the schedule) of the live loop's preference rounds on this world. Colour, size
