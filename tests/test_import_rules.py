@@ -1,12 +1,12 @@
-"""The module boundaries of DESIGN.md, enforced: ncp never imports the store, the UI or the loop; the store never
-imports torch, gradio or ncp; jobs never import gradio; and no two modules of the project import each other, directly
-or through others (an import cycle).
+"""The module boundaries of DESIGN.md, enforced: ncp never imports the store, the UI (app.py, ui/) or the loop; the
+store never imports torch, gradio or ncp; jobs never import gradio or the UI; and no two modules of the project
+import each other, directly or through others (an import cycle).
 
 What counts as an import, for both rules: every `import` statement in a file, wherever it stands: at module level,
 inside a function, or under `if TYPE_CHECKING:`. A function-level or type-only import still means the two modules
 need each other (the circles this rule removed hid behind TYPE_CHECKING), so the cycle rule reads them all. A shared
 type or setting that two modules need goes into a module of its own (`ncp/train_config.py`, `jobs/loop_config.py`).
-The cycle rule covers the product and its benchmarks (app.py, ncp/, jobs/, feedback_store/, bench/, scripts/).
+The cycle rule covers the product and its benchmarks (app.py, ui/, ncp/, jobs/, feedback_store/, bench/, scripts/).
 """
 
 import ast
