@@ -157,3 +157,33 @@ def test_rounds_train_on_the_served_images_micro_conditioning() -> None:
     native = encode_pairs([pair], pipe.vae, resolution=64, model_key="tiny")[0]
     assert not torch.equal(native.time_ids, generated[0])
     assert io.BytesIO(a.png).getbuffer().nbytes > 0 and a.scheduler == type(pipe.scheduler).__name__
+
+
+def test_settings_read_the_plan_and_the_sampler() -> None:
+    from jobs.settings import config_from_env
+
+    sdxl = config_from_env({"NCP_GPU_PLAN": "exclusive", "NCP_MODEL": "/models/sdxl"})
+    assert sdxl.gpu_plan == "exclusive" and sdxl.sampling.scheduler == "dpmpp-2m"
+    shapes = config_from_env({})
+    assert shapes.gpu_plan == "auto" and shapes.sampling.scheduler == "model"  # the shapes model's tuned sampler
+    assert config_from_env({"NCP_SCHEDULER": "model", "NCP_MODEL": "/m"}).sampling.scheduler == "model"
+    with pytest.raises(ValueError, match="NCP_GPU_PLAN"):
+        config_from_env({"NCP_GPU_PLAN": "half"})
+    with pytest.raises(ValueError, match="scheduler"):
+        config_from_env({"NCP_SCHEDULER": "ddim"})
+
+
+def test_the_fast_sampler_and_the_worker_s_device_calls(tmp_path) -> None:
+    from ncp.generation_worker import GenerationWorker
+
+    pipe = build_tiny_sdxl()
+    service = GenerationService(pipe, "tiny", SamplingConfig(steps=2, scheduler="dpmpp-2m"), lora_rank=8)
+    assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler" and pipe.scheduler.config.use_karras_sigmas
+    assert service.generate("a red circle", [0])[0].scheduler == "DPMSolverMultistepScheduler"  # in the lineage
+    assert service.card_info() is None and service.release_device() == 0.0 == service.restore_device()  # CPU
+    pipe.save_pretrained(tmp_path / "tiny")
+    worker = GenerationWorker(str(tmp_path / "tiny"), "tiny", SamplingConfig(steps=2), lora_rank=8, device="cpu")
+    try:
+        assert worker.card_info() is None and worker.release_device() == 0.0 == worker.restore_device()
+    finally:
+        worker.close()
