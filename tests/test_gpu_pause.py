@@ -6,6 +6,7 @@ round's trainer is the fault injector that hangs until the loop's time limit, so
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -14,6 +15,8 @@ import pytest
 import torch
 
 from feedback_store import InputRejected
+from jobs import views
+from jobs.progress import round_status, status_lines
 from jobs.runtime import ArenaConfig, Runtime
 from ncp.adapters import LoraSettings, add_lora, save_adapter
 from ncp.pipelines import build_tiny_sdxl
@@ -21,6 +24,7 @@ from ncp.serving import PairMix, SamplingConfig
 
 ROUND_S = 12.0  # the hanging trainer's time limit: how long generation stays paused
 SALT = "test-salt-0123456789abcdef"
+ADMIN = "admin-token-for-tests"
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:  # noqa: ANN001 - any callable
@@ -54,6 +58,7 @@ def exclusive_runtime(tmp: Path, ratings_per_pair: int = 1) -> Runtime:
         prefetch=2,
         ratings_per_pair=ratings_per_pair,
         rater_salt=SALT,
+        admin_token=ADMIN,
         gpu_plan="exclusive",
     )
     runtime = Runtime(config)
@@ -88,6 +93,10 @@ def test_a_paused_round_serves_the_queue_then_refills_it(runtime: Runtime) -> No
     issued = [rt.arena.next_pair(f"session-{i}") for i in range(5)]  # every queued pair reaches a rater
     assert prefetcher.waited == waited, "a rater found no ready pair while the queue had some"
     assert len({v.pair_id for v in issued}) == 5 and rt.gpu.paused
+    # The admin status and the Progress tab's round lines carry the plan, its reasons and the pause.
+    status = json.loads(views.admin_action(rt, "status", "", ADMIN, None))
+    assert status["gpu"]["mode"] == "exclusive" and status["gpu"]["generation_paused"] and status["gpu"]["reasons"]
+    assert any(line.startswith("GPU plan: exclusive") for line in status_lines(round_status(rt)))
     vote = rt.arena.vote("session-0", issued[0].token, "left", rt.rater_id("rater-0"))
     assert vote.left_version == "base"  # votes go on during the round
     with pytest.raises(InputRejected) as dry:  # the queue is spent: told why, nothing generated on the round's card
