@@ -202,9 +202,8 @@ def test_typed_markup_is_text_and_reasons_and_double_click(served, browser) -> N
     runtime.blocklist.write("dragon\n")
     markup = "<img src=x onerror=window.__hit=1> **bold** dragon"
     box.fill(markup)
-    box.press("Enter")  # refused: the message quotes the prompt, as text
+    box.press("Enter")  # refused: the message is text, and nothing of the prompt became an element
     expect(page.locator("#arena-status")).to_contain_text("not allowed")
-    expect(page.locator("#arena-status")).to_contain_text("<img src=x")
     assert page.locator("#arena-status img, #arena-status strong").count() == 0
 
     box.fill("<img src=y onerror=window.__hit=1> **bold** cat")
@@ -246,13 +245,15 @@ def test_progress_data_and_admin(served, browser, tmp_path: Path) -> None:
     page.get_by_role("tab", name="Progress").click()
     # any model: the served version's win rate against the base from raters, as a chart with a title
     expect(page.locator("#progress-headline")).to_contain_text(f"{version} wins")
-    expect(page.locator("#quality-chart svg title")).to_have_text("Win rate against the base over votes")
+    expect(page.locator("#quality-chart svg #qc-t")).to_have_text("Win rate against the base over votes")
     expect(page.locator("#board-note")).to_contain_text("only cross-version votes")
     expect(page.get_by_role("gridcell", name=f"{version} (serving)")).to_be_visible()
     expect(page.locator("#round-status")).to_contain_text(f"Serving {version}")
     expect(page.locator("#round-events")).to_contain_text("No training round yet")
     # before/after: base and the served version, same prompts and seed, side by side, with alt text
-    page.wait_for_function(f"document.querySelectorAll('#before-after img').length >= {2 * views.PROBE_COUNT}")
+    page.wait_for_function(  # generated once per version (views.probe_gallery): slow on a busy 2-core machine
+        f"document.querySelectorAll('#before-after img').length >= {2 * views.PROBE_COUNT}", timeout=5 * TIMEOUT_MS
+    )
     first = views.probe_prompts(runtime)[0]
     expect(page.locator("#before-after img").first).to_have_attribute("alt", f"before (base): {first}")
     expect(page.locator("#before-after img").nth(1)).to_have_attribute("alt", f"after ({version}): {first}")
