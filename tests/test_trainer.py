@@ -93,8 +93,10 @@ def test_cli_writes_an_adapter_that_stock_diffusers_loads_and_reproduces(world: 
     out, progress = world["root"] / "cli-adapter", world["root"] / "cli-progress.jsonl"
     proc = subprocess.run(_cli(world, out, "--progress-file", str(progress)), env=ENV, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # Every line is useful: no third-party notices, no "truncated to N tokens" (the tokenizer covers the captions).
-    assert not warning_lines(proc.stdout + proc.stderr), "\n".join(warning_lines(proc.stdout + proc.stderr))
+    # Every line is useful: no third-party notices, no "truncated to N tokens" (the tokenizer covers the captions);
+    # the one warning is the data's own, about the two bad rows this world holds on purpose.
+    noise = [w for w in warning_lines(proc.stdout + proc.stderr) if "WARNING ncp.data: Skipped 2 bad row(s)" not in w]
+    assert not noise, "\n".join(noise)
     assert sorted(p.name for p in out.iterdir()) == [
         "adapter_config.json", "metadata.json", "metrics.json", "pytorch_lora_weights.safetensors",
     ]  # fmt: skip
