@@ -18,6 +18,7 @@ Used by bench/reliability.py (the table in docs/RELIABILITY.md) and tests/test_b
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import re
 import secrets
@@ -207,7 +208,9 @@ def _send_queue(srv: BadInputServer, req: Request) -> Response:
             out = msg.get("output") or {}
             if not msg.get("success"):
                 return Response("error", s.status_code, text=str(out.get("error")))
-            warning = next((d for d in out.get("data", []) if isinstance(d, str) and d.startswith("⚠️")), None)
+            # The page shows messages as escaped HTML text (<p role="alert">⚠️ ...</p>): compare the text itself.
+            texts = [html.unescape(re.sub(r"<[^>]*>", "", d)) for d in out.get("data", []) if isinstance(d, str)]
+            warning = next((t for t in texts if t.startswith("⚠️")), None)
             return Response("complete", 200, {"error": "ui_refused", "message": warning} if warning else {})
     return Response("error", s.status_code, text=s.text[:160])
 
