@@ -50,7 +50,7 @@ def open_tab(page: Page, tab: str) -> None:
         return
     page.get_by_role("tab", name=tab.capitalize()).click()
     if tab == "progress":
-        page.wait_for_selector("#quality-chart svg, #quality-chart .empty-state")
+        page.wait_for_selector("#quality-chart svg, #progress-headline p")
         page.wait_for_function("document.querySelectorAll('#before-after img').length >= 8", timeout=900_000)
         page.wait_for_function("[...document.querySelectorAll('#before-after img')].every(i => i.complete)")
     elif tab == "data":

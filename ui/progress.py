@@ -160,7 +160,7 @@ def quality_view(ctx: Ctx, rows: list[dict], events: list[dict]) -> tuple[str, s
     else:
         head = "The chart appears once a promoted version has met the base in cross-version pairs; raters' votes "
         head += "between the two give its win rate."
-    return head, text_html(head, cls="empty-state")
+    return head, ""  # the headline says what will appear and when
 
 
 def events_html(ctx: Ctx, events: list[dict]) -> str:
