@@ -17,17 +17,19 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from bench.docs import write_section  # noqa: E402
 from jobs.loop import LoopConfig  # noqa: E402
+from ncp.shapes.model import DEFAULT_TIMESTEP_LOW as SHAPES_TIMESTEP_LOW  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # Defaults of every flag that shapes a run (bench/loop.py's parser takes them from here); a published section's rerun
 # line names each one its run changed, so the line reproduces the run.
 _LOOP = LoopConfig()
-# lr 2e-3 and t >= 0.5 T: the setting that met +0.10 in 3 of 3 runs on the first model's detuned base (section
-# `loop-deficit-lr2`); 6,000 votes: the gap goal's budget (bench/loop_test_report.py).
+# lr 2e-3: the setting that met +0.10 in 3 of 3 runs on the first model's detuned base (section `loop-deficit-lr2`,
+# with t >= 0.5 T on SD1.5's schedule, SNR < 0.38); t >= 0.3 T: the app's own slice for the shapes model, SNR < 0.65 on
+# the shipped models' linear schedule; 6,000 votes: the gap goal's budget (bench/loop_test_report.py).
 RERUN_DEFAULTS = {"raters": 8, "votes": 6000, "minutes": 30.0, "pace": 0.2, "train_every": 15.0,
                   "min_new_votes": 150, "min_pairs": 16, "max_steps": 200, "batch_size": 8, "lr": 2e-3,
                   "beta": _LOOP.beta, "objective": "dpo", "continue_rejected": _LOOP.continue_rejected, "space": "ncp",
-                  "timestep_low": 0.5, "reference": "base", "train_window": "all", "probes": 48,
+                  "timestep_low": SHAPES_TIMESTEP_LOW, "reference": "base", "train_window": "all", "probes": 48,
                   "probe_seeds": 4, "gate_acc_z": _LOOP.gate_acc_z, "gate_min_eval_pairs": 100,
                   "confirm_seeds": 0}  # fmt: skip
 # What a result file written before a flag existed ran with (its rerun line must name it to reproduce the run).
