@@ -70,7 +70,10 @@ def _accuracies(folder, prompts: list[str]) -> dict[str, float]:  # noqa: ANN001
     gens = [torch.Generator().manual_seed(100 + i) for i in range(len(prompts))]
     images = pipe(prompts, num_inference_steps=DEFAULT_STEPS, guidance_scale=DEFAULT_GUIDANCE, generator=gens).images
     scores = [score(im, p) for im, p in zip(images, prompts, strict=True)]
-    out = {a: float(np.mean([s.attributes_correct[a] for s in scores])) for a in ("color", "size", "background", "position")}
+    out = {
+        a: float(np.mean([s.attributes_correct[a] for s in scores]))
+        for a in ("color", "size", "background", "position")
+    }
     return out | {"overall": float(np.mean([s.overall for s in scores]))}
 
 
