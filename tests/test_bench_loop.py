@@ -81,12 +81,12 @@ def test_another_base_gets_its_own_section_and_rerun_line() -> None:
     assert "`python -m bench.loop --model runs/shapes-headroom --name headroom`" in text
     assert "![loop](loop_headroom.png)" in text and "![loop](loop.png)" in loop.markdown(res)
     assert ", uniform timesteps;" in text  # a run from before the setting trained on the whole schedule
-    res["config"] |= {"votes": 12000, "minutes": 30.0, "timestep_low": 0.3}
+    res["config"] |= {"votes": 12000, "minutes": 30.0, "timestep_low": 0.5}
     text = loop.markdown(res, "loop_headroom")
     assert (
-        "`python -m bench.loop --model runs/shapes-headroom --votes 12000 --timestep-low 0.3 --name headroom`" in text
+        "`python -m bench.loop --model runs/shapes-headroom --votes 12000 --timestep-low 0.5 --name headroom`" in text
     )
-    assert ", timesteps t >= 0.3 T;" in text
+    assert ", timesteps t >= 0.5 T;" in text
     res["config"] |= {"minutes": 20.0, "timestep_low": 0.0}
     assert "--votes 12000 --minutes 20 --timestep-low 0 --name" in loop.markdown(res, "loop_headroom")
     res["config"] |= {"max_steps": 300, "reference": "init"}
@@ -112,9 +112,9 @@ def test_the_rerun_line_names_every_flag_the_run_changed() -> None:
     shaping = {a.dest: a.default for a in loop.parser()._actions if a.dest not in where}
     assert shaping == loop.RERUN_DEFAULTS
     res = result([rnd("promoted", 300, 0.02, version="v0001")])
-    res["config"] |= {"model": "runs/shapes-deficit1.0", "votes": 12000, "lr": 0.004, "timestep_low": 0.3}
+    res["config"] |= {"model": "runs/shapes-deficit1.0", "votes": 12000, "lr": 0.004, "timestep_low": 0.5}
     text = loop.markdown(res, "loop_deficit-lr2")
-    assert "`python -m bench.loop --model runs/shapes-deficit1.0 --votes 12000 --lr 0.004 --timestep-low 0.3 " in text
+    assert "`python -m bench.loop --model runs/shapes-deficit1.0 --votes 12000 --lr 0.004 --timestep-low 0.5 " in text
     assert "--name deficit-lr2`" in text
 
 
