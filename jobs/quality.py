@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jobs.registry import BASE, AdapterRegistry, RegistryError
-from jobs.subprocess_run import run_child
+from jobs.subprocess_run import CANCELLED, run_child
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,8 @@ class QualityTracker:
             self.measuring = None
         if not res.ok:
             self.failed[name] = res.reason
-            logger.warning("quality of %s not measured: %s", name, res.reason)
+            log = logger.info if res.reason == CANCELLED else logger.warning  # shutting down: not a fault
+            log("quality of %s not measured: %s", name, res.reason)
         return res.ok
 
     def run_pending(self) -> int:

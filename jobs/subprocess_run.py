@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
+CANCELLED = "cancelled (the app is shutting down)"
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ def run_child(
             if time.monotonic() - t0 > time_limit_s:
                 reason = f"time limit of {time_limit_s:.0f} s exceeded; the run was killed"
             elif cancel is not None and cancel():
-                reason = "cancelled (the app is shutting down)"
+                reason = CANCELLED
             if reason:
                 try:
                     os.killpg(proc.pid, signal.SIGKILL)
@@ -92,6 +93,7 @@ def run_child(
             last = [ln for ln in tail.splitlines() if ln.strip()]
             reason = f"exited with code {rc}: {last[-1][:300] if last else 'no output'}"
     ok = not reason
-    if not ok:
-        logger.warning("child %s failed: %s", cmd[:3], reason)
+    if not ok:  # a cancellation is the app shutting down as asked, not a fault a user must act on
+        log = logger.info if reason == CANCELLED else logger.warning
+        log("child %s failed: %s", cmd[:3], reason)
     return ChildResult(ok=ok, returncode=rc, reason=reason, seconds=seconds, stderr_tail=tail)
