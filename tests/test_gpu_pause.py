@@ -12,15 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from feedback_store import InputRejected
 from jobs import views
 from jobs.progress import round_status, status_lines
 from jobs.runtime import ArenaConfig, Runtime
-from ncp.adapters import LoraSettings, add_lora, save_adapter
 from ncp.pipelines import build_tiny_sdxl
 from ncp.serving import PairMix, SamplingConfig
+from tests.helpers.adapters import random_adapter
 
 ROUND_S = 12.0  # the hanging trainer's time limit: how long generation stays paused
 SALT = "test-salt-0123456789abcdef"
@@ -120,15 +119,7 @@ def test_a_paused_round_serves_the_queue_then_refills_it(runtime: Runtime) -> No
 
 
 def tiny_sdxl_adapter(tmp: Path) -> Path:
-    pipe = build_tiny_sdxl()
-    torch.manual_seed(3)
-    settings = LoraSettings(rank=8, alpha=8)
-    add_lora(pipe.unet, settings)
-    with torch.no_grad():
-        for name, p in pipe.unet.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.5)
-    return save_adapter(pipe, pipe.unet, tmp / "adapter", settings)
+    return random_adapter(build_tiny_sdxl(), tmp / "adapter")
 
 
 def test_a_promotion_during_a_paused_round_keeps_the_old_pairs_as_a_bridge(runtime: Runtime, tmp_path: Path) -> None:

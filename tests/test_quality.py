@@ -8,15 +8,14 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-import torch
 
 from feedback_store.records import TrainingRun
 from jobs import progress
 from jobs.quality import QualitySettings, QualityTracker, read_quality
 from jobs.registry import BASE, AdapterRegistry
 from jobs.runtime import SHAPES_CEILING, SHAPES_MODEL, ArenaConfig, Runtime
-from ncp.adapters import LoraSettings, add_lora, save_adapter
 from ncp.pipelines import load_pipeline
+from tests.helpers.adapters import random_adapter
 from ui import progress as ui_progress
 from ui.common import Ctx
 
@@ -24,15 +23,7 @@ SETTINGS = QualitySettings(probes=4, seeds=1, threads=1, nice=0)
 
 
 def _shapes_adapter(folder: Path) -> Path:
-    pipe = load_pipeline(str(SHAPES_MODEL))
-    torch.manual_seed(3)
-    settings = LoraSettings(rank=4, alpha=4)
-    add_lora(pipe.unet, settings)
-    with torch.no_grad():
-        for name, p in pipe.unet.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.05)
-    return save_adapter(pipe, pipe.unet, folder, settings)
+    return random_adapter(load_pipeline(str(SHAPES_MODEL)), folder, rank=4, std=0.05)
 
 
 @pytest.fixture(scope="module")

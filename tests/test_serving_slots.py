@@ -8,21 +8,14 @@ import numpy as np
 import torch
 
 from jobs.registry import BASE
-from ncp.adapters import LoraSettings, add_lora, save_adapter
+from ncp.adapters import LoraSettings
 from ncp.pipelines import build_tiny_sd15
 from ncp.serving import GenerationService, SamplingConfig
+from tests.helpers.adapters import random_adapter
 
 
 def adapter(tmp: Path, rank: int = 8) -> Path:
-    pipe = build_tiny_sd15()
-    torch.manual_seed(3)
-    settings = LoraSettings(rank=rank, alpha=rank)
-    add_lora(pipe.unet, settings)
-    with torch.no_grad():
-        for name, p in pipe.unet.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.5)
-    return save_adapter(pipe, pipe.unet, tmp / "adapter", settings)
+    return random_adapter(build_tiny_sd15(), tmp / "adapter", rank=rank)
 
 
 def pixels(service: GenerationService, version: str) -> np.ndarray:
