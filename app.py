@@ -229,6 +229,10 @@ def launch_kwargs(runtime: Runtime) -> dict:
 # 16 concurrent clients from 862 to 195 ms on the shapes model (bench/serving.py, both in one run).
 SWITCH_INTERVAL_S = 0.001
 
+# Third-party loggers whose INFO lines tell a user nothing: httpx logs every request Gradio makes to itself at start,
+# APScheduler its job bookkeeping ("Adding job tentatively ...", every run of the round job). Their warnings still show.
+QUIET_LOGGERS = ("httpx", "apscheduler")
+
 
 def freeze_startup_heap() -> None:
     """Move everything alive after start-up (torch modules, the pipeline, Gradio's app) out of the garbage collector's
@@ -258,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
     config = config_from_env(os.environ)
     if Path(config.model).is_dir():
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local model needs no hub; never stall on one
@@ -282,11 +288,12 @@ def main(argv: list[str] | None = None) -> int:
         oauth = bool(os.environ.get("OAUTH_CLIENT_ID"))
         demo = build_demo(runtime, oauth=oauth, export_access=access, quality=quality)
         freeze_startup_heap()
-        demo.launch(
-            server_name=os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1",
-            server_port=int(env_value(os.environ, "GRADIO_SERVER_PORT", int, 7860)),
-            **launch_kwargs(runtime),
-        )
+        host = os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1"
+        port = int(env_value(os.environ, "GRADIO_SERVER_PORT", int, 7860))
+        # quiet: Gradio's own lines offer a share link, which this app never uses (a Space has its own address)
+        demo.launch(server_name=host, server_port=port, quiet=True, prevent_thread_lock=True, **launch_kwargs(runtime))
+        logger.info("Running on local URL:  http://%s:%d", host, demo.server_port)
+        demo.block_thread()
     finally:
         if quality is not None:
             quality.stop()

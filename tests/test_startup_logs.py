@@ -37,6 +37,17 @@ def test_warning_lines_reads_the_notices_it_must_catch() -> None:
     assert warning_lines(quiet) == []
 
 
+# Lines that are not warnings but tell a user nothing either: Gradio's offer of a share link, httpx's log of every
+# request Gradio makes to itself, APScheduler's job bookkeeping. app.py silences them at their source.
+NOISE = ("share=True", "httpx", "HTTP Request:", "Adding job tentatively", 'Added job "')
+
+
+def test_the_install_commands_do_not_print_pips_root_warning() -> None:
+    for script in ("scripts/run.sh", "scripts/test.sh"):
+        text = (ROOT / script).read_text()
+        assert "PIP_ROOT_USER_ACTION=ignore" in text and "PIP_DISABLE_PIP_VERSION_CHECK=1" in text, script
+
+
 @pytest.mark.slow
 def test_the_app_starts_on_the_shipped_model_without_warning_lines(tmp_path: Path) -> None:
     port = free_port()
@@ -76,3 +87,5 @@ def test_the_app_starts_on_the_shipped_model_without_warning_lines(tmp_path: Pat
                 proc.wait()
     assert "Running on local URL" in startup, log.read_text()[-4000:]
     assert not warning_lines(startup), "warning lines at startup:\n" + "\n".join(warning_lines(startup))
+    noise = [line for line in startup.splitlines() if any(n in line for n in NOISE)]
+    assert not noise, "lines a user cannot use at startup:\n" + "\n".join(noise)
