@@ -1,8 +1,8 @@
-"""The app's configuration: every environment variable (ENV_VARS, the README's table) mapped onto `ArenaConfig`.
+"""The app's configuration: every environment variable (ENV_VARS, docs/CONFIG.md) mapped onto `ArenaConfig`.
 
 `config_from_env(mapping)` is the one place that interprets the environment; app.py's `main()` passes `os.environ`
 (library code never reads it). `python app.py --print-config` prints `config_markdown()`; `scripts/sync_config.py`
-writes it into docs/CONFIG.md and the README.
+writes it into docs/CONFIG.md and lists the names in the README.
 """
 
 from __future__ import annotations
