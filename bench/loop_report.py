@@ -1,5 +1,7 @@
-"""bench/loop.py's report: the plot, the BENCHMARKS.md section and its generated verdicts on the issue's goals, read
-from a run's result JSON (so `python -m bench.loop --render FILE` rewrites them without rerunning the loop).
+"""bench/loop.py's report for runs measured on the gate's probes (the retired model and its detuned bases): the plot,
+the section of docs/research/live-loop-on-detuned-bases.md and its generated verdicts on the issue's goals, read from a
+run's result JSON (so `python -m bench.loop --render FILE` rewrites them without rerunning the loop). Runs measured on
+the test probes (the default base) get bench/loop_test_report.py's section of docs/BENCHMARKS.md instead.
 
 Other runs of the same command are kept beside a section's JSON as `docs/benchmarks/<stem>_replicate*.json`; the
 section lists each one's served gain, so a reader sees the run-to-run spread next to the run shown in full.
@@ -20,10 +22,12 @@ from jobs.loop import LoopConfig  # noqa: E402
 from ncp.shapes.model import DEFAULT_TIMESTEP_LOW as SHAPES_TIMESTEP_LOW  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+# A finished investigation: its sections live in the research log, its plots beside the other docs images.
+RESEARCH_PAGE = ROOT / "docs" / "research" / "live-loop-on-detuned-bases.md"
 # Defaults of every flag that shapes a run (bench/loop.py's parser takes them from here); a published section's rerun
 # line names each one its run changed, so the line reproduces the run.
 _LOOP = LoopConfig()
-# lr 2e-3: the setting that met +0.10 in 3 of 3 runs on the first model's detuned base (section `loop-deficit-lr2`,
+# lr 2e-3: the setting that met +0.10 in 3 of 3 runs on the first model's detuned base (RESEARCH_PAGE, `loop-deficit-lr2`,
 # with t >= 0.5 T on SD1.5's schedule, SNR < 0.38); t >= 0.3 T: the app's own slice for the shapes model, SNR < 0.65 on
 # the shipped models' linear schedule; 6,000 votes: the gap goal's budget (bench/loop_test_report.py).
 RERUN_DEFAULTS = {"raters": 8, "votes": 6000, "minutes": 30.0, "pace": 0.2, "train_every": 15.0,
@@ -38,10 +42,10 @@ ROUND_GOAL_S, GAIN_GOAL, WITHIN_S = 300.0, 0.10, 1800.0  # issue goals: round <=
 
 
 def publish(result: dict, stem: str) -> None:
-    """Plot and BENCHMARKS.md section (`loop`, or `loop-NAME` for another base)."""
+    """Plot and research-log section (`loop`, or `loop-NAME` for another base)."""
     plot(result, ROOT / "docs" / f"{stem}.png")
     section = markdown(result, stem) + "\n" + "\n".join(replicate_lines(result, replicates(stem)))
-    write_section(ROOT / "docs" / "BENCHMARKS.md", stem.replace("_", "-"), section.rstrip("\n"))
+    write_section(RESEARCH_PAGE, stem.replace("_", "-"), section.rstrip("\n"))
 
 
 def plot(result: dict, path: Path) -> None:
@@ -80,10 +84,10 @@ def markdown(result: dict, stem: str = "loop") -> str:
         c = LEGACY_CONFIG | result["config"]  # flags only where the run differed from the defaults
         flags = "".join(f" --{k.replace('_', '-')} {c[k] if isinstance(c[k], str) else format(c[k], 'g')}"
                         for k, v in RERUN_DEFAULTS.items() if k in c and c[k] != v)  # fmt: skip
-        base = Path(model).name.removeprefix("shapes-")  # runs/shapes-headroom: section `alignment-sweep-headroom`
+        base = Path(model).name.removeprefix("shapes-")  # runs/shapes-headroom: sweep `headroom` of the research page
         head = [f"## The live loop on `{model}`" + ("" if name == base else f" ({name})"), "",
                 f"Rerun: `python -m bench.loop --model {model}{flags} --name {name}` "
-                f"(how that base is built: section `alignment-sweep-{base}`).", ""]  # fmt: skip
+                f"(how that base is built: [the alignment sweeps](preference-training-reach.md), `{base}`).", ""]  # fmt: skip
     lines = [
         *head,
         f"Shapes world, {result['config']['raters']} simulated raters over HTTP, "
@@ -125,7 +129,7 @@ def markdown(result: dict, stem: str = "loop") -> str:
         lines.append(
             f"| {r['version']} | {r['rating']:.0f} | {r['ci_low']:.0f}..{r['ci_high']:.0f} | {r['votes']} | {wr} |"
         )
-    lines += ["", f"![loop]({stem}.png)", "", *goals(result)]
+    lines += ["", f"![loop](../{stem}.png)", "", *goals(result)]  # the page is in docs/research/, the plot in docs/
     return "\n".join(lines)
 
 
@@ -186,7 +190,7 @@ def goals(result: dict) -> list[str]:
         + (
             ""
             if met
-            else " What the model's own samples allow, and what reaching +0.10 would need: section `best-of-n`."
+            else " What the model's own samples allow, and what reaching +0.10 would need: [best-of-n](own-samples-headroom.md)."
         ),
         *_confirmation(result.get("confirm")),
     ]

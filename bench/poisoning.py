@@ -55,8 +55,9 @@ class PoisonSettings:
     raters: int = 10
     adversarial_share: float = 0.2
     # The clean arm needs a gain above its CI for the defended arm's to be a share of: on a base with headroom the
-    # gain grows with the steps of the training line, about +0.03 after 800 (docs/BENCHMARKS.md, loop-headroom and
-    # alignment-sweep-headroom-timesteps), more than with the votes once there are a thousand.
+    # gain grows with the steps of the training line, about +0.03 after 800 (docs/research/: live-loop-on-detuned-bases.md,
+    # loop-headroom, and preference-training-reach.md, headroom-timesteps), more than with the votes once there are a
+    # thousand.
     rounds: int = 4
     votes_per_round: int = 400  # votes of all raters together between two rounds
     ratings_per_pair: int = 3  # sessions a pool pair is shown to (the consensus the disagreement rule reads)

@@ -115,6 +115,17 @@ def run(args: argparse.Namespace) -> dict:
     }  # fmt: skip
 
 
+# Where the same model's fp32 CPU score on the loop's probe prompts is published, to compare the fp16 one with.
+CPU_SCORES = {"models/shapes-tiny": "research/own-samples-headroom.md"}
+
+
+def cpu_reference(model: str) -> str:
+    page = CPU_SCORES.get(model)
+    if page is None:
+        return f"compare with `python -m ncp.evaluate --model {model}` in fp32 on the CPU"
+    return f"fp32 on the CPU, the same model on the loop's probe prompts: [best-of-n]({page}), `{model}`"
+
+
 def render(result: dict) -> str:
     rows = "\n".join(f"| {name} | {'yes' if ok else '**NO**'} |" for name, ok in result["checks"].items())
     return (
@@ -124,8 +135,7 @@ def render(result: dict) -> str:
         "12 Euler-ancestral steps, guidance 4. Rerun on a GPU machine: `python bench/serving_cuda.py --device cuda "
         "--out s.json`, then `--render s.json` here.\n\n"
         f"| check | holds |\n|---|---|\n{rows}\n\n"
-        f"Judge score of these images: **{result['judge']:.3f}** (fp32 on the CPU, the same model on the loop's probe "
-        "prompts: section `best-of-n`). "
+        f"Judge score of these images: **{result['judge']:.3f}** ({cpu_reference(result['model'])}). "
         f"{result['ms_per_image_base']:.1f} ms per image without an adapter, {result['ms_per_image_lora']:.1f} ms with "
         f"the hot-swapped LoRA (batch of 2, torch {result['torch']}); the swap held the lock {result['swap_ms']:.1f} ms."
     )

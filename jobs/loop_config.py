@@ -65,8 +65,8 @@ class LoopConfig:
     keep_versions: int = 5
     # A rejected candidate seeds the next round (more steps on more votes) up to this many rounds in a row before the
     # line restarts from the serving version; 0 = every round starts from the serving version. The offline sweeps
-    # peak a few hundred steps in (docs/BENCHMARKS.md), more than one round trains; the gate still guards what is
-    # served.
+    # peak a few hundred steps in (docs/research/preference-training-reach.md), more than one round trains; the gate
+    # still guards what is served.
     continue_rejected: int = 3
 
     def __post_init__(self) -> None:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench import loop
+from bench import loop, loop_report
 from bench.loop_report import RERUN_DEFAULTS
 from jobs.runtime import SHAPES_MODEL
 from ncp.shapes.judge import ATTRIBUTES
@@ -79,7 +79,7 @@ def test_another_base_gets_its_own_section_and_rerun_line() -> None:
     text = loop.markdown(res, "loop_headroom")
     assert text.startswith("## The live loop on `runs/shapes-headroom`")
     assert "`python -m bench.loop --model runs/shapes-headroom --name headroom`" in text
-    assert "![loop](loop_headroom.png)" in text and "![loop](loop.png)" in loop.markdown(res)
+    assert "![loop](../loop_headroom.png)" in text and "![loop](../loop.png)" in loop.markdown(res)
     assert ", uniform timesteps;" in text  # a run from before the setting trained on the whole schedule
     res["config"] |= {"votes": 12000, "minutes": 30.0, "timestep_low": 0.5}
     text = loop.markdown(res, "loop_headroom")
@@ -102,7 +102,7 @@ def test_another_base_gets_its_own_section_and_rerun_line() -> None:
     )
     assert "trained only on the served version's own pairs (on-policy)" in text
     assert "every round starts from the served version (a rejected candidate has no pairs of its own)" in text
-    assert "(how that base is built: section `alignment-sweep-headroom`)" in text
+    assert "(how that base is built: [the alignment sweeps](preference-training-reach.md), `headroom`)" in text
 
 
 def test_the_rerun_line_names_every_flag_the_run_changed() -> None:
@@ -205,3 +205,19 @@ def test_other_runs_of_the_command_are_listed_with_their_verdicts_and_any_other_
     assert "Over all 2 runs of these settings, this one included: served gain mean +0.110, goal met in 1 of 2" in line
     assert line.endswith("; fresh images mean +0.100.")  # the other configuration's run is not averaged in
     assert loop_report.replicate_lines(main, []) == []
+
+
+def test_a_run_on_the_gates_probes_is_published_in_the_research_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The detuned bases' runs are a finished investigation: their sections go to the research page, whose images
+    # sit one folder up; docs/BENCHMARKS.md keeps the headline loop (`loop-default`, bench/loop_test_report.py).
+    page = tmp_path / "research" / "live-loop-on-detuned-bases.md"
+    monkeypatch.setattr(loop_report, "RESEARCH_PAGE", page)
+    monkeypatch.setattr(loop_report, "plot", lambda result, path: None)
+    res = result([rnd("promoted", 300, 0.02, version="v0001")])
+    res["config"]["model"] = "runs/shapes-headroom"
+    loop_report.publish(res, "loop_headroom")
+    text = page.read_text()
+    assert "<!-- BEGIN loop-headroom -->" in text and "![loop](../loop_headroom.png)" in text
+    assert loop_report.RESEARCH_PAGE.name in (loop_report.ROOT / "docs" / "BENCHMARKS.md").read_text()
