@@ -88,7 +88,7 @@ class Round:
         import torch
         from diffusers import DDPMScheduler, UNet2DConditionModel
 
-        from ncp.data import PairBatch
+        from ncp.latents import PairBatch
         from ncp.pipelines import _SD_SCHEDULE, Conditioning
         from ncp.trainer import TrainConfig, _optimizer, _prepare_models, pair_loss
 

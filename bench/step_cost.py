@@ -60,7 +60,7 @@ def worker(config: str, objective: str, space: str, steps: int, warmup: int) -> 
     from diffusers import UNet2DConditionModel
 
     from ncp.adapters import add_lora, lora_parameters
-    from ncp.data import PairBatch
+    from ncp.latents import PairBatch
     from ncp.pipelines import build_tiny_sdxl, encode_prompts
     from ncp.trainer import TrainConfig, pair_loss
 

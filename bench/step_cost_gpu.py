@@ -141,7 +141,7 @@ def _measure(record: dict, config: str, method: str, device, steps: int, warmup:
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     from bench.harness import maxrss_mb, rss_mb
-    from ncp.data import PairBatch
+    from ncp.latents import PairBatch
     from ncp.perception import _encoder_in_fp32
     from ncp.pipelines import _SD_SCHEDULE, Conditioning
     from ncp.trainer import TrainConfig, _optimizer, _prepare_models, pair_loss

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ncp.data import encode_pairs, load_pairs
+from ncp.data import load_pairs
+from ncp.latents import encode_pairs
 from ncp.losses import timestep_bounds
 from ncp.perception import noisy_latents
 from ncp.pipelines import encode_prompts, is_sdxl, load_pipeline

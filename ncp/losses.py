@@ -11,7 +11,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from ncp.adapters import policy_reference_mode, unwrap_unet
-from ncp.data import PairBatch
+from ncp.latents import PairBatch
 from ncp.objectives import PreferenceLoss, preference_loss
 from ncp.perception import noisy_latents, per_sample_errors
 from ncp.pipelines import Conditioning

@@ -45,15 +45,8 @@ from ncp.adapters import (
     unwrap_unet,
 )
 from ncp.checkpoints import ProgressLog, atomic_dir, finite_json, load_checkpoint, resume_path, save_checkpoint
-from ncp.data import (
-    LatentCache,
-    PreferenceDataset,
-    PreferencePair,
-    collate_pairs,
-    encode_pairs,
-    load_pairs,
-    require_pairs,
-)
+from ncp.data import PreferencePair, load_pairs, require_pairs
+from ncp.latents import LatentCache, PreferenceDataset, collate_pairs, encode_pairs
 from ncp.losses import pair_loss, uncond_drift  # noqa: F401 - re-exported: `from ncp.trainer import pair_loss`
 from ncp.pipelines import encode_prompts, is_sdxl, load_pipeline, sdxl_time_ids, uncond_conditioning
 from ncp.train_config import TrainConfig  # noqa: F401 - re-exported: `from ncp.trainer import TrainConfig`

@@ -14,15 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ncp.data import (
-    LatentCache,
-    PreferenceDataset,
-    collate_pairs,
-    crop_geometry,
-    encode_pairs,
-    load_pairs,
-    parquet_files,
-)
+from ncp.data import load_pairs, parquet_files
+from ncp.latents import LatentCache, PreferenceDataset, collate_pairs, crop_geometry, encode_pairs
 from ncp.pipelines import build_tiny_sdxl
 
 

@@ -17,7 +17,8 @@ from jobs.gpu_plan import (
     rungs,
     training_size_args,
 )
-from ncp.data import PreferencePair, encode_pairs
+from ncp.data import PreferencePair
+from ncp.latents import encode_pairs
 from ncp.memory import CardInfo, model_footprint
 from ncp.pipelines import build_tiny_sdxl, encode_prompts
 from ncp.serving import GenerationService, SamplingConfig

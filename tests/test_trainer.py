@@ -31,7 +31,8 @@ from ncp.adapters import (
     lora_parameters,
     save_adapter,
 )
-from ncp.data import PairBatch, load_pairs
+from ncp.data import load_pairs
+from ncp.latents import PairBatch
 from ncp.losses import timestep_bounds
 from ncp.pipelines import (
     build_tiny_sd15,
