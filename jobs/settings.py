@@ -20,6 +20,8 @@ from jobs.loop_config import LoopConfig
 from jobs.runtime import SHAPES_MODEL, ArenaConfig, is_shapes_model
 from ncp.serving import SamplingConfig
 from ncp.shapes.model import DEFAULT_GUIDANCE as SHAPES_GUIDANCE
+from ncp.shapes.model import DEFAULT_ROUND_LR as SHAPES_ROUND_LR
+from ncp.shapes.model import DEFAULT_ROUND_STEPS as SHAPES_ROUND_STEPS
 from ncp.shapes.model import DEFAULT_STEPS as SHAPES_STEPS
 from ncp.shapes.model import DEFAULT_TIMESTEP_LOW as SHAPES_TIMESTEP_LOW
 
@@ -178,6 +180,8 @@ def config_from_env(env: Mapping[str, str]) -> ArenaConfig:
         # With the judge as the gate, the implicit-accuracy criterion joins only once the held-out split is large
         # enough to be more than noise (20 pairs give a 95% CI of about +-0.2 on an accuracy).
         gate_min_eval_pairs=100 if shapes else _LOOP.gate_min_eval_pairs,
+        lr=SHAPES_ROUND_LR if shapes else _LOOP.lr,  # the rounds `python -m bench.loop` measures
+        max_steps=SHAPES_ROUND_STEPS if shapes else _LOOP.max_steps,
         train_every_s=float(env_value(env, "NCP_TRAIN_EVERY_S", float, _LOOP.train_every_s)),
         min_new_votes=int(env_value(env, "NCP_MIN_NEW_VOTES", int, _LOOP.min_new_votes)),
         continue_rejected=int(env_value(env, "NCP_CONTINUE_REJECTED", int, _LOOP.continue_rejected)),

@@ -19,9 +19,11 @@ from app_fixtures import ADMIN_TOKEN, MIX, free_port, make_adapter_version, tiny
 from gradio_client import Client
 
 import app
+from jobs.loop_config import LoopConfig
 from jobs.registry import BASE
 from jobs.runtime import SHAPES_MODEL, base_model_id
 from ncp.serving import PairMix
+from ncp.shapes.model import DEFAULT_ROUND_LR, DEFAULT_ROUND_STEPS
 from ncp.shapes.model import DEFAULT_STEPS as SHAPES_STEPS
 from ncp.shapes.model import DEFAULT_TIMESTEP_LOW as SHAPES_TIMESTEP_LOW
 
@@ -292,6 +294,9 @@ def test_config_from_env_maps_every_variable(tmp_path: Path) -> None:
     # The shapes world trains on its high-noise slice; another model keeps the paper's uniform t unless told.
     other = app.config_from_env({"NCP_MODEL": str(tmp_path / "m")})
     assert default.loop.timestep_low == SHAPES_TIMESTEP_LOW > 0 == other.loop.timestep_low
+    # ...and runs the rounds bench.loop measures (its lr and steps), another model the LoopConfig defaults.
+    assert (default.loop.lr, default.loop.max_steps) == (DEFAULT_ROUND_LR, DEFAULT_ROUND_STEPS)
+    assert (other.loop.lr, other.loop.max_steps) == (LoopConfig().lr, LoopConfig().max_steps)
     for bad, match in [
         ({"NCP_STEPS": "many"}, "NCP_STEPS"),
         ({"NCP_SCHEDULE": "yes"}, "NCP_SCHEDULE"),

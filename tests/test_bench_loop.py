@@ -25,8 +25,9 @@ def rnd(
 
 
 def result(rounds: list[dict]) -> dict:
-    config = {"raters": 8, "objective": "dpo", "space": "ncp", "max_steps": 200, "lr": RERUN_DEFAULTS["lr"],
-              "beta": 5e5, "probes": 48, "probe_seeds": 4, "gate_acc_z": 1.96}  # fmt: skip
+    config = {"raters": 8, "objective": "dpo", "space": "ncp", "max_steps": RERUN_DEFAULTS["max_steps"],
+              "lr": RERUN_DEFAULTS["lr"], "beta": 5e5, "probes": 48, "probe_seeds": RERUN_DEFAULTS["probe_seeds"],
+              "gate_acc_z": 1.96}  # fmt: skip
     return {"config": config, "raters": {"votes": 2000}, "wall_s": 1000.0, "rounds": rounds, "leaderboard": []}
 
 
@@ -122,7 +123,8 @@ def test_the_gate_is_described_and_a_run_from_before_the_paired_criterion_reruns
     res = result([rnd("promoted", 300, 0.02, version="v0001")])
     res["config"]["model"] = "runs/shapes-headroom"
     text = loop.markdown(res, "loop_headroom")
-    assert "Gate: judge on 48 probe prompts x 4 seeds" in text and "beyond 1.96 paired standard errors" in text
+    assert f"Gate: judge on 48 probe prompts x {RERUN_DEFAULTS['probe_seeds']} seeds" in text
+    assert "beyond 1.96 paired standard errors" in text
     assert "--gate-acc-z" not in text and "--probe-seeds" not in text
     for key in ("gate_acc_z", "probe_seeds"):
         del res["config"][key]

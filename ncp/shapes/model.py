@@ -36,6 +36,11 @@ DEFAULT_GUIDANCE = 4.0
 # and background are decided at high noise; NCP-DPO on t < 0.5 T alone lowered the judge score, on t >= 0.3 T it gained
 # about twice what a uniform t gained (docs/BENCHMARKS.md, section alignment-sweep-headroom-timesteps).
 DEFAULT_TIMESTEP_LOW = 0.3
+# A round's learning rate and steps on this world, in the app and in `python -m bench.loop` alike: lr 2e-3 met the
+# +0.10 goal in 3 of 3 runs on the first world's deficit base (docs/research/live-loop-on-detuned-bases.md), and 150
+# steps of 8 pairs keep a round (train + gate) within 5 minutes on a 2-core CPU while raters vote beside it.
+DEFAULT_ROUND_LR = 2e-3
+DEFAULT_ROUND_STEPS = 150
 NOISE_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
 # SD1.5's schedule (the first shapes models'): its terminal SNR of 5e-3 leaves the layout readable in x_T, so a
 # model trained on it takes the layout from the noise, not from the prompt (docs/research/shapes-layout.md).

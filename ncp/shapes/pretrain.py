@@ -252,7 +252,10 @@ def train_unet(args: argparse.Namespace, work: Path, out: Path, log) -> None:
     else:
         text_encoder, unet = build_text_encoder(tokenizer).to(dev), build_unet().to(dev)
     noise = parse_caption_noise(args.caption_noise)
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    # A frozen text encoder (as Stable Diffusion keeps CLIP frozen): noisy captions then reach only the UNet, whose
+    # attention a LoRA can retune; trained on them, the encoder itself collapses the noised words (research/loop-plateau).
+    text_encoder.requires_grad_(not args.freeze_text_encoder)
+    params = list(unet.parameters()) + ([] if args.freeze_text_encoder else list(text_encoder.parameters()))
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
     sched = train_scheduler(args.beta_schedule)
     ckpt = work / "unet.pt"
@@ -380,6 +383,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument(
         "--high-share", type=float, default=0.0, help="share of each batch drawn from [t_low T, T) (1: only there)"
+    )
+    p.add_argument(
+        "--freeze-text-encoder", action="store_true", help="train the UNet only (with --init-model: keep its encoder)"
     )
     p.add_argument("--device", default="cpu", help="torch device (the shipped model is trained on cpu)")
     p.add_argument("--unet-steps", type=int, default=2500, help="UNet + text encoder training steps")

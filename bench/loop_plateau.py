@@ -1,0 +1,133 @@
+"""Why the loop levelled off near +0.04 on a noisy-caption base: offline rounds on a fixed set of votes, and the text
+encoder's separation of the words the captions got wrong.
+
+    python -m bench.loop_plateau --words models/shapes-ceiling models/shapes-base          # encoder probe, 10 s
+    python -m bench.loop_plateau --data SNAPSHOT/train.parquet --model models/shapes-base   # offline arms, ~25 min
+
+`--words`: for each attribute, prompts that differ only in that attribute's word ("a large red circle ..." -> "blue",
+"green", ...) go through the pipeline's text encoder; the figure is the mean pairwise L2 distance of the encoder's
+outputs. The UNet (and a LoRA on its attention, all a round trains) sees only these outputs: a word the encoder no
+longer separates cannot be learned back by the loop, however many votes arrive.
+
+`--data`: one round's training run per arm (`python -m ncp.train`, the loop's settings unless the arm says otherwise)
+on the same votes, each judged on the test probes (prompts and seeds nothing selects on; 95% bootstrap over prompts).
+The votes are the train split of a loop run's snapshot (`python -m bench.loop --data-dir DIR`: DIR/snapshots/*/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from bench.loop_report import RERUN_DEFAULTS
+from ncp.evaluate import TEST_PROBES, TEST_SEED_OFFSET
+from ncp.shapes.model import DEFAULT_GUIDANCE, DEFAULT_STEPS
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = {
+    "colour": ("a large {} circle in the center, white background", ("red", "blue", "green", "yellow", "purple")),
+    "size": ("a {} red circle in the center, white background", ("small", "large")),
+    "position": (
+        "a large red circle {}, white background",
+        ("on the left", "on the right", "at the top", "at the bottom"),
+    ),
+    "shape": ("a large red {} in the center, white background", ("circle", "square", "triangle")),
+}
+# Each arm: its name, what it tests, and the ncp.train flags it changes from the loop's round.
+ARMS = (
+    ("round", "the loop's round: NCP-DPO, 200 steps", []),
+    ("3x steps", "600 steps: is the round short of compute?", ["--max-steps", "600"]),
+    ("latent", "latent Diffusion-DPO (beta 5000): is it the NCP metric?", ["--space", "latent", "--beta", "5000"]),
+    ("sft", "NCP-SFT on the chosen images", ["--objective", "sft"]),
+    ("beta / 5", "beta 1e5: is the KL anchor what holds it?", ["--beta", "100000"]),
+    ("beta / 25", "beta 2e4", ["--beta", "20000"]),
+)
+
+
+def word_separation(model: str) -> dict[str, float]:
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+    enc = CLIPTextModel.from_pretrained(model, subfolder="text_encoder").eval()
+    out = {}
+    for attr, (template, values) in WORDS.items():
+        ids = tok([template.format(v) for v in values], padding="max_length", max_length=tok.model_max_length,
+                  truncation=True, return_tensors="pt").input_ids  # fmt: skip
+        with torch.no_grad():
+            h = enc(ids)[0]
+        d = [(h[i] - h[j]).norm().item() for i, j in itertools.combinations(range(len(values)), 2)]
+        out[attr] = sum(d) / len(d)
+    return out
+
+
+def train_arm(model: str, data: Path, flags: list[str], out: Path) -> None:
+    d = RERUN_DEFAULTS
+    cmd = [sys.executable, "-m", "ncp.train", "--model", model, "--data", str(data), "--out", str(out),
+           "--objective", "dpo", "--space", "ncp", "--beta", str(d["beta"]), "--lr", str(d["lr"]),
+           "--max-steps", str(d["max_steps"]), "--batch-size", str(d["batch_size"]), "--lora-rank", "8",
+           "--lora-alpha", "8", "--timestep-low", str(d["timestep_low"]), "--threads", "1", "--no-progress-bar",
+           *flags]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True)
+
+
+def evaluate(model: str, versions: dict[str, Path], out: Path) -> dict:
+    cmd = [sys.executable, "-m", "ncp.evaluate", "--model", model, "--out", str(out), "--threads", "2",
+           "--probe-set", "test", "--shapes-probes", str(TEST_PROBES), "--probe-seeds", "2",
+           "--probe-seed-offset", str(TEST_SEED_OFFSET), "--steps", str(DEFAULT_STEPS),
+           "--guidance", str(DEFAULT_GUIDANCE), "--attributes"]  # fmt: skip
+    cmd += [f"--version={name}={folder}" for name, folder in versions.items()]
+    subprocess.run(cmd, check=True, capture_output=True)
+    return json.loads(out.read_text())
+
+
+def table(result: dict) -> str:
+    attrs = ("color", "size", "position", "shape", "background", "count")
+    rows = ["| arm | what it tests | gain on test probes (95% CI) | " + " | ".join(attrs) + " |",
+            "|---|---|---|" + "---|" * len(attrs),
+            "| base | | | " + " | ".join(f"{result['base_attributes'][a]:.2f}" for a in attrs) + " |"]  # fmt: skip
+    for name, what, _ in ARMS:
+        v = result["versions"].get(name)
+        if v:
+            lo, hi = v["judge_gain_boot95"]
+            rows.append(f"| {name} | {what} | {v['judge_gain_vs_base']:+.3f} ({lo:+.3f}..{hi:+.3f}) | "
+                        + " | ".join(f"{v['attributes'][a]:.2f}" for a in attrs) + " |")  # fmt: skip
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--words", nargs="+", metavar="MODEL", help="text-encoder word separation of these pipelines")
+    p.add_argument("--data", type=Path, help="votes to train every arm on (a snapshot's train.parquet)")
+    p.add_argument("--model", default="models/shapes-base", help="the base every arm trains from")
+    p.add_argument("--arms", nargs="*", help="only these arms (default: all)")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "loop_plateau.json")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    if args.words:
+        seps = {m: word_separation(m) for m in args.words}
+        print("| model | " + " | ".join(WORDS) + " |\n|---|" + "---|" * len(WORDS))
+        for m, s in seps.items():
+            print(f"| `{m}` | " + " | ".join(f"{s[a]:.1f}" for a in WORDS) + " |")
+    if args.data:
+        work = Path(tempfile.mkdtemp(prefix="ncp-plateau-"))
+        arms = [a for a in ARMS if not args.arms or a[0] in args.arms]
+        versions = {}
+        for name, _, flags in arms:
+            print(f"training arm {name!r} ...", flush=True)
+            versions[name] = work / name.replace(" ", "").replace("/", "_")
+            train_arm(args.model, args.data, flags, versions[name])
+        result = evaluate(args.model, versions, work / "eval.json")
+        result["words"] = {m: word_separation(m) for m in (args.model,)}
+        args.out.write_text(json.dumps(result, indent=1))
+        print(table(result))
+
+
+if __name__ == "__main__":
+    main()
