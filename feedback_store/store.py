@@ -37,15 +37,8 @@ from feedback_store.records import (
     first,
     utcnow,
 )
-from feedback_store.voting import (
-    PairRequest,
-    VoteRequest,
-    WriteCache,
-    apply_votes,
-    insert_pairs,
-    prepare_pair,
-    prepare_vote,
-)
+from feedback_store.requests import PairRequest, VoteRequest, prepare_pair, prepare_vote
+from feedback_store.voting import WriteCache, apply_votes, insert_pairs
 
 log = logging.getLogger(__name__)
 

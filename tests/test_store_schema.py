@@ -10,7 +10,7 @@ import pytest
 from store_fixtures import fast_images
 
 from feedback_store import SCHEMA_VERSION, FeedbackStore, StoreClosed, schema
-from feedback_store.voting import token_hash
+from feedback_store.requests import token_hash
 
 
 def columns(con: duckdb.DuckDBPyConnection) -> list[tuple]:
