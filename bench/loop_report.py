@@ -19,7 +19,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from bench.docs import write_section  # noqa: E402
 from jobs.loop import LoopConfig  # noqa: E402
-from ncp.shapes.model import DEFAULT_ROUND_LR, DEFAULT_ROUND_STEPS  # noqa: E402
+from ncp.shapes.model import (  # noqa: E402
+    DEFAULT_ROUND_EVERY_S,
+    DEFAULT_ROUND_LR,
+    DEFAULT_ROUND_MIN_VOTES,
+    DEFAULT_ROUND_STEPS,
+)
 from ncp.shapes.model import DEFAULT_TIMESTEP_LOW as SHAPES_TIMESTEP_LOW  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,8 +38,8 @@ _LOOP = LoopConfig()
 # the shipped models' linear schedule; 6,000 votes: the gap goal's budget (bench/loop_test_report.py). Rounds of 150
 # steps gated on 48 probes x 3 seeds fit the 5-minute round goal while 8 raters vote beside them (200 steps and 4 seeds
 # took 362-393 s).
-RERUN_DEFAULTS = {"raters": 8, "votes": 6000, "minutes": 30.0, "pace": 0.2, "train_every": 15.0,
-                  "min_new_votes": 150, "min_pairs": 16, "max_steps": DEFAULT_ROUND_STEPS, "batch_size": 8,
+RERUN_DEFAULTS = {"raters": 8, "votes": 6000, "minutes": 30.0, "pace": 0.2, "train_every": DEFAULT_ROUND_EVERY_S,
+                  "min_new_votes": DEFAULT_ROUND_MIN_VOTES, "min_pairs": 16, "max_steps": DEFAULT_ROUND_STEPS, "batch_size": 8,
                   "lr": DEFAULT_ROUND_LR,
                   "beta": _LOOP.beta, "objective": "dpo", "continue_rejected": _LOOP.continue_rejected, "space": "ncp",
                   "timestep_low": SHAPES_TIMESTEP_LOW, "reference": "base", "train_window": "all", "probes": 48,

@@ -20,7 +20,9 @@ from jobs.loop_config import LoopConfig
 from jobs.runtime import SHAPES_MODEL, ArenaConfig, is_shapes_model
 from ncp.serving import SamplingConfig
 from ncp.shapes.model import DEFAULT_GUIDANCE as SHAPES_GUIDANCE
+from ncp.shapes.model import DEFAULT_ROUND_EVERY_S as SHAPES_ROUND_EVERY_S
 from ncp.shapes.model import DEFAULT_ROUND_LR as SHAPES_ROUND_LR
+from ncp.shapes.model import DEFAULT_ROUND_MIN_VOTES as SHAPES_ROUND_MIN_VOTES
 from ncp.shapes.model import DEFAULT_ROUND_STEPS as SHAPES_ROUND_STEPS
 from ncp.shapes.model import DEFAULT_STEPS as SHAPES_STEPS
 from ncp.shapes.model import DEFAULT_TIMESTEP_LOW as SHAPES_TIMESTEP_LOW
@@ -49,8 +51,16 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("NCP_ADMIN_TOKEN", "unset (no token admin)", "secret that unlocks the Admin tab and /admin"),
     EnvVar("NCP_ADMIN_USERS", "empty", "comma-separated HF usernames allowed to administer (with OAuth)"),
     EnvVar("NCP_RATER_SALT", "a public default: set a secret", "salt of the rater pseudonyms (HMAC)"),
-    EnvVar("NCP_TRAIN_EVERY_S", str(_LOOP.train_every_s), "seconds between scheduled training rounds"),
-    EnvVar("NCP_MIN_NEW_VOTES", str(_LOOP.min_new_votes), "new trainable votes needed before a round starts"),
+    EnvVar(
+        "NCP_TRAIN_EVERY_S",
+        f"{_LOOP.train_every_s:g} (shapes model: {SHAPES_ROUND_EVERY_S:g})",
+        "seconds between the schedule's looks for enough new votes to start a round",
+    ),
+    EnvVar(
+        "NCP_MIN_NEW_VOTES",
+        f"{_LOOP.min_new_votes} (shapes model: {SHAPES_ROUND_MIN_VOTES})",
+        "new trainable votes needed before a round starts",
+    ),
     EnvVar(
         "NCP_CONTINUE_REJECTED",
         str(_LOOP.continue_rejected),
@@ -182,8 +192,12 @@ def config_from_env(env: Mapping[str, str]) -> ArenaConfig:
         gate_min_eval_pairs=100 if shapes else _LOOP.gate_min_eval_pairs,
         lr=SHAPES_ROUND_LR if shapes else _LOOP.lr,  # the rounds `python -m bench.loop` measures
         max_steps=SHAPES_ROUND_STEPS if shapes else _LOOP.max_steps,
-        train_every_s=float(env_value(env, "NCP_TRAIN_EVERY_S", float, _LOOP.train_every_s)),
-        min_new_votes=int(env_value(env, "NCP_MIN_NEW_VOTES", int, _LOOP.min_new_votes)),
+        train_every_s=float(
+            env_value(env, "NCP_TRAIN_EVERY_S", float, SHAPES_ROUND_EVERY_S if shapes else _LOOP.train_every_s)
+        ),
+        min_new_votes=int(
+            env_value(env, "NCP_MIN_NEW_VOTES", int, SHAPES_ROUND_MIN_VOTES if shapes else _LOOP.min_new_votes)
+        ),
         continue_rejected=int(env_value(env, "NCP_CONTINUE_REJECTED", int, _LOOP.continue_rejected)),
         timestep_low=float(
             env_value(env, "NCP_TIMESTEP_LOW", float, SHAPES_TIMESTEP_LOW if shapes else _LOOP.timestep_low)

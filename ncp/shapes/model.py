@@ -41,6 +41,10 @@ DEFAULT_TIMESTEP_LOW = 0.3
 # steps of 8 pairs keep a round (train + gate) within 5 minutes on a 2-core CPU while raters vote beside it.
 DEFAULT_ROUND_LR = 2e-3
 DEFAULT_ROUND_STEPS = 150
+# When a round starts: the schedule looks every 15 s and starts one once 150 votes have come in since the last (a round
+# on fewer pairs is mostly rejected). A CPU runs one round at a time; the shapes world has nothing else to wait for.
+DEFAULT_ROUND_EVERY_S = 15.0
+DEFAULT_ROUND_MIN_VOTES = 150
 NOISE_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
 # SD1.5's schedule (the first shapes models'): its terminal SNR of 5e-3 leaves the layout readable in x_T, so a
 # model trained on it takes the layout from the noise, not from the prompt (docs/research/shapes-layout.md).
