@@ -18,6 +18,17 @@ logger = logging.getLogger(__name__)
 JOB_ID = "alignment-round"
 
 
+class _SkipsWhileRunning(logging.Filter):
+    """Drops APScheduler's warning that a tick found the job still running: the schedule looks for new votes every
+    15 s and a round takes minutes, so every tick during a round would warn about the design working as meant."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "maximum number of running instances reached" not in str(record.msg)
+
+
+logging.getLogger("apscheduler.scheduler").addFilter(_SkipsWhileRunning())
+
+
 class LoopScheduler:
     def __init__(self, loop: AlignmentLoop, every_s: float, after_round: Callable[[], object] | None = None) -> None:
         self.loop = loop

@@ -89,3 +89,17 @@ def test_the_app_starts_on_the_shipped_model_without_warning_lines(tmp_path: Pat
     assert not warning_lines(startup), "warning lines at startup:\n" + "\n".join(warning_lines(startup))
     noise = [line for line in startup.splitlines() if any(n in line for n in NOISE)]
     assert not noise, "lines a user cannot use at startup:\n" + "\n".join(noise)
+
+
+def test_a_tick_during_a_round_logs_no_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """The schedule looks every 15 s in the shapes world and a round takes minutes: APScheduler's "skipped: maximum
+    number of running instances reached" on every such tick is the design working, not a warning. Others still show."""
+    import logging
+
+    import jobs.schedule  # noqa: F401 - installs the filter
+
+    aps = logging.getLogger("apscheduler.scheduler")
+    with caplog.at_level(logging.WARNING):
+        aps.warning('Execution of job "%s" skipped: maximum number of running instances reached (%d)', "round", 1)
+        aps.warning("Run time of job %s was missed by %s", "round", "0:00:01")
+    assert [r.getMessage() for r in caplog.records] == ["Run time of job round was missed by 0:00:01"]
