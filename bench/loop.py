@@ -7,7 +7,8 @@ rounds gated by the judge, hot-swapped while the raters keep voting.
 For every round: its status, wall time, the candidate's judge score on the fixed probe set (prompts x seeds,
 disjoint from the raters' prompt pool) against the base model's, with a 95% CI of the paired gain; at the end the
 Bradley-Terry win rate of every version against the base from the raters' cross-version votes. Writes
-docs/benchmarks/loop.json, docs/loop.png and the `loop` section of docs/BENCHMARKS.md.
+docs/benchmarks/loop_default.json, docs/loop_default.png and the `loop-default` section of docs/BENCHMARKS.md (another
+base, `--name NAME`: its section in docs/research/live-loop-on-detuned-bases.md).
 """
 
 from __future__ import annotations

@@ -95,7 +95,8 @@ def base_model_id(model: str) -> str:
 
 # Share of two-object scenes among the raters' prompts: the pretraining data's and the probe set's (evaluate.py) mix.
 # Drawn uniformly over the two categories instead, half the votes came from two-object scenes, whose errors (position,
-# count) no trainer moves, and the loop's pairs trained less than the same number on this mix (docs/BENCHMARKS.md).
+# count) no trainer moves, and the loop's pairs trained less than the same number on this mix (measured on the
+# retired 32-px model's live loop; not rerun since).
 SHAPES_TWO_OBJECT_SHARE = 0.3
 
 

@@ -34,7 +34,8 @@ DEFAULT_STEPS = 10
 DEFAULT_GUIDANCE = 4.0
 # Lowest training timestep (fraction of the schedule) of the live loop's preference rounds on this world. Colour, size
 # and background are decided at high noise; NCP-DPO on t < 0.5 T alone lowered the judge score, on t >= 0.3 T it gained
-# about twice what a uniform t gained (docs/BENCHMARKS.md, section alignment-sweep-headroom-timesteps).
+# about twice what a uniform t gained (docs/research/preference-training-reach.md,
+# sweep headroom-timesteps).
 DEFAULT_TIMESTEP_LOW = 0.3
 # A round's learning rate and steps on this world, in the app and in `python -m bench.loop` alike: lr 2e-3 met the
 # +0.10 goal in 3 of 3 runs on the first world's deficit base (docs/research/live-loop-on-detuned-bases.md), and 150
