@@ -9,8 +9,9 @@ by component; `main()` maps the environment (ENV_VARS) onto `ArenaConfig`, start
 (jobs/quality.py: the Progress chart's held-out scores, measured off the request path) and stops them on exit.
 
 HTTP API for scripts (`/next_pair`, `/vote`, `/admin`, `/export`; gradio_client or any HTTP client): docs/API.md.
-The UI's own handlers are not API endpoints: `EdgeGuard` (ui/api.py) refuses them over REST, refuses uploads and
-serves the images and export zips that API answers name by relative path.
+The UI's own handlers are not API endpoints: `EdgeGuard` (ui/edges.py) refuses them over REST and Gradio's direct
+routes, refuses uploads and malformed requests Gradio would answer with a 500, and serves the images and export zips
+that API answers name by relative path.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ for _key, _value in {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_TELEME
     os.environ.setdefault(_key, _value)  # before gradio is imported: no outbound calls at start (STACK_NOTES)
 
 import gradio as gr  # noqa: E402
+from fastapi.exceptions import RequestValidationError  # noqa: E402
 from gradio.route_utils import FnIndexInferError  # noqa: E402
 from starlette.middleware import Middleware  # noqa: E402
 
@@ -39,9 +41,10 @@ from jobs.quality import QualityTracker  # noqa: E402
 from jobs.runtime import SHAPES_CEILING, SHAPES_MODEL, Runtime  # noqa: E402
 from jobs.settings import ENV_VARS, config_from_env, config_markdown, env_value  # noqa: E402, F401
 from ui import api, arena, progress  # noqa: E402
-from ui.api import EXPORT_ACCESS, EXPORTS_PER_MINUTE, PUBLIC_API, EdgeGuard, unknown_endpoint  # noqa: E402, F401
+from ui.api import EXPORT_ACCESS, EXPORTS_PER_MINUTE  # noqa: E402, F401
 from ui.assets import CSS, KEYS, OUTCOMES, PAGE_JS, after_vote_js  # noqa: E402, F401
 from ui.common import Ctx, address, bind  # noqa: E402, F401
+from ui.edges import PUBLIC_API, EdgeGuard, invalid_request, unknown_endpoint  # noqa: E402, F401
 
 logger = logging.getLogger("app")
 _address = address  # the name tests and benches use
@@ -201,7 +204,8 @@ def build_demo(
         gr.api(bind(api.api_vote, ctx), api_name="vote", concurrency_id="votes", concurrency_limit=16)
         gr.api(bind(api.api_admin, ctx), api_name="admin", concurrency_limit=1)
         gr.api(bind(api.api_export, ctx), api_name="export", concurrency_id="export", concurrency_limit=1)
-    demo.queue(default_concurrency_limit=4)
+    # api_open=False: Gradio's direct routes (/run/<name>, /api/<name>) would skip the queue and its limits.
+    demo.queue(default_concurrency_limit=4, api_open=False)
     return demo
 
 
@@ -220,7 +224,10 @@ def launch_kwargs(runtime: Runtime) -> dict:
         "allowed_paths": [str(f.resolve()) for f in folders],
         "css": CSS,
         "max_file_size": MAX_UPLOAD,
-        "app_kwargs": {"middleware": [guard], "exception_handlers": {FnIndexInferError: unknown_endpoint}},
+        "app_kwargs": {
+            "middleware": [guard],
+            "exception_handlers": {FnIndexInferError: unknown_endpoint, RequestValidationError: invalid_request},
+        },
     }
 
 

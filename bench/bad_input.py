@@ -157,7 +157,9 @@ CASES: tuple[Case, ...] = (
     # -- malformed HTTP ---------------------------------------------------------------------------------------------
     Case("body_not_json", "http", lambda s: Request("vote", raw=b"\xff\xfe not json"), "http_400", "POST /vote with body b'\\xff\\xfe not json'"),
     Case("body_wrong_shape", "http", lambda s: Request("vote", raw=b'{"data": "left"}'), "http_422"),
-    Case("missing_arguments", "http", lambda s: Request("next_pair", ["bi-h"]), "gradio_error"),
+    Case("missing_arguments", "http", lambda s: Request("vote", ["bi-h"]), "unknown_token", "/vote('bi-h'): token and outcome left out (sent as null)"),
+    Case("body_not_json_no_type", "http", lambda s: Request("vote", raw=b"\xff\x00 not json", content_type=None), "http_400", "POST /vote with body b'\\xff\\x00 not json' and no content type"),
+    Case("v2_unknown_keyword", "http", lambda s: Request("export", raw=b'{"nope": 1}', route="call/v2"), "http_400", "POST /call/v2/export {'nope': 1}: a keyword it does not take"),
     Case("extra_arguments", "http", lambda s: Request("admin", ["", "status", "", "extra", "args"]), "admin_denied", "/admin('', status, '', 'extra', 'args'): extras ignored"),
     Case("unknown_endpoint", "http", lambda s: Request("drop_tables", ["x"]), "http_404"),
     # -- edges: around the API ----------------------------------------------------------------------------------------
@@ -165,6 +167,11 @@ CASES: tuple[Case, ...] = (
     Case("private_export_handler", "edges", lambda s: Request("on_export", []), "http_404", "POST /gradio_api/call/on_export (a UI handler, by name)"),
     Case("private_vote_handler", "edges", lambda s: Request("on_vote", ["left", {}, []]), "http_404", "POST /gradio_api/call/on_vote (a UI handler, by name)"),
     Case("private_admin_handler", "edges", lambda s: Request("on_admin", ["status", "", ""]), "http_404", "POST /gradio_api/call/on_admin (a UI handler, by name)"),
+    Case("direct_route_private", "edges", lambda s: Request("on_export", [""], route="run"), "http_404", "POST /gradio_api/run/on_export (the direct route, skipping the queue)"),
+    Case("direct_route_public", "edges", lambda s: Request("next_pair", ["bi-d", ""], route="api"), "http_404", "POST /gradio_api/api/next_pair (the direct route, skipping the queue)"),
+    Case("queue_unknown_fn_index", "edges", lambda s: Request("bi-q", queue_fn="", fn_index=9999), "http_404", "queue: fn_index 9999 (names no event)"),
+    Case("queue_empty_session", "edges", lambda s: Request("", queue_fn="on_pool_pair"), "http_400", "queue: on_pool_pair with session_hash ''"),
+    Case("ui_session_8kb", "edges", lambda s: Request("s" * 8192, queue_fn="on_pool_pair"), "ui_refused", "queue: on_pool_pair with an 8 KB session_hash"),
     Case("ui_session_traversal", "edges", lambda s: Request("../../etc", queue_fn="on_pool_pair"), "ui_refused", "queue: on_pool_pair with session_hash '../../etc'"),
     Case("ui_session_nul", "edges", lambda s: Request("bad\x00hash", queue_fn="on_pool_pair"), "ui_refused", "queue: on_pool_pair with session_hash 'bad\\x00hash'"),
     Case("admin_value_list", "edges", lambda s: _admin(ADMIN_TOKEN, "promote", ["base"]), "invalid_value", "/admin(<token>, promote, ['base'])"),

@@ -37,6 +37,9 @@ class Request:
     same_vote_id: int | None = None  # an identical replay: the answer must be this vote's first receipt
     upload: bytes | None = None  # POST these bytes to /gradio_api/upload as a file instead
     queue_fn: str | None = None  # run this UI handler through the queue (/queue/join) with session_hash=api
+    fn_index: int | None = None  # with queue_fn="": send this fn_index as is (one that names no event)
+    route: str = "call"  # or "run" / "api" (Gradio's direct routes) or "call/v2" (keyword arguments in `raw`)
+    content_type: str | None = "application/json"  # the header sent with the body (None: no header)
 
 
 class BadInputServer:
@@ -156,12 +159,11 @@ def send(srv: BadInputServer, req: Request) -> Response:
     if req.queue_fn is not None:
         return _send_queue(srv, req)
     body = req.raw if req.raw is not None else json.dumps({"data": req.data}).encode()
-    r = srv.http.post(
-        f"{srv.url}/gradio_api/call/{req.api}", content=body, headers={"content-type": "application/json"}
-    )
+    headers = {"content-type": req.content_type} if req.content_type else {}
+    r = srv.http.post(f"{srv.url}/gradio_api/{req.route}/{req.api}", content=body, headers=headers)
     if r.status_code != 200:
         return Response("http", r.status_code, text=r.text)
-    s = srv.http.get(f"{srv.url}/gradio_api/call/{req.api}/{r.json()['event_id']}")
+    s = srv.http.get(f"{srv.url}/gradio_api/{req.route}/{req.api}/{r.json()['event_id']}")
     event, data = "", ""
     for line in s.text.splitlines():
         if line.startswith("event:"):
@@ -177,7 +179,9 @@ def send(srv: BadInputServer, req: Request) -> Response:
 def _send_queue(srv: BadInputServer, req: Request) -> Response:
     """The browser's path: POST /queue/join {fn_index, session_hash}, then the session's event stream. A handled
     refusal is a completed event whose outputs carry a warning (code "ui_refused")."""
-    fn_index = next(i for i, f in srv.demo.fns.items() if f.name == req.queue_fn)
+    fn_index = req.fn_index
+    if fn_index is None:
+        fn_index = next(i for i, f in srv.demo.fns.items() if f.name == req.queue_fn)
     body = {"data": req.data or [], "fn_index": fn_index, "session_hash": req.api, "event_data": None}
     r = srv.http.post(f"{srv.url}/gradio_api/queue/join", json=body)
     if r.status_code != 200:

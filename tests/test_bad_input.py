@@ -29,6 +29,7 @@ def test_there_are_at_least_30_cases_covering_every_kind(rows) -> None:
     for needle in ("forged", "expired", "replayed", "foreign", "sql", "huge", "binary", "control", "wrong_type"):
         assert any(needle in name for name in rows), needle
     edges = ("upload", "private", "ui_session", "admin_value", "blocklist", "open_pairs", "export_flood", "guessing")
+    edges += ("direct_route", "queue_unknown_fn_index", "queue_empty_session")
     for needle in edges:  # issue 27, item 7: the edges around the API
         assert any(needle in c.name for c in CASES if c.group == "edges"), needle
 

@@ -1,20 +1,15 @@
 """What reaches the server besides the page: the HTTP API for scripts (`/next_pair`, `/vote`, `/admin`, `/export`;
-docs/API.md), the Data and Admin tabs' handlers (they share the export and admin paths), and `EdgeGuard`, the ASGI
-middleware in front of Gradio's routes: it refuses the UI's own handlers over REST (`/gradio_api/call/<name>`),
-refuses uploads (the app takes no files) and serves the images and export zips that API answers name by relative
-path."""
+docs/API.md) and the Data and Admin tabs' handlers (they share the export and admin paths). What reaches Gradio's
+routes around the handlers (the UI's own handlers by name, uploads, malformed requests, files) is `EdgeGuard`'s, in
+ui/edges.py."""
 
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Callable
 from pathlib import Path
 
 import gradio as gr
 import pandas as pd
-from starlette.requests import Request as StarletteRequest
-from starlette.responses import FileResponse, JSONResponse
 
 from feedback_store import InputRejected
 from feedback_store.export import __doc__ as EXPORT_DOC
@@ -23,52 +18,10 @@ from jobs.prompts import PromptRejected
 from jobs.registry import RegistryError
 from jobs.runtime import AdminDenied
 from ui.common import Ctx, address, text_html, timed, username
+from ui.edges import PUBLIC_API, EdgeGuard, unknown_endpoint  # noqa: F401 (re-exported)
 
-PUBLIC_API = ("next_pair", "vote", "admin", "export")  # what /gradio_api/call/<name> accepts; the rest is the UI's
 EXPORT_ACCESS = ("public", "admin")
 EXPORTS_PER_MINUTE = 6  # per client address, /export and the Data tab's button together
-
-
-# -- edges: what reaches the server besides the handlers ---------------------------------------------------------
-_CALL_RE = re.compile(r"/call/(?:v2/)?([^/]*)/?$")
-_FILE_RE = re.compile(r"/file=(images/[0-9a-f]{64}\.png|exports/ncp-arena-[0-9A-Za-z_-]{1,80}\.zip)$")
-
-
-class EdgeGuard:
-    """ASGI middleware in front of Gradio's routes: (1) `POST .../call/<name>` only for PUBLIC_API names (Gradio
-    serves every event handler by its function name there, hidden ones too); (2) no uploads (the app takes no
-    files); (3) `GET .../file=images/<sha256>.png` and `.../file=exports/<zip>` served from the data dir, so API
-    answers name files by these relative paths and never by a server path."""
-
-    def __init__(self, app: Callable, data_dir: str, image_dir: str) -> None:
-        self.app = app
-        self.roots = {"images": Path(image_dir), "exports": Path(data_dir) / "exports"}
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] == "http":
-            path, method = scope["path"], scope["method"]
-            call = _CALL_RE.search(path) if method == "POST" else None
-            if call and call.group(1) not in PUBLIC_API:
-                msg = (
-                    f"{call.group(1)!r:.60} is not an API endpoint; scripts use {', '.join(PUBLIC_API)} (docs/API.md)"
-                )
-                return await JSONResponse({"error": "not_an_endpoint", "message": msg}, 404)(scope, receive, send)
-            if method == "POST" and path.rstrip("/").endswith("/upload"):
-                msg = "this app takes no uploads"
-                return await JSONResponse({"error": "uploads_off", "message": msg}, 403)(scope, receive, send)
-            served = _FILE_RE.search(path) if method in ("GET", "HEAD") else None
-            if served:
-                folder, name = served.group(1).split("/", 1)
-                file = self.roots[folder] / name
-                if not file.is_file():
-                    return await JSONResponse({"error": "not_found"}, 404)(scope, receive, send)
-                return await FileResponse(file, filename=name if folder == "exports" else None)(scope, receive, send)
-        await self.app(scope, receive, send)
-
-
-async def unknown_endpoint(request: StarletteRequest, exc: Exception) -> JSONResponse:
-    """Gradio raises FnIndexInferError (a 500) for a name it does not know; it is the caller's mistake: 404."""
-    return JSONResponse({"error": "not_an_endpoint", "message": f"{' '.join(str(exc).split())[:200]}"}, 404)
 
 
 # -- Data and Admin handlers -----------------------------------------------------------------------------------------
@@ -162,10 +115,17 @@ def api_next_pair(ctx: Ctx, session_id: str, prompt: str = "") -> dict:
 
 @timed("vote")
 def api_vote(
-    ctx: Ctx, session_id: str, token: str, outcome: str, reasons: list[str] | str = "", request: gr.Request = None
+    ctx: Ctx,
+    session_id: str,
+    token: str,
+    outcome: str,
+    reasons: list[str] | str | None = "",
+    request: gr.Request = None,
 ) -> dict:
     """Vote on a pair issued to `session_id`; returns the reveal or a refusal. See docs/API.md."""
-    if isinstance(reasons, str):
+    if reasons is None:  # not sent (EdgeGuard sends a missing argument as null)
+        reasons = []
+    elif isinstance(reasons, str):
         reasons = [r.strip() for r in reasons.split(",") if r.strip()]
     elif not isinstance(reasons, list):
         return _refusal("invalid_reasons", "reasons must be a list of short strings or one comma-separated string.")
