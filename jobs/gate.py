@@ -1,7 +1,8 @@
 """The promotion rule of a round: may the candidate replace the serving version? (issue: evaluate and gate)
 
 Two criteria, on the evaluator's output (`ncp.evaluate`):
-- held-out implicit reward accuracy (prompt-disjoint votes) no worse than the serving version's by the configured
+- held-out implicit reward accuracy (prompt-disjoint votes), measured in the space the candidate was trained in (the
+  evaluator's `space`: an NCP candidate by its perceptual errors, a latent one by its eps errors), no worse than the serving version's by the configured
   margin, beyond noise: the drop is compared with its PAIRED standard error, both versions scored on the same pairs
   and (t, eps) draws, and rejects only when `delta + z SE` is still below the margin;
 - in the shapes world, the judge score on the fixed probe set at least the serving version's plus a delta.
@@ -40,7 +41,8 @@ def promotion_gate(
         else:
             se = cand.get("implicit_acc_se")
         se = se if se is not None and math.isfinite(se) else 0.0  # an evaluator without it: the point estimate
-        notes.append(f"implicit acc {cand['implicit_acc']:.3f} vs {ref_acc:.3f} (SE {se:.3f})")
+        space = ev.get("space", "latent")  # an evaluator that predates the field measured latent space
+        notes.append(f"implicit acc ({space}) {cand['implicit_acc']:.3f} vs {ref_acc:.3f} (SE {se:.3f})")
         if delta + acc_z * se < min_acc_delta:
             why = f" (delta {delta:+.3f} + {acc_z:g} SE < {min_acc_delta:+.3f})"
             return False, "; ".join(notes) + why

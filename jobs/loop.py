@@ -219,30 +219,10 @@ class AlignmentLoop:
         # -- evaluate (also the load test of the candidate) -----------------------------------------------------------
         self.status.state = "evaluating"
         eval_out = round_dir / "eval.json"
-        ecmd = [
-            *cfg.evaluator,
-            "--model",
-            cfg.model,
-            "--out",
-            str(eval_out),
-            "--threads",
-            str(cfg.threads),
-            "--version",
-            f"candidate={cand}",
-            "--timestep-low",
-            str(cfg.timestep_low),
-            "--max-pairs",
-            str(cfg.eval_max_pairs),
-        ]
-        if parent != BASE:
-            ecmd += ["--version", f"serving={self.registry.info(parent).folder}"]
         eval_file = snap.path / "eval.parquet"
-        if eval_file.exists() and pq.read_metadata(eval_file).num_rows > 0:
-            ecmd += ["--data", str(eval_file)]
-        if cfg.shapes_probes:
-            ecmd += ["--shapes-probes", str(cfg.shapes_probes), "--probe-seeds", str(cfg.probe_seeds)]
-            ecmd += ["--steps", str(cfg.probe_steps), "--guidance", str(cfg.probe_guidance)]
-            ecmd += ["--probe-cache", str(self.rounds_dir / "probe_scores.json")]
+        held_out = eval_file if eval_file.exists() and pq.read_metadata(eval_file).num_rows > 0 else None
+        serving = None if parent == BASE else self.registry.info(parent).folder
+        ecmd = evaluator_command(cfg, eval_out, cand, serving, held_out, self.rounds_dir / "probe_scores.json")
         eres = run_child(
             ecmd, time_limit_s=cfg.eval_time_limit_s, log_path=round_dir / "eval.log", cancel=self._stop.is_set
         )
@@ -309,3 +289,23 @@ class AlignmentLoop:
             min_acc_delta=c.gate_min_acc_delta,
             min_judge_delta=c.gate_min_judge_delta,
         )
+
+
+def evaluator_command(
+    cfg: LoopConfig, out: Path, candidate: Path, serving: Path | None, held_out: Path | None, probe_cache: Path
+) -> list[str]:
+    """The evaluator's command line for a round: the candidate (and the serving version) on the held-out pairs, with
+    implicit accuracy measured in the space the round trains in (`--space`: a gate that scored an NCP candidate by
+    latent errors judged it by a loss it was never trained on), and the judge's probes in the shapes world."""
+    cmd = [*cfg.evaluator, "--model", cfg.model, "--out", str(out), "--threads", str(cfg.threads),
+           "--version", f"candidate={candidate}", "--space", cfg.space, "--timestep-low", str(cfg.timestep_low),
+           "--max-pairs", str(cfg.eval_max_pairs)]  # fmt: skip
+    if serving is not None:
+        cmd += ["--version", f"serving={serving}"]
+    if held_out is not None:
+        cmd += ["--data", str(held_out)]
+    if cfg.shapes_probes:
+        cmd += ["--shapes-probes", str(cfg.shapes_probes), "--probe-seeds", str(cfg.probe_seeds)]
+        cmd += ["--steps", str(cfg.probe_steps), "--guidance", str(cfg.probe_guidance)]
+        cmd += ["--probe-cache", str(probe_cache)]
+    return cmd

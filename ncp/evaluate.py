@@ -5,9 +5,12 @@ world, the pixel judge's score on a fixed probe set.
         --version candidate=runs/r1/adapter --version serving=adapters/v0003 --shapes-probes 48 --out eval.json
 
 Loading each adapter with the stock `load_lora_weights` is also the load test a version must pass before it is
-swapped into the live app. Implicit reward (Diffusion-DPO, METHOD.md): r_v(x) = -(L_v(x) - L_ref(x)) with the
-latent eps error L and the base model (adapters disabled) as reference; a version is right on a held-out pair when
-r_v(chosen) > r_v(rejected), averaged over a few shared (t, eps) draws. The base model scores 0.5 by definition.
+swapped into the live app. Implicit reward (Diffusion-DPO, METHOD.md): r_v(x) = -(E_v(x) - E_ref(x)) with the base
+model (adapters disabled) as reference and E the per-sample error of the space the candidate was trained in (`--space`:
+latent eps error L, paper eq. 8, or NCP's perceptual error PL, eq. 12-17); a version is right on a held-out pair when
+r_v(chosen) > r_v(rejected), averaged over a few shared (t, eps) draws (`ncp.margins`). The base scores 0.5 by
+definition. Both spaces' accuracies are reported (`implicit_acc_by_space`); `implicit_acc` and `paired` (what the
+gate reads) are the trained space's.
 """
 
 from __future__ import annotations
@@ -24,12 +27,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ncp.data import load_pairs
-from ncp.latents import encode_pairs
-from ncp.losses import timestep_bounds
-from ncp.perception import noisy_latents
-from ncp.pipelines import encode_prompts, is_sdxl, load_pipeline
-from ncp.train_config import TrainConfig
+from ncp.margins import SPACES, accuracy, correct, held_out_margins
+from ncp.pipelines import load_pipeline
 
 logger = logging.getLogger(__name__)
 PROBE_SEED = 777  # the gate's probe prompts come from this seed; the arena's prompt pool excludes them
@@ -72,75 +71,6 @@ def cluster_ci(x: np.ndarray, *, draws: int = 4000, seed: int = 0) -> tuple[floa
     idx = np.random.default_rng(seed).integers(0, per_prompt.size, (draws, per_prompt.size))
     boots = per_prompt[idx].mean(axis=1)
     return float(per_prompt.mean()), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
-
-
-@torch.no_grad()
-def reward_margins(
-    pipe,
-    adapters: Sequence[str],
-    data: Sequence[str | Path],
-    *,
-    draws: int = 4,
-    seed: int = 0,
-    batch: int = 16,
-    timestep_low: float = 0.0,
-    max_pairs: int = 0,
-) -> dict[str, np.ndarray]:
-    """Per held-out pair, the implicit reward margin r(chosen) - r(rejected) of each loaded adapter name, over t in
-    [timestep_low T, T): the slice the rounds train on (ncp.losses.timestep_bounds), where the reward lives.
-
-    `max_pairs` > 0 keeps only the last that many pairs of the data (a snapshot lists votes in vote order, so these
-    are the newest, rated on the versions served most recently): the held-out split grows with every vote, and
-    without a cap a round's evaluation grows with it (a live loop's round went from 57 s to 146 s in 30 min)."""
-    pairs, _ = load_pairs(list(data))
-    if max_pairs > 0:
-        pairs = pairs[-max_pairs:]
-    if not pairs:
-        return {a: np.zeros(0) for a in adapters}
-    size = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
-    encoded = encode_pairs(pairs, pipe.vae, resolution=size, model_key="eval")
-    sched, unet, sdxl = pipe.scheduler, pipe.unet, is_sdxl(pipe)
-    gen = torch.Generator().manual_seed(seed)
-    # The trainer's own bounds (one definition of the slice): [timestep_low T, T).
-    lo, t_max = timestep_bounds(TrainConfig(timestep_low=timestep_low), sched.config.num_train_timesteps)
-    out = {a: [] for a in adapters}
-    for i in range(0, len(encoded), batch):
-        chunk = encoded[i : i + batch]
-        lat = torch.cat([torch.stack([p.chosen for p in chunk]), torch.stack([p.rejected for p in chunk])])
-        cond = encode_prompts(pipe, [p.prompt for p in chunk]).repeat(2)
-        added = cond.added_cond_kwargs(torch.stack([p.time_ids for p in chunk]).repeat(2, 1)) if sdxl else None
-        margin = {a: torch.zeros(len(chunk)) for a in adapters}
-        for _ in range(draws):
-            # One t and eps per pair, shared by its two images (METHOD.md).
-            eps = torch.randn((len(chunk), *lat.shape[1:]), generator=gen).repeat(2, 1, 1, 1)
-            t = torch.randint(lo, t_max, (len(chunk),), generator=gen).repeat(2)
-            x_t = noisy_latents(sched, lat, eps, t)
-
-            def err(x_t=x_t, t=t, eps=eps, cond=cond, added=added) -> torch.Tensor:
-                pred = unet(x_t, t, cond.encoder_hidden_states, added_cond_kwargs=added).sample
-                return ((pred - eps) ** 2).mean(dim=(1, 2, 3))
-
-            pipe.disable_lora()
-            ref = err()
-            pipe.enable_lora()
-            for a in adapters:
-                pipe.set_adapters([a])
-                lc, lr = (err() - ref).chunk(2)
-                margin[a] += (lr - lc) / draws  # r(c) - r(r) = -(Lc - Lrc) + (Lr - Lrr)
-        for a in adapters:
-            out[a].append(margin[a])
-    return {a: torch.cat(v).numpy() for a, v in out.items()}
-
-
-def correct(margins: np.ndarray) -> np.ndarray:
-    """Per pair: 1 where the implicit reward ranks the chosen image first, 0.5 on a tie, 0 otherwise."""
-    return (margins > 0) + 0.5 * (margins == 0)
-
-
-def accuracy(margins: np.ndarray) -> float:
-    if margins.size == 0:
-        return float("nan")
-    return float(np.mean(correct(margins)))
 
 
 def mean_se(x: np.ndarray) -> tuple[float, float]:
@@ -225,8 +155,10 @@ def evaluate(
     probe_seed_offset: int = 0,
     attributes: bool = False,
     probe_set: str = "gate",
+    space: str = "latent",
 ) -> dict:
-    """Implicit reward accuracy of each version on held-out pairs and, in the shapes world, its judge score on the
+    """Implicit reward accuracy of each version on held-out pairs, in `space` (the space the candidate was trained in;
+    both spaces in `implicit_acc_by_space`) and, in the shapes world, its judge score on the
     probe set against the base's. `attributes`: also each version's share of probe images whose hard decision is right
     per attribute (`attributes`, and the base's in `base_attributes`), so a gain can be traced to what was learned;
     computed only for probe images judged in this call, not for cached scores. `probe_set`: "gate" (PROBE_SEED's
@@ -234,16 +166,19 @@ def evaluate(
     probe_seed_offset the gate never draws, e.g. TEST_SEED_OFFSET). Gains carry a bootstrap interval over prompts."""
     if probe_set not in PROBE_SETS:
         raise ValueError(f"probe_set must be one of {', '.join(PROBE_SETS)}, got {probe_set!r}")
+    if space not in SPACES:
+        raise ValueError(f"space must be one of {', '.join(SPACES)} (the candidate's training space), got {space!r}")
     pipe = load_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
     for name, folder in versions.items():
         pipe.load_lora_weights(str(folder), adapter_name=name)  # raises on a corrupt or incompatible adapter
-    result: dict = {"versions": {}}
-    margins = (
-        reward_margins(pipe, list(versions), data, draws=draws, timestep_low=timestep_low, max_pairs=max_pairs)
-        if data
+    result: dict = {"versions": {}, "space": space}
+    by_space = (
+        held_out_margins(pipe, list(versions), data, draws=draws, timestep_low=timestep_low, max_pairs=max_pairs)
+        if data and versions
         else {}
     )
+    margins = by_space.get(space, {})
     n_pairs = len(next(iter(margins.values()))) if margins else 0
     result["eval_pairs"] = n_pairs
     probes, cache = None, ProbeCache(probe_cache)
@@ -275,6 +210,7 @@ def evaluate(
         row = {"implicit_acc": accuracy(margins[name]) if margins else float("nan")}
         if n_pairs:  # against the base, whose margins are all 0 (accuracy 0.5): the candidate's own spread
             row["implicit_acc_se"] = mean_se(correct(margins[name]))[1]
+            row["implicit_acc_by_space"] = {sp: accuracy(m[name]) for sp, m in by_space.items()}
         if probes is not None:
             s = judged[name] = scores(name, versions[name])
             row["judge"], row["judge_ci"] = mean_ci(s)
@@ -284,6 +220,8 @@ def evaluate(
                 row["attributes"] = shares[name]
         result["versions"][name] = row
     result["paired"] = paired(margins if n_pairs else {}, judged)
+    if n_pairs:  # the other space's paired accuracy differences, for the record (the gate reads `paired`)
+        result["paired_by_space"] = {sp: paired(m, {}) for sp, m in by_space.items()}
     return result
 
 
@@ -361,6 +299,12 @@ def main(argv: list[str] | None = None) -> None:
         default="gate",
         help="gate: the prompts the gate selects on; test: prompts no gate or rater sees (use a fresh --probe-seed-offset)",
     )
+    p.add_argument(
+        "--space",
+        choices=SPACES,
+        default="latent",
+        help="the space the candidate was trained in: implicit_acc (what the gate reads) is measured there",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--out", type=Path, required=True, help="JSON result file")
     args = p.parse_args(argv)
@@ -389,6 +333,7 @@ def main(argv: list[str] | None = None) -> None:
         probe_seed_offset=args.probe_seed_offset,
         attributes=args.attributes,
         probe_set=args.probe_set,
+        space=args.space,
     )
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(res, indent=2))

@@ -408,9 +408,9 @@ def test_uncond_weight_adds_the_empty_prompt_drift_and_pulls_it_back(build) -> N
 def test_held_out_margins_read_the_rounds_slice_and_the_newest_pairs(
     world: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """ncp.evaluate.reward_margins draws t from [timestep_low T, T) (the loop passes its own floor), a finite margin per
-    held-out pair either way; with `max_pairs` it scores only the newest pairs."""
-    import ncp.evaluate
+    """ncp.margins.held_out_margins draws t from [timestep_low T, T) (the loop passes its own floor), a finite margin
+    per held-out pair either way; with `max_pairs` it scores only the newest pairs."""
+    import ncp.margins
 
     out = world["root"] / "margins-adapter"
     train(TrainConfig(**FAST, max_steps=2), model=str(world["model"]), data=str(world["data"]), out=out,
@@ -418,11 +418,12 @@ def test_held_out_margins_read_the_rounds_slice_and_the_newest_pairs(
     pipe = load_pipeline(str(world["model"]))
     pipe.load_lora_weights(str(out), adapter_name="cand")
     seen: list[torch.Tensor] = []
-    real = ncp.evaluate.noisy_latents
-    monkeypatch.setattr(ncp.evaluate, "noisy_latents", lambda s, x, e, t: seen.append(t) or real(s, x, e, t))
+    real = ncp.margins.noisy_latents
+    monkeypatch.setattr(ncp.margins, "noisy_latents", lambda s, x, e, t: seen.append(t) or real(s, x, e, t))
     for low in (0.0, 0.6):
         seen.clear()
-        margins = ncp.evaluate.reward_margins(pipe, ["cand"], [world["data"]], draws=3, timestep_low=low)["cand"]
+        margins = ncp.margins.held_out_margins(pipe, ["cand"], [world["data"]], draws=3, timestep_low=low,
+                                               spaces=("latent",))["latent"]["cand"]  # fmt: skip
         assert margins.shape == (16,) and np.isfinite(margins).all()
         steps = torch.cat(seen)
         t_max = pipe.scheduler.config.num_train_timesteps
@@ -430,9 +431,9 @@ def test_held_out_margins_read_the_rounds_slice_and_the_newest_pairs(
         assert (int(steps.min()) < 0.3 * t_max) == (low == 0.0)  # 48 uniform draws reach the low-noise end
     # A cap keeps the newest pairs (the snapshot's last rows), so a round's evaluation stops growing with the arena.
     encoded: list[list[str]] = []
-    real_encode = ncp.evaluate.encode_pairs
-    monkeypatch.setattr(ncp.evaluate, "encode_pairs", lambda pairs, *a, **k: encoded.append([p.prompt for p in pairs])
+    real_encode = ncp.margins.encode_pairs
+    monkeypatch.setattr(ncp.margins, "encode_pairs", lambda pairs, *a, **k: encoded.append([p.prompt for p in pairs])
                         or real_encode(pairs, *a, **k))  # fmt: skip
-    capped = ncp.evaluate.reward_margins(pipe, ["cand"], [world["data"]], draws=1, max_pairs=5)["cand"]
+    capped = ncp.margins.held_out_margins(pipe, ["cand"], [world["data"]], draws=1, max_pairs=5)["ncp"]["cand"]
     assert capped.shape == (5,) and np.isfinite(capped).all()
     assert encoded == [[p.prompt for p in load_pairs([world["data"]])[0][-5:]]]
