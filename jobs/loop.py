@@ -33,6 +33,17 @@ from jobs.training_pairs import cap_rater_share
 logger = logging.getLogger(__name__)
 
 
+def judge_drop(ev: dict) -> float:
+    """How far the candidate's probe judge fell below the version it was compared with (0 without a judge): a
+    candidate far below is a dead end, not a warm start for the next round."""
+    cand = ev.get("versions", {}).get("candidate", {})
+    if "judge" not in cand:
+        return 0.0
+    serving = ev["versions"].get("serving")
+    ref = serving["judge"] if serving else ev.get("base_judge", cand["judge"])
+    return ref - cand["judge"]
+
+
 @dataclass
 class RoundStatus:
     """What the UI shows about the round in progress and the last one."""
@@ -175,7 +186,7 @@ class AlignmentLoop:
             "--timestep-low",
             str(cfg.timestep_low),
             "--max-steps",
-            str(cfg.max_steps),
+            str(cfg.round_steps(n)),
             "--batch-size",
             str(cfg.batch_size),
             "--lora-rank",
@@ -238,7 +249,7 @@ class AlignmentLoop:
             self.store.register_adapter_version(
                 f"rejected-{run_id}", parent, snap.snapshot_id, metrics, status="rejected"
             )
-            if cfg.continue_rejected:
+            if cfg.continue_rejected and judge_drop(ev) <= cfg.continue_max_drop:
                 self._line = (cand, parent, line_len + 1, run_id)
             return fail("rejected", f"gate: {why}", metrics)
 

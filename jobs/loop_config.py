@@ -7,6 +7,7 @@ import the loop's machinery, and the loop and its gate import it without a cycle
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 
@@ -30,6 +31,10 @@ class LoopConfig:
     # 8 pairs): at 2e-4 the LoRA barely moves in a round, 3e-3 overshoots.
     lr: float = 1e-3
     max_steps: int = 120
+    # ...and at most this many passes over the round's pairs: the first round of the shapes world's default base, 150
+    # steps on its first 160 pairs (7.5 passes), collapsed to empty canvases (judge 0.60 -> 0.43); 40 steps on the same
+    # pairs did not (docs/research/loop-plateau.md).
+    max_epochs: float = 2.0
     batch_size: int = 8
     lora_rank: int = 8  # fixed for the life of a deployment (hot-swap needs the same rank and targets)
     lora_alpha: int = 8
@@ -68,6 +73,14 @@ class LoopConfig:
     # peak a few hundred steps in (docs/research/preference-training-reach.md), more than one round trains; the gate
     # still guards what is served.
     continue_rejected: int = 3
+    # ...unless its probe judge fell more than this below the version it was compared with: a collapsed candidate
+    # seeded the next round of the same run, which then also fell short (-0.046 where a fresh start gained +0.075).
+    continue_max_drop: float = 0.02
+
+    def round_steps(self, pairs: int) -> int:
+        """Optimizer steps of a round on `pairs` pairs: max_steps, or fewer when that would pass over them more than
+        max_epochs times (at least one step)."""
+        return max(1, min(self.max_steps, math.ceil(self.max_epochs * pairs / self.batch_size)))
 
     def __post_init__(self) -> None:
         if self.objective not in ("dpo", "cpo", "sft") or self.space not in ("latent", "ncp"):
@@ -82,6 +95,8 @@ class LoopConfig:
             raise ValueError(f"gate_acc_z must be >= 0 (0: the point estimate), got {self.gate_acc_z}.")
         if self.eval_max_pairs < 0:
             raise ValueError(f"eval_max_pairs must be >= 0 (0: all held-out pairs), got {self.eval_max_pairs}.")
+        if not self.max_epochs > 0:
+            raise ValueError(f"max_epochs must be > 0 passes over a round's pairs, got {self.max_epochs}.")
         if self.continue_rejected < 0:
             raise ValueError(f"continue_rejected must be >= 0 rounds, got {self.continue_rejected}.")
         if not 0 < self.max_rater_share <= 1:
