@@ -157,7 +157,9 @@ def test_the_blocklist_is_bounded_and_matched_by_words(tmp_path: Path) -> None:
     t0 = time.perf_counter()
     for _ in range(100):
         assert bl.match(prompt) == "zebra"
-    assert (time.perf_counter() - t0) / 100 < 0.01  # set lookups: well under 10 ms at the bound
+    # Set lookups take microseconds; a scan over the terms took seconds (16 s at 200k terms). The bound is loose so a
+    # loaded CI machine cannot fail it, and still far below any per-term scan.
+    assert (time.perf_counter() - t0) / 100 < 0.05
 
 
 def test_address_limiter_counts_per_address_in_a_sliding_window() -> None:
