@@ -92,7 +92,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=RERUN_DEFAULTS["max_steps"])
     p.add_argument("--batch-size", type=int, default=RERUN_DEFAULTS["batch_size"])
     p.add_argument("--lr", type=float, default=RERUN_DEFAULTS["lr"])
-    p.add_argument("--beta", type=float, default=RERUN_DEFAULTS["beta"])
+    p.add_argument(
+        "--beta",
+        type=float,
+        default=None,
+        help="DPO beta (default: the space's own scale, SPACE_BETA: latent errors are ~100x NCP's, METHOD.md)",
+    )
     p.add_argument("--objective", default=RERUN_DEFAULTS["objective"])
     p.add_argument(
         "--continue-rejected",
@@ -100,7 +105,13 @@ def parser() -> argparse.ArgumentParser:
         default=RERUN_DEFAULTS["continue_rejected"],
         help="rounds in a row a rejected candidate seeds the next (0: always from the served version)",
     )
-    p.add_argument("--space", default=RERUN_DEFAULTS["space"])
+    p.add_argument(
+        "--space",
+        choices=("latent", "ncp"),
+        default=RERUN_DEFAULTS["space"],
+        help="where a round's DPO errors are measured; the latent arm keeps every other setting, its beta its own, "
+        "and writes loop_NAME_latent.json and its own section",
+    )
     p.add_argument(
         "--timestep-low",
         type=float,
@@ -165,9 +176,32 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> None:
+# Each space's beta: NCP's the loop's default (5e5), latent DPO's the reference 5000 (METHOD.md; the tuned betas differ
+# about 100x because PL is ~c_t^2 x L). A latent arm at NCP's beta would be a different, much stronger KL setting.
+SPACE_BETA = {"ncp": RERUN_DEFAULTS["beta"], "latent": 5000.0}
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options, with beta defaulting to the chosen space's own."""
     args = parser().parse_args(argv)
-    stem = "loop_" + (args.name or "default") + ("_null" if args.null else "")
+    if args.beta is None:
+        args.beta = SPACE_BETA[args.space]
+    return args
+
+
+def result_stem(args: argparse.Namespace) -> str:
+    """loop_NAME[_latent][_null]: a latent arm never overwrites the NCP run it is compared with."""
+    return (
+        "loop_"
+        + (args.name or "default")
+        + ("_latent" if args.space == "latent" else "")
+        + ("_null" if args.null else "")
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    stem = result_stem(args)
     if args.render:
         stem = args.render.stem
     args.out = args.out or ROOT / "docs" / "benchmarks" / f"{stem}.json"

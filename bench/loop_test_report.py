@@ -87,16 +87,23 @@ def attribute_line(result: dict) -> str:
     )
 
 
+def space_name(config: dict) -> str:
+    """The method a run's rounds trained with, in words (runs before `--space` existed trained NCP-DPO)."""
+    return "latent DPO" if config.get("space", "ncp") == "latent" else "NCP-DPO"
+
+
 def markdown(result: dict, null: dict | None = None, stem: str = "loop_default") -> str:
     t, c = result["test"], result["config"]
+    method = space_name(c)
     model = Path(c["model"])
     model = model.relative_to(ROOT) if model.is_absolute() and model.is_relative_to(ROOT) else model
     lines = [
-        "## The out-of-the-box loop (`python -m bench.loop`)",
+        "## The out-of-the-box loop (`python -m bench.loop`)"
+        + ("" if method == "NCP-DPO" else f": the latent DPO arm (`--space latent`, beta {c['beta']:g})"),
         "",
         f"The app on the default base (`{model}`), {c['raters']} simulated raters over HTTP, "
         f"{result['raters'].get('votes', 0)} votes in {result['wall_s'] / 60:.1f} min on this 2-core CPU; rounds of "
-        f"{c['max_steps']} NCP-DPO steps every {c['train_every']:g} s once {c['min_new_votes']} new votes are in. "
+        f"{c['max_steps']} {method} steps every {c['train_every']:g} s once {c['min_new_votes']} new votes are in. "
         f"Every promoted version is measured after the run on the **test probes**: {t['probes']} prompts x "
         f"{t['seeds']} seeds (from {t['seed_offset']}) that the gate, the raters and training never saw, so nothing "
         "below was selected on. Intervals: 95% bootstrap over prompts (a prompt's images are one cluster). The gate's "
@@ -123,7 +130,10 @@ def markdown(result: dict, null: dict | None = None, stem: str = "loop_default")
 
 def plot(result: dict, null: dict | None, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for res, name, color in ((result, "NCP-DPO loop", "C0"), (null, "null arm (coin-flip labels)", "C3")):
+    for res, name, color in (
+        (result, f"{space_name(result['config'])} loop", "C0"),
+        (null, "null arm (coin-flip labels)", "C3"),
+    ):
         if res is None:
             continue
         pts = served_curve(res)
