@@ -249,8 +249,9 @@ class AlignmentLoop:
             self.store.register_adapter_version(
                 f"rejected-{run_id}", parent, snap.snapshot_id, metrics, status="rejected"
             )
-            if cfg.continue_rejected and judge_drop(ev) <= cfg.continue_max_drop:
-                self._line = (cand, parent, line_len + 1, run_id)
+            if cfg.continue_rejected:  # a dead end (fell too far) ends the line: the next round starts from the served
+                dead_end = judge_drop(ev) > cfg.continue_max_drop
+                self._line = None if dead_end else (cand, parent, line_len + 1, run_id)
             return fail("rejected", f"gate: {why}", metrics)
 
         # -- publish and swap -----------------------------------------------------------------------------------------

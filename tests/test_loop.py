@@ -188,6 +188,35 @@ def test_rejected_candidates_seed_the_next_rounds_up_to_the_limit(runtime: Runti
     assert rt.store.training_run(after.run_id).config["init_adapter"] == promoted.version
 
 
+def test_a_collapsed_candidate_does_not_seed_the_next_round(runtime: Runtime) -> None:
+    """A rejected candidate whose probe judge fell far below the base (an injected collapse) ends the line: the next
+    round starts from the served version, not from it (LoopConfig.continue_max_drop)."""
+    rt = runtime
+    served = rt.registry.current()
+    evaluator = (sys.executable, "-m", "tests.helpers.collapsed_evaluator")
+    rt.loop.config = dataclasses.replace(
+        rt.loop.config,
+        launcher=(sys.executable, "-m", "ncp.train"),
+        evaluator=evaluator,
+        continue_rejected=3,
+        gate_min_judge_delta=0.0,
+    )
+    results = []
+    try:
+        for i in range(2):
+            pair = rt.arena.next_pair(f"session-collapse-{i}")
+            rt.arena.vote(f"session-collapse-{i}", pair.token, "left", rt.rater_id(f"rater-{i % 4}"))
+            results.append(rt.loop.run_round())
+    finally:
+        rt.loop.config = dataclasses.replace(
+            rt.loop.config, evaluator=LoopConfig().evaluator, gate_min_judge_delta=FAST["gate_min_judge_delta"]
+        )
+    assert [r.status for r in results] == ["rejected", "rejected"], [r.reason for r in results]
+    assert "judge 0.300" in results[0].reason
+    inits = [rt.store.training_run(r.run_id).config["init_adapter"] for r in results]
+    assert inits == [served, served]  # not f"rejected-{results[0].run_id}"
+
+
 def test_on_policy_window_trains_only_on_the_served_versions_own_pairs(runtime: Runtime) -> None:
     """train_window="serving": a round trains only on pairs whose two images the served version drew (iterative DPO's
     on-policy data, with that version as the reference), and starts from the served version even after a rejection."""

@@ -11,9 +11,7 @@ pipeline is written with `save_pretrained` to `--out`. Progress: a tqdm bar and 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import math
 import random
 import shutil
 import time
@@ -24,178 +22,18 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ncp.shapes.grammar import BACKGROUNDS, COLORS, POSITIONS, RELATIONS, SHAPES, SIZES, Scene, random_scene
+from ncp.shapes.grammar import random_scene
 from ncp.shapes.model import (
     IMAGE_SIZE,
     assemble_pipeline,
     build_text_encoder,
     build_unet,
-    build_vae,
     train_scheduler,
     write_tokenizer,
 )
+from ncp.shapes.pretrain_data import NOISY, lr_at, noisy_caption, parse_caption_noise, render_batch  # noqa: F401
+from ncp.shapes.pretrain_vae import refit_decoder, train_vae
 from ncp.shapes.render import render
-
-NOISY = {
-    "color": list(COLORS),
-    "shape": list(SHAPES),
-    "size": list(SIZES),
-    "position": list(POSITIONS),  # one object: its position; two objects: their relation
-    "background": list(BACKGROUNDS),
-}  # attributes a caption can get wrong
-
-
-def parse_caption_noise(spec: str) -> dict[str, float]:
-    """'color=0.7,background=0.5' -> {attribute: probability that the caption names a random value instead}."""
-    out: dict[str, float] = {}
-    for part in filter(None, (x.strip() for x in spec.split(","))):
-        name, _, value = part.partition("=")
-        if name not in NOISY or not value:
-            raise ValueError(f"caption noise {part!r}: use ATTRIBUTE=P with ATTRIBUTE in {sorted(NOISY)}")
-        p = float(value)
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"caption noise {part!r}: the probability must be in [0, 1]")
-        out[name] = p
-    return out
-
-
-def noisy_caption(scene: Scene, noise: dict[str, float], rng: random.Random) -> str:
-    """The scene's prompt with each noisy attribute replaced, with its probability, by a value drawn uniformly (so
-    sometimes the right one): web alt-text that often names the wrong colour. The image stays the true scene."""
-
-    def pick(attr: str, value: str) -> str:
-        return rng.choice(NOISY[attr]) if rng.random() < noise.get(attr, 0.0) else value
-
-    objects = tuple(
-        dataclasses.replace(o, color=pick("color", o.color), shape=pick("shape", o.shape), size=pick("size", o.size))
-        for o in scene.objects
-    )
-    relation = scene.relation
-    if len(objects) == 1:
-        objects = (dataclasses.replace(objects[0], position=pick("position", objects[0].position)),)
-    elif rng.random() < noise.get("position", 0.0):
-        relation = rng.choice(list(RELATIONS))
-        objects = tuple(dataclasses.replace(o, position=p) for o, p in zip(objects, RELATIONS[relation], strict=True))
-    return dataclasses.replace(
-        scene, objects=objects, relation=relation, background=pick("background", scene.background)
-    ).prompt
-
-
-def render_batch(
-    rng: random.Random,
-    n: int,
-    two_object_prob: float,
-    caption_noise: dict[str, float] | None = None,
-    size: int = IMAGE_SIZE,
-) -> tuple[list[str], torch.Tensor]:
-    """n random held-in scenes -> prompts (noisy with `caption_noise`) and images in [-1, 1], shape (n, 3, size, size)."""
-    scenes = [random_scene(rng, two_object_prob, held_out=False) for _ in range(n)]
-    imgs = np.stack([render(s, size, rng, jitter=1.5) for s in scenes])
-    x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    prompts = [noisy_caption(s, caption_noise, rng) if caption_noise else s.prompt for s in scenes]
-    return prompts, x
-
-
-def lr_at(step: int, total: int, peak: float, warmup: int = 200) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup)))))
-
-
-def train_vae(args: argparse.Namespace, work: Path, log) -> None:
-    if (work / "vae").exists():
-        return
-    if args.init_model is not None:  # the pipeline's own (already centred) VAE, unchanged
-        shutil.copytree(args.init_model / "vae", work / "vae")
-        return
-    if args.init_vae is not None:  # reuse a trained autoencoder (e.g. the shipped model's) and only re-centre it
-        from diffusers import AutoencoderTiny
-
-        center_vae(AutoencoderTiny.from_pretrained(args.init_vae), args, work, log)
-        return
-    vae = build_vae()
-    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
-    ckpt = work / "vae.pt"
-    step = 0
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        step = state["step"]
-    rng = random.Random(args.seed + step)
-    bar = tqdm(total=args.vae_steps, initial=step, desc="vae")
-    while step < args.vae_steps:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.vae_steps, args.vae_lr, warmup=100)
-        _, x = render_batch(rng, args.vae_batch, args.two_object_prob)
-        loss = vae_loss(vae.decode(vae.encode(x).latents).sample, x, args.fg_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        step += 1
-        bar.update(1)
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            log({"stage": "vae", "step": step, "loss": loss.item()})
-        if step % args.ckpt_every == 0 or step == args.vae_steps:
-            torch.save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt)
-    bar.close()
-    center_vae(vae, args, work, log)
-
-
-def vae_loss(rec: torch.Tensor, x: torch.Tensor, fg_weight: float) -> torch.Tensor:
-    # Shapes cover a few percent of the frame: weight foreground pixels (far from the corner's background colour)
-    # so colour fidelity is not drowned by the background.
-    bg = x[:, :, :1, :1]
-    weight = 1.0 + fg_weight * ((x - bg).abs().amax(dim=1, keepdim=True) > 0.1).float()
-    err = (rec - x).abs()
-    return (weight * (err**2 + 0.5 * err)).mean() / weight.mean()
-
-
-def center_vae(vae, args: argparse.Namespace, work: Path, log) -> None:  # noqa: ANN001 - AutoencoderTiny
-    """Make the latents zero-mean per channel, then refit the decoder to the shifted latents; set the scale.
-
-    The pipeline decodes `latents / scaling_factor` with no shift, so the shift is folded into the encoder's last conv
-    bias (exact) and the decoder, whose first op is a tanh clamp, is fine-tuned for `--decoder-steps` on the centred
-    latents with the encoder frozen. Uncentred latents put a large constant offset in every channel that the diffusion
-    model must recreate from pure noise; the shipped model failed on exactly the low-frequency attributes (background,
-    position) that live in those channel means.
-    """
-    with torch.no_grad():
-        _, x = render_batch(random.Random(12345), 512, args.two_object_prob)
-        mu = vae.encode(x).latents.mean(dim=(0, 2, 3))
-        vae.encoder.layers[-1].bias -= mu
-    log({"stage": "center", "channel_means": mu.tolist()})
-    refit_decoder(vae, args, log, args.decoder_steps, args.vae_lr * 0.3)
-    # Latent scale: SD divides latents by their std so the diffusion model sees unit variance.
-    with torch.no_grad():
-        _, x = render_batch(random.Random(12345), 256, args.two_object_prob)
-        z = vae.encode(x).latents
-    std = z.std().item()
-    vae.register_to_config(scaling_factor=1.0 / std)
-    vae.save_pretrained(work / "vae")
-    log({"stage": "vae", "done": True, "scaling_factor": 1.0 / std, "channel_means_after": z.mean((0, 2, 3)).tolist()})
-
-
-def refit_decoder(vae, args: argparse.Namespace, log, steps: int, lr: float, seed_offset: int = 777) -> None:  # noqa: ANN001
-    """Fine-tune the decoder alone (encoder frozen: the latents, and any UNet trained on them, stay valid)."""
-    vae.encoder.requires_grad_(False)
-    opt = torch.optim.AdamW(vae.decoder.parameters(), lr=lr, weight_decay=0.0)
-    rng = random.Random(args.seed + seed_offset)
-    for step in tqdm(range(steps), desc="decoder"):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr, warmup=20)
-        _, x = render_batch(rng, args.vae_batch, args.two_object_prob)
-        with torch.no_grad():
-            z = vae.encode(x).latents
-        loss = vae_loss(vae.decode(z).sample, x, args.fg_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if (step + 1) % 50 == 0:
-            log({"stage": "decoder", "step": step + 1, "loss": loss.item()})
-    vae.encoder.requires_grad_(True)
 
 
 def latent_cache(vae, args: argparse.Namespace, work: Path, dev: torch.device) -> dict:  # noqa: ANN001
