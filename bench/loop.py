@@ -148,6 +148,12 @@ def parser() -> argparse.ArgumentParser:
         help="held-out pairs before implicit accuracy gates (as the app)",
     )
     p.add_argument(
+        "--eval-max-pairs",
+        type=int,
+        default=RERUN_DEFAULTS["eval_max_pairs"],
+        help="the gate scores implicit accuracy on the newest N held-out pairs (as the app)",
+    )
+    p.add_argument(
         "--confirm-seeds",
         type=int,
         default=RERUN_DEFAULTS["confirm_seeds"],
@@ -231,6 +237,7 @@ def main(argv: list[str] | None = None) -> None:
         time_limit_s=300,
         eval_time_limit_s=240,
         gate_min_eval_pairs=args.gate_min_eval_pairs,
+        eval_max_pairs=args.eval_max_pairs,
         probe_steps=DEFAULT_STEPS,
         probe_guidance=DEFAULT_GUIDANCE,
         keep_versions=1000,  # every promoted version stays on disk: each is measured on the test probes at the end

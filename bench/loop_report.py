@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from bench.docs import write_section  # noqa: E402
 from jobs.loop import LoopConfig  # noqa: E402
 from ncp.shapes.model import (  # noqa: E402
+    DEFAULT_GATE_PAIRS,
     DEFAULT_ROUND_EVERY_S,
     DEFAULT_ROUND_LR,
     DEFAULT_ROUND_MIN_VOTES,
@@ -35,18 +36,19 @@ RESEARCH_PAGE = ROOT / "docs" / "research" / "live-loop-on-detuned-bases.md"
 _LOOP = LoopConfig()
 # lr 2e-3: the setting that met +0.10 in 3 of 3 runs on the first model's detuned base (RESEARCH_PAGE, `loop-deficit-lr2`,
 # with t >= 0.5 T on SD1.5's schedule, SNR < 0.38); t >= 0.3 T: the app's own slice for the shapes model, SNR < 0.65 on
-# the shipped models' linear schedule; 6,000 votes: the gap goal's budget (bench/loop_test_report.py). Rounds of 120
-# steps gated on 48 probes x 3 seeds fit the 5-minute round goal while 8 raters vote beside them (200 steps and 4 seeds
-# took 362-393 s, 150 steps and 3 seeds 318 s).
+# the shipped models' linear schedule; 6,000 votes: the gap goal's budget (bench/loop_test_report.py). Rounds of 100
+# steps gated on 48 probes x 3 seeds and 128 held-out pairs: the 5-minute round goal with 8 raters voting beside them
+# (ncp.shapes.model.DEFAULT_ROUND_STEPS says what longer rounds took).
 RERUN_DEFAULTS = {"raters": 8, "votes": 6000, "minutes": 30.0, "pace": 0.2, "train_every": DEFAULT_ROUND_EVERY_S,
                   "min_new_votes": DEFAULT_ROUND_MIN_VOTES, "min_pairs": 16, "max_steps": DEFAULT_ROUND_STEPS, "batch_size": 8,
                   "lr": DEFAULT_ROUND_LR,
                   "beta": _LOOP.beta, "objective": "dpo", "continue_rejected": _LOOP.continue_rejected, "space": "ncp",
                   "timestep_low": SHAPES_TIMESTEP_LOW, "reference": "base", "train_window": "all", "probes": 48,
                   "probe_seeds": 3, "gate_acc_z": _LOOP.gate_acc_z, "gate_min_eval_pairs": 100,
+                  "eval_max_pairs": DEFAULT_GATE_PAIRS,
                   "confirm_seeds": 0}  # fmt: skip
 # What a result file written before a flag existed ran with (its rerun line must name it to reproduce the run).
-LEGACY_CONFIG = {"gate_acc_z": 0.0}
+LEGACY_CONFIG = {"gate_acc_z": 0.0, "eval_max_pairs": 256}
 ROUND_GOAL_S, GAIN_GOAL, WITHIN_S = 300.0, 0.10, 1800.0  # issue goals: round <= 5 min; +0.10 judge within 30 min
 
 

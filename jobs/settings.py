@@ -19,6 +19,7 @@ from jobs.hub_push import HubPushConfig
 from jobs.loop_config import LoopConfig
 from jobs.runtime import SHAPES_MODEL, ArenaConfig, is_shapes_model
 from ncp.serving import SamplingConfig
+from ncp.shapes.model import DEFAULT_GATE_PAIRS as SHAPES_GATE_PAIRS
 from ncp.shapes.model import DEFAULT_GUIDANCE as SHAPES_GUIDANCE
 from ncp.shapes.model import DEFAULT_ROUND_EVERY_S as SHAPES_ROUND_EVERY_S
 from ncp.shapes.model import DEFAULT_ROUND_LR as SHAPES_ROUND_LR
@@ -192,6 +193,7 @@ def config_from_env(env: Mapping[str, str]) -> ArenaConfig:
         gate_min_eval_pairs=100 if shapes else _LOOP.gate_min_eval_pairs,
         lr=SHAPES_ROUND_LR if shapes else _LOOP.lr,  # the rounds `python -m bench.loop` measures
         max_steps=SHAPES_ROUND_STEPS if shapes else _LOOP.max_steps,
+        eval_max_pairs=SHAPES_GATE_PAIRS if shapes else _LOOP.eval_max_pairs,
         train_every_s=float(
             env_value(env, "NCP_TRAIN_EVERY_S", float, SHAPES_ROUND_EVERY_S if shapes else _LOOP.train_every_s)
         ),

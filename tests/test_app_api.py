@@ -23,7 +23,13 @@ from jobs.loop_config import LoopConfig
 from jobs.registry import BASE
 from jobs.runtime import SHAPES_MODEL, base_model_id
 from ncp.serving import PairMix
-from ncp.shapes.model import DEFAULT_ROUND_EVERY_S, DEFAULT_ROUND_LR, DEFAULT_ROUND_MIN_VOTES, DEFAULT_ROUND_STEPS
+from ncp.shapes.model import (
+    DEFAULT_GATE_PAIRS,
+    DEFAULT_ROUND_EVERY_S,
+    DEFAULT_ROUND_LR,
+    DEFAULT_ROUND_MIN_VOTES,
+    DEFAULT_ROUND_STEPS,
+)
 from ncp.shapes.model import DEFAULT_STEPS as SHAPES_STEPS
 from ncp.shapes.model import DEFAULT_TIMESTEP_LOW as SHAPES_TIMESTEP_LOW
 
@@ -295,8 +301,14 @@ def test_config_from_env_maps_every_variable(tmp_path: Path) -> None:
     other = app.config_from_env({"NCP_MODEL": str(tmp_path / "m")})
     assert default.loop.timestep_low == SHAPES_TIMESTEP_LOW > 0 == other.loop.timestep_low
     # ...and runs the rounds bench.loop measures (its lr and steps), another model the LoopConfig defaults.
-    rounds = ("lr", "max_steps", "train_every_s", "min_new_votes")
-    shapes_rounds = (DEFAULT_ROUND_LR, DEFAULT_ROUND_STEPS, DEFAULT_ROUND_EVERY_S, DEFAULT_ROUND_MIN_VOTES)
+    rounds = ("lr", "max_steps", "train_every_s", "min_new_votes", "eval_max_pairs")
+    shapes_rounds = (
+        DEFAULT_ROUND_LR,
+        DEFAULT_ROUND_STEPS,
+        DEFAULT_ROUND_EVERY_S,
+        DEFAULT_ROUND_MIN_VOTES,
+        DEFAULT_GATE_PAIRS,
+    )
     assert tuple(getattr(default.loop, k) for k in rounds) == shapes_rounds
     assert tuple(getattr(other.loop, k) for k in rounds) == tuple(getattr(LoopConfig(), k) for k in rounds)
     assert app.config_from_env({"NCP_MIN_NEW_VOTES": "40"}).loop.min_new_votes == 40  # the variable still wins

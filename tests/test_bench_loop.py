@@ -27,7 +27,7 @@ def rnd(
 def result(rounds: list[dict]) -> dict:
     config = {"raters": 8, "objective": "dpo", "space": "ncp", "max_steps": RERUN_DEFAULTS["max_steps"],
               "lr": RERUN_DEFAULTS["lr"], "beta": 5e5, "probes": 48, "probe_seeds": RERUN_DEFAULTS["probe_seeds"],
-              "gate_acc_z": 1.96}  # fmt: skip
+              "gate_acc_z": 1.96, "eval_max_pairs": RERUN_DEFAULTS["eval_max_pairs"]}  # fmt: skip
     return {"config": config, "raters": {"votes": 2000}, "wall_s": 1000.0, "rounds": rounds, "leaderboard": []}
 
 

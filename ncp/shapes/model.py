@@ -38,11 +38,14 @@ DEFAULT_GUIDANCE = 4.0
 # sweep headroom-timesteps).
 DEFAULT_TIMESTEP_LOW = 0.3
 # A round's learning rate and steps on this world, in the app and in `python -m bench.loop` alike: lr 2e-3 met the
-# +0.10 goal in 3 of 3 runs on the first world's deficit base (docs/research/live-loop-on-detuned-bases.md), and 120
-# steps of 8 pairs keep a round (train + gate) within 5 minutes on a 2-core CPU while raters vote beside it (150 steps
-# took 318 s: 20 s snapshot and start, 172 s training at 1.05 s a step, 122 s gate).
+# +0.10 goal in 3 of 3 runs on the first world's deficit base (docs/research/live-loop-on-detuned-bases.md), and 100
+# steps of 8 pairs, gated on the newest 128 held-out pairs, keep a round (train + gate) within 5 minutes on a 2-core CPU
+# while raters vote beside it. 150 steps took 318 s with the base served (20 s snapshot and start, 172 s training at
+# 1.05 s a step, 122 s gate); 120 steps and 256 pairs 340 s with a version served (its margins are scored too: 160 s
+# gate, half of it on the pairs).
 DEFAULT_ROUND_LR = 2e-3
-DEFAULT_ROUND_STEPS = 120
+DEFAULT_ROUND_STEPS = 100
+DEFAULT_GATE_PAIRS = 128
 # When a round starts: the schedule looks every 15 s and starts one once 150 votes have come in since the last (a round
 # on fewer pairs is mostly rejected). A CPU runs one round at a time; the shapes world has nothing else to wait for.
 DEFAULT_ROUND_EVERY_S = 15.0
