@@ -7,6 +7,10 @@ Used by the trainer (`ncp.trainer.train`) and, unchanged, by the benchmarks, so 
 
 from __future__ import annotations
 
+import functools
+import json
+from pathlib import Path
+
 import torch
 from diffusers import DDPMScheduler
 
@@ -36,6 +40,7 @@ def pair_loss(
     *,
     sdxl: bool,
     uncond: Conditioning | None = None,
+    encoder: torch.nn.Module | None = None,
 ) -> PreferenceLoss:
     """The loss of one micro-batch of B pairs: errors of the 2B images [chosen; rejected], then the objective.
 
@@ -70,7 +75,12 @@ def pair_loss(
         include_mid=config.include_mid,
         normalize=config.normalize,
         variance_noise=z,
+        encoder=encoder,
     )
+    if config.timestep_weights:  # w(t) scales the errors, so beta keeps its latent scale (weights have mean 1)
+        w = timestep_weights(config.timestep_weights, scheduler.config.num_train_timesteps).to(device)[steps]
+        ref = None if errors.reference is None else errors.reference * w
+        errors = type(errors)(errors.policy * w, ref)
 
     def per_pair(err: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (2KB,) -> chosen, rejected: (B,) each
         return tuple(half.view(k, b).mean(0) for half in err.chunk(2))
@@ -89,6 +99,21 @@ def pair_loss(
         )
     drift = uncond_drift(unet, scheduler, latents[:b], noise[:b], steps[:b], uncond, batch.time_ids, sdxl=sdxl)
     return PreferenceLoss(out.loss + config.uncond_weight * drift, {**out.metrics, "uncond_drift": drift.item()})
+
+
+@functools.lru_cache(maxsize=8)
+def timestep_weights(path: str, num_train_timesteps: int) -> torch.Tensor:
+    """w(t) for t in [0, T) from a JSON file {"weights": [w_0..w_{K-1}]} of K equal bins of the schedule.
+
+    Why errors and not the loss: NCP's PL is to first order c_t^2 times the eps error seen through the encoder's
+    Jacobian (METHOD.md), i.e. a timestep-weighted latent error; scaling L_theta and L_ref by w(t) = E[PL/L | t]
+    reproduces that weighting with the latent metric. Where NCP's loss stays near ln 2 (the logsigmoid's linear
+    range) this equals weighting each sample's loss by w(t), and it averages correctly over noise draws."""
+    weights = json.loads(Path(path).read_text())["weights"]
+    if not weights or any(not (w >= 0) for w in weights):
+        raise ValueError(f"{path}: 'weights' must be a non-empty list of numbers >= 0.")
+    bins = torch.arange(num_train_timesteps) * len(weights) // num_train_timesteps
+    return torch.tensor(weights, dtype=torch.float32)[bins]
 
 
 def uncond_drift(

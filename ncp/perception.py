@@ -171,11 +171,23 @@ def _no_inner_checkpointing(unet: nn.Module) -> Iterator[None]:
 
 
 def _reference_features(
-    unet: nn.Module, x: Tensor, t: Tensor, ehs: Tensor, added: dict | None, mid: bool, fp32: bool
+    unet: nn.Module,
+    x: Tensor,
+    t: Tensor,
+    ehs: Tensor,
+    added: dict | None,
+    mid: bool,
+    fp32: bool,
+    encoder: nn.Module | None = None,
 ) -> Tensor:
-    """The reference encoder (adapters off, no inner checkpointing); `fp32`: autocast off and float32 inputs."""
+    """The reference encoder (adapters off, no inner checkpointing), or `encoder`'s (a frozen UNet without adapters);
+    `fp32`: autocast off and float32 inputs."""
     precision = torch.autocast(x.device.type, enabled=False) if fp32 else contextlib.nullcontext()
-    with reference_mode(unet), _no_inner_checkpointing(unet), precision:
+    if encoder is not None:
+        unet, mode = encoder, contextlib.nullcontext()
+    else:
+        mode = reference_mode(unet)
+    with mode, _no_inner_checkpointing(unet), precision:
         if fp32:
             x, ehs = x.float(), ehs.float()
             added = None if added is None else {k: v.float() for k, v in added.items()}
@@ -183,7 +195,14 @@ def _reference_features(
 
 
 def _policy_features(
-    unet: nn.Module, x: Tensor, t: Tensor, ehs: Tensor, added: dict | None, mid: bool, fp32: bool
+    unet: nn.Module,
+    x: Tensor,
+    t: Tensor,
+    ehs: Tensor,
+    added: dict | None,
+    mid: bool,
+    fp32: bool,
+    encoder: nn.Module | None = None,
 ) -> Tensor:
     """Reference-encoder features of the policy's x_theta, with gradient to x_theta.
 
@@ -193,8 +212,19 @@ def _policy_features(
     """
     base = unwrap_unet(unet)
     if getattr(base, "is_gradient_checkpointing", False) and torch.is_grad_enabled():
-        return checkpoint(_reference_features, unet, x, t, ehs, added, mid, fp32, use_reentrant=False)
-    return _reference_features(unet, x, t, ehs, added, mid, fp32)
+        return checkpoint(_reference_features, unet, x, t, ehs, added, mid, fp32, encoder, use_reentrant=False)
+    return _reference_features(unet, x, t, ehs, added, mid, fp32, encoder)
+
+
+def random_encoder(unet: nn.Module, seed: int) -> nn.Module:
+    """A random-initialised copy of the UNet's architecture (diffusers' own init, seeded), frozen, in eval mode, on the
+    UNet's device: the NCP encoder's control, a fixed feature map that learned nothing (METHOD.md "Reading results")."""
+    base = unwrap_unet(unet)
+    param = base.conv_in.weight
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        copy = type(base).from_config(base.config)
+    return copy.to(device=param.device).eval().requires_grad_(False)
 
 
 def _encoder_in_fp32(unet: nn.Module, requested: bool) -> bool:
@@ -235,6 +265,7 @@ def per_sample_errors(
     normalize: bool = False,
     variance_noise: Tensor | None = None,
     encoder_fp32: bool = True,
+    encoder: nn.Module | None = None,
 ) -> Errors:
     """Per-sample policy (and reference) errors of a batch, shape (B,), float32.
 
@@ -246,6 +277,7 @@ def per_sample_errors(
     variance_noise z of the reverse step (drawn with torch.randn_like when None) is shared by the three branches.
     encoder_fp32: run the reverse steps and the encoder in float32 even under autocast (needs float32 UNet weights;
     off only to measure the cost: in bfloat16 the PL differences are rounding noise).
+    encoder: a frozen UNet without adapters whose encoder is f instead of the reference's (`random_encoder`).
     """
     if space not in ("latent", "ncp"):
         raise ValueError(f"Unknown space {space!r}; allowed: 'latent', 'ncp'.")
@@ -288,11 +320,18 @@ def per_sample_errors(
         n = len(batch)
         # Target and reference through the frozen encoder in one batched no-grad pass (METHOD.md "Cost per step").
         feats = _reference_features(
-            unet, torch.cat(batch), t_prev.repeat(n), torch.cat([ehs] * n), _cat_cond(added, n), include_mid, fp32
+            unet,
+            torch.cat(batch),
+            t_prev.repeat(n),
+            torch.cat([ehs] * n),
+            _cat_cond(added, n),
+            include_mid,
+            fp32,
+            encoder,
         )
         f_target, f_ref = feats[: len(x_t)], (feats[len(x_t) :] if n == 2 else None)
     # eq. 15: the policy branch keeps its graph, so the gradient flows through the frozen encoder into eps_theta.
-    f_theta = _policy_features(unet, x_theta, t_prev, ehs, added, include_mid, fp32)
+    f_theta = _policy_features(unet, x_theta, t_prev, ehs, added, include_mid, fp32, encoder)
     scale = f_target.float().pow(2).mean(dim=1).clamp(min=1e-12) if normalize else None
     policy = _mean_sq(f_theta, f_target)
     reference = None if f_ref is None else _mean_sq(f_ref, f_target)
@@ -302,4 +341,4 @@ def per_sample_errors(
     return Errors(policy, reference)
 
 
-__all__ = ["Errors", "ddpm_step_to_prev", "encoder_features", "noisy_latents", "per_sample_errors"]
+__all__ = ["Errors", "ddpm_step_to_prev", "encoder_features", "noisy_latents", "per_sample_errors", "random_encoder"]

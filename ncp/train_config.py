@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, get_args, get_type_hints
 
 from ncp.adapters import LoraSettings
@@ -64,6 +65,17 @@ class TrainConfig:
     lora_targets: tuple[str, ...] = _opt(("to_q", "to_k", "to_v", "to_out.0"), "UNet module names that get LoRA")
     include_mid: bool = _opt(False, "ncp: add the mid block to the encoder (released SD1.5 runs: on; SDXL: off)")
     normalize: bool = _opt(False, "ncp: divide the perceptual error by the mean squared target feature")
+    timestep_weights: str = _opt(
+        "",
+        "JSON file {'weights': [w_0..w_{K-1}]}: each sample's errors are scaled by w of its timestep's bin (K equal bins "
+        "of the schedule), e.g. the measured E[PL/L | t] normalised to mean 1, so latent DPO weights timesteps as NCP "
+        "does without its encoder metric (bench/ncp_vs_latent.py); empty = unweighted",
+    )
+    random_encoder: bool = _opt(
+        False,
+        "ncp: measure PL through a random-initialised copy of the UNet (same architecture, seeded by --seed) instead "
+        "of the pretrained reference encoder: is it the learned perception that helps, or any fixed feature map",
+    )
     seed: int = _opt(0, "seed of LoRA init, data order, timesteps and noise")
     resolution: int = _opt(0, "training image size in pixels (0 = the model's native size)")
     keep_ties: bool = _opt(False, "train on 0.5/0.5 ties too (as ordered pairs, jpg_0 first); default drops them")
@@ -113,6 +125,10 @@ class TrainConfig:
             if not ok:
                 hint = TrainConfig.__dataclass_fields__[name].metadata["help"]
                 raise ValueError(f"{name}={getattr(self, name)!r} is out of range ({hint}).")
+        if self.random_encoder and self.space != "ncp":
+            raise ValueError("random_encoder replaces the NCP encoder: it needs space='ncp'.")
+        if self.timestep_weights and not Path(self.timestep_weights).is_file():
+            raise ValueError(f"timestep_weights={self.timestep_weights!r} is not a file (JSON {{'weights': [...]}}).")
         if self.reference == "init" and not self.init_adapter:
             raise ValueError("reference='init' needs init_adapter: the adapter whose frozen copy is the reference.")
         if self.dpo_anchor and self.objective != "dpo":

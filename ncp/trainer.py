@@ -48,6 +48,7 @@ from ncp.checkpoints import ProgressLog, atomic_dir, finite_json, load_checkpoin
 from ncp.data import PreferencePair, load_pairs, require_pairs
 from ncp.latents import LatentCache, PreferenceDataset, collate_pairs, encode_pairs
 from ncp.losses import pair_loss, uncond_drift  # noqa: F401 - re-exported: `from ncp.trainer import pair_loss`
+from ncp.perception import random_encoder
 from ncp.pipelines import encode_prompts, is_sdxl, load_pipeline, sdxl_time_ids, uncond_conditioning
 from ncp.train_config import TrainConfig  # noqa: F401 - re-exported: `from ncp.trainer import TrainConfig`
 
@@ -230,6 +231,7 @@ def train(
         unet, optimizer = accelerator.prepare(unet, optimizer)
         scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         uncond = uncond_conditioning(pipe) if config.uncond_weight else None
+        encoder = random_encoder(unet, config.seed) if config.random_encoder else None  # the NCP encoder's control
         ckpt_dir = Path(config.checkpoint_dir or f"{out}.checkpoints")
         resumed = resume_path(config, ckpt_dir)
         if resumed is not None:
@@ -262,7 +264,9 @@ def train(
                 with accelerator.accumulate(unet):
                     cond = encode_prompts(pipe, list(batch.prompts))
                     with accelerator.autocast():
-                        result = pair_loss(unet, scheduler, batch, cond, config, generator, sdxl=sdxl, uncond=uncond)
+                        result = pair_loss(
+                            unet, scheduler, batch, cond, config, generator, sdxl=sdxl, uncond=uncond, encoder=encoder
+                        )
                     # One collective per micro-step: the metrics averaged over processes, NaN if any process has NaN.
                     values = torch.tensor([result.metrics[k] for k in keys] + [0.0], dtype=torch.float64)
                     if micro == accum - 1 and config.max_seconds and time.monotonic() - started > config.max_seconds:
