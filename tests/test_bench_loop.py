@@ -111,7 +111,9 @@ def test_the_rerun_line_names_every_flag_the_run_changed() -> None:
     # of them changed (a higher lr, say) reruns as it ran from its section's line.
     where = {"model", "data_dir", "out", "name", "render", "help", "ceiling", "null", "test_probes", "test_seeds"}
     shaping = {a.dest: a.default for a in loop.parser()._actions if a.dest not in where}
-    assert shaping == loop.RERUN_DEFAULTS
+    # beta's parser default is None, the space's own (SPACE_BETA): RERUN_DEFAULTS holds the NCP one it resolves to.
+    assert shaping == loop.RERUN_DEFAULTS | {"beta": None}
+    assert loop.SPACE_BETA["ncp"] == loop.RERUN_DEFAULTS["beta"]
     res = result([rnd("promoted", 300, 0.02, version="v0001")])
     res["config"] |= {"model": "runs/shapes-deficit1.0", "votes": 12000, "lr": 0.004, "timestep_low": 0.5}
     text = loop.markdown(res, "loop_deficit-lr2")
