@@ -88,13 +88,19 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def rerun_flags(config: dict) -> str:
+    """The flags a rerun needs: only where the run differed from today's defaults (a run from before a flag existed
+    ran with its LEGACY_CONFIG value)."""
+    c = LEGACY_CONFIG | config
+    return "".join(f" --{k.replace('_', '-')} {c[k] if isinstance(c[k], str) else format(c[k], 'g')}"
+                   for k, v in RERUN_DEFAULTS.items() if k in c and c[k] != v)  # fmt: skip
+
+
 def markdown(result: dict, stem: str = "loop") -> str:
     model, name = result["config"].get("model", ""), stem.removeprefix("loop").lstrip("_")
     head = ["## The live loop (`python -m bench.loop`)", ""]
     if name:  # another base: name it, and say how to rebuild it and rerun
-        c = LEGACY_CONFIG | result["config"]  # flags only where the run differed from the defaults
-        flags = "".join(f" --{k.replace('_', '-')} {c[k] if isinstance(c[k], str) else format(c[k], 'g')}"
-                        for k, v in RERUN_DEFAULTS.items() if k in c and c[k] != v)  # fmt: skip
+        flags = rerun_flags(result["config"])
         base = Path(model).name.removeprefix("shapes-")  # runs/shapes-headroom: sweep `headroom` of the research page
         head = [f"## The live loop on `{model}`" + ("" if name == base else f" ({name})"), "",
                 f"Rerun: `python -m bench.loop --model {model}{flags} --name {name}` "

@@ -15,6 +15,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from bench.loop_report import rerun_flags  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 GAIN_GOAL, GAIN_VOTES, GAIN_S = 0.10, 2000, 1800.0  # +0.10 on the test probes within 2,000 votes and 30 min
 GAP_GOAL, GAP_VOTES = 0.5, 6000  # half the base-to-ceiling gap within 6,000 votes
@@ -62,7 +64,10 @@ def goal_lines(result: dict, null: dict | None) -> list[str]:
     lines.append(f"- Every round <= {ROUND_GOAL_S / 60:.0f} min: "
                  + ("met" if times and max(times) <= ROUND_GOAL_S else "not met")
                  + (f" (longest {max(times):.0f} s, {len(times)} rounds)." if times else "."))  # fmt: skip
-    if null is not None:
+    if null is not None and not same_base(result, null):
+        lines.append(f"- Null arm (coin-flip labels) within ±{NULL_BAND}: not yet run on this base (the last null run "
+                     f"measured a base scoring {null['test']['base_judge']:.3f} on the test probes).")  # fmt: skip
+    elif null is not None:
         n = served_curve(null)[-1]
         ok = abs(n["gain"]) <= NULL_BAND
         lines.append(f"- Null arm (coin-flip labels) within ±{NULL_BAND}: {'met' if ok else 'not met'} "
@@ -71,6 +76,12 @@ def goal_lines(result: dict, null: dict | None) -> list[str]:
                      f"{sum(r['status'] == 'promoted' for r in null['rounds'])} of {len(null['rounds'])} rounds "
                      "promoted by the gate on noise).")  # fmt: skip
     return lines
+
+
+def same_base(a: dict, b: dict) -> bool:
+    """Two runs on the same base: its score on the fixed test probes and seeds is deterministic, so it names the base
+    where a path cannot (a rebuilt default base keeps its folder name)."""
+    return abs(a["test"]["base_judge"] - b["test"]["base_judge"]) < 1e-9
 
 
 def attribute_line(result: dict) -> str:
@@ -97,6 +108,7 @@ def markdown(result: dict, null: dict | None = None, stem: str = "loop_default")
     method = space_name(c)
     model = Path(c["model"])
     model = model.relative_to(ROOT) if model.is_absolute() and model.is_relative_to(ROOT) else model
+    model = Path("models") / model.name if model.is_absolute() and model.parent.name == "models" else model
     lines = [
         "## The out-of-the-box loop (`python -m bench.loop`)"
         + ("" if method == "NCP-DPO" else f": the latent DPO arm (`--space latent`, beta {c['beta']:g})"),
@@ -107,7 +119,12 @@ def markdown(result: dict, null: dict | None = None, stem: str = "loop_default")
         f"Every promoted version is measured after the run on the **test probes**: {t['probes']} prompts x "
         f"{t['seeds']} seeds (from {t['seed_offset']}) that the gate, the raters and training never saw, so nothing "
         "below was selected on. Intervals: 95% bootstrap over prompts (a prompt's images are one cluster). The gate's "
-        "own probe score is a running maximum and is not the result.",
+        "own probe score is a running maximum and is not the result."
+        + (
+            f" Ran with settings since changed; rerun: `python -m bench.loop{flags}`."
+            if (flags := rerun_flags(c))
+            else ""
+        ),
         "",
         f"Base {t['base_judge']:.3f}"
         + (f", ceiling {t['ceiling']:.3f} (gap {gap(result):.3f})" if gap(result) else "")
@@ -162,5 +179,5 @@ def publish(result: dict, stem: str = "loop_default") -> None:
 
     null_path = ROOT / "docs" / "benchmarks" / f"{stem}_null.json"
     null = json.loads(null_path.read_text()) if null_path.exists() else None
-    plot(result, null, ROOT / "docs" / f"{stem}.png")
+    plot(result, null if null is not None and same_base(result, null) else None, ROOT / "docs" / f"{stem}.png")
     write_section(ROOT / "docs" / "BENCHMARKS.md", stem.replace("_", "-"), markdown(result, null, stem))
