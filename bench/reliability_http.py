@@ -319,7 +319,9 @@ def summarize(logs: list[Log], admin_log: Log, crash_info: dict | None, t0: floa
     outage = (crash_info["t_kill"], crash_info["t_ready"] + 5.0) if crash_info else None
     reqs = [r for lg in logs for r in lg.requests] + admin_log.requests
     failed = [r for r in reqs if r[3] is not None]
-    in_outage = [r for r in failed if outage and outage[0] <= r[1] + r[2] / 1000 <= outage[1]]
+    # A request counts as the outage's when it overlapped it (started before the app was back, ended after the kill):
+    # one in flight at the SIGKILL can end, on a loaded machine, only after the window.
+    in_outage = [r for r in failed if outage and r[1] <= outage[1] and r[1] + r[2] / 1000 >= outage[0]]
     unexpected = [r for r in failed if r not in in_outage]
     acks = [a for lg in logs for a in lg.acks]
     return {
