@@ -165,6 +165,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ExportError, ValueError, FileNotFoundError) as err:
         log.error("export failed: %s", err)
         return 2
+    except OSError as err:  # an unreadable or undecodable stored image (PIL's errors are OSErrors), a permission
+        log.error("export failed: %s (check the data dir's files; --no-images exports the votes without images)", err)
+        return 2
     sys.stdout.write(
         json.dumps({"snapshot_id": snap.snapshot_id, "path": str(snap.path), "rows": snap.manifest["rows"]}) + "\n"
     )

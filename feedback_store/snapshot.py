@@ -139,7 +139,11 @@ def _with_images(store: FeedbackStore, table: pa.Table, images: bool, image_form
                 raise ValueError("the store has no data_dir, so image files cannot be read; pass images=False")
             for p in paths:
                 if p not in blobs:  # an image shown in several pairs is read once per row group
-                    blobs[p] = _encoded((store.data_dir / p).read_bytes(), image_format)
+                    try:
+                        blobs[p] = _encoded((store.data_dir / p).read_bytes(), image_format)
+                    except OSError as err:  # unreadable, or not an image any more (PIL's errors are OSErrors)
+                        why = err.strerror or type(err).__name__
+                        raise OSError(f"stored image {store.data_dir / p}: {why}") from None
             cols[f"jpg_{i}"] = pa.array([blobs[p] for p in paths], type=pa.binary())
         else:
             cols[f"jpg_{i}"] = pa.nulls(len(paths), type=pa.binary())

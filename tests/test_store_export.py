@@ -213,4 +213,11 @@ def test_cli(arena: Arena, tmp_path) -> None:
     assert again.returncode == 0 and json.loads(again.stdout)["rows"]["total"] == 0
     bad = subprocess.run([*cmd, "--since", "no-such-snapshot"], capture_output=True, text=True, env=env)
     assert bad.returncode != 0 and "not found" in bad.stderr
+    # A stored image that no longer decodes (JPEG re-encodes every image): one line naming it, exit 2, no traceback.
+    stored = sorted(f for f in tmp_path.rglob("*.png") if "cli" not in f.parts)
+    stored[0].write_bytes(b"not an image")
+    broken = subprocess.run([*cmd, "--image-format", "jpeg"], capture_output=True, text=True, env=env)
+    assert broken.returncode == 2 and "Traceback" not in broken.stderr, broken.stderr
+    failed = [line for line in broken.stderr.splitlines() if line.startswith("export failed:")]
+    assert len(failed) == 1 and stored[0].name in failed[0] and "--no-images" in failed[0], broken.stderr
     arena.store = FeedbackStore(tmp_path / "arena.duckdb")  # for the fixture's close()
