@@ -24,6 +24,11 @@ KNOWN_LOG_NOTICES: dict[str, tuple[re.Pattern[str], ...]] = {
     ),
     # ... and the pipeline's signature names AutoencoderKL, which AutoencoderTiny replaces (its documented use).
     "diffusers.pipelines.pipeline_utils": (re.compile(r"Expected types for vae: .*AutoencoderKL.*AutoencoderTiny"),),
+    # Every adapter here is a UNet LoRA (text encoders stay frozen): loading one with the stock `load_lora_weights`
+    # (the evaluator's load test, the app's hot-swap) finds, as it should, no text-encoder keys, and says so each time.
+    "diffusers.loaders.lora_base": (
+        re.compile(r"No LoRA keys associated to CLIPTextModel(WithProjection)? found with the prefix='text_encoder"),
+    ),
 }
 # peft warns whenever a model gets a second adapter; the project holds several on purpose (the serving slots "live"
 # and "battle", the frozen DPO reference beside the trained adapter, the versions the evaluator compares).

@@ -103,3 +103,29 @@ def test_a_tick_during_a_round_logs_no_warning(caplog: pytest.LogCaptureFixture)
         aps.warning('Execution of job "%s" skipped: maximum number of running instances reached (%d)', "round", 1)
         aps.warning("Run time of job %s was missed by %s", "round", "0:00:01")
     assert [r.getMessage() for r in caplog.records] == ["Run time of job round was missed by 0:00:01"]
+
+
+def test_loading_a_unet_lora_with_the_stock_loader_says_nothing(tmp_path: Path) -> None:
+    """The evaluator's load test and the app's hot-swap load every version with `load_lora_weights`; a UNet-only
+    adapter has no text-encoder keys by design, and diffusers' notice about it is dropped at its logger (a handler on
+    that logger sees what passes its filters: diffusers' loggers do not propagate). Another warning there still shows."""
+    import logging
+
+    from jobs.runtime import SHAPES_MODEL
+    from ncp.pipelines import load_pipeline
+    from tests.helpers.adapters import random_adapter
+
+    pipe = load_pipeline(SHAPES_MODEL)
+    folder = random_adapter(pipe, tmp_path / "adapter")
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    target = logging.getLogger("diffusers.loaders.lora_base")
+    target.addHandler(handler)
+    try:
+        pipe.load_lora_weights(str(folder), adapter_name="v0001")
+        target.warning("a notice that applies")
+    finally:
+        target.removeHandler(handler)
+    assert "v0001" in pipe.unet.peft_config
+    assert seen == ["a notice that applies"], seen
