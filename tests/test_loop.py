@@ -212,7 +212,7 @@ def test_a_collapsed_candidate_does_not_seed_the_next_round(runtime: Runtime) ->
             rt.loop.config, evaluator=LoopConfig().evaluator, gate_min_judge_delta=FAST["gate_min_judge_delta"]
         )
     assert [r.status for r in results] == ["rejected", "rejected"], [r.reason for r in results]
-    assert "judge 0.300" in results[0].reason
+    assert "judge 0.300 vs 0.600" in results[0].reason
     inits = [rt.store.training_run(r.run_id).config["init_adapter"] for r in results]
     assert inits == [served, served]  # not f"rejected-{results[0].run_id}"
 

@@ -17,7 +17,8 @@ def main() -> None:
     out = Path(args[args.index("--out") + 1])
     ev = json.loads(out.read_text())
     ev["base_judge"] = 0.6
-    ev["versions"]["candidate"]["judge"] = 0.3  # the injected collapse: 0.3 below the base
+    for name, version in ev["versions"].items():  # the served version (when not the base) scores as the base
+        version["judge"] = 0.3 if name == "candidate" else 0.6  # the injected collapse: 0.3 below
     out.write_text(json.dumps(ev))
 
 
