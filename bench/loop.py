@@ -49,7 +49,7 @@ from jobs.registry import AdapterRegistry  # noqa: E402
 from jobs.runtime import SHAPES_CEILING, SHAPES_MODEL, ArenaConfig, Runtime  # noqa: E402
 from ncp.evaluate import TEST_PROBES, TEST_SEED_OFFSET  # noqa: E402
 from ncp.serving import PairMix, SamplingConfig  # noqa: E402
-from ncp.shapes.model import DEFAULT_GUIDANCE, DEFAULT_STEPS  # noqa: E402
+from ncp.shapes.model import DEFAULT_GATE_JUDGE_VETO, DEFAULT_GUIDANCE, DEFAULT_STEPS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -135,6 +135,13 @@ def parser() -> argparse.ArgumentParser:
         "--probe-seeds", type=int, default=RERUN_DEFAULTS["probe_seeds"], help="seeds per probe prompt at the gate"
     )
     p.add_argument(
+        "--gate",
+        choices=("votes", "judge"),
+        default=RERUN_DEFAULTS["gate"],
+        help="votes: promote on held-out implicit accuracy beyond noise, the judge vetoing a fall (as the app); "
+        "judge: promote when the judge does not fall and accuracy is no worse (the rule before the null arm failed)",
+    )
+    p.add_argument(
         "--gate-acc-z",
         type=float,
         default=RERUN_DEFAULTS["gate_acc_z"],
@@ -168,8 +175,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--null",
         action="store_true",
-        help="null arm: every round trains on the raters' pairs with labels replaced by coin flips (the same loop, "
-        "gate and schedule), so any held-out gain it reports is manufactured from noise",
+        help="null arm: every rater label the loop reads (training pairs and the gate's held-out pairs) replaced by a "
+        "coin flip (the same loop, gate and schedule), so any test-probe gain it reports is manufactured from noise",
     )
     p.add_argument(
         "--test-probes", type=int, default=TEST_PROBES, help="test probe prompts (never seen by gate or raters)"
@@ -241,7 +248,9 @@ def main(argv: list[str] | None = None) -> None:
         probe_steps=DEFAULT_STEPS,
         probe_guidance=DEFAULT_GUIDANCE,
         keep_versions=1000,  # every promoted version stays on disk: each is measured on the test probes at the end
-        extra_train_args=("--coin-flip-labels",) if args.null else (),
+        coin_flip_labels=args.null,
+        gate_require_acc_gain=args.gate == "votes",
+        gate_min_judge_delta=DEFAULT_GATE_JUDGE_VETO if args.gate == "votes" else 0.0,
     )
     config = ArenaConfig(
         data_dir=data_dir,

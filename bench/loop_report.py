@@ -20,6 +20,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from bench.docs import write_section  # noqa: E402
 from jobs.loop import LoopConfig  # noqa: E402
 from ncp.shapes.model import (  # noqa: E402
+    DEFAULT_CONTINUE_REJECTED,
+    DEFAULT_GATE_JUDGE_VETO,
+    DEFAULT_GATE_MIN_EVAL_PAIRS,
     DEFAULT_GATE_PAIRS,
     DEFAULT_ROUND_EVERY_S,
     DEFAULT_ROUND_LR,
@@ -42,13 +45,13 @@ _LOOP = LoopConfig()
 RERUN_DEFAULTS = {"raters": 8, "votes": 6000, "minutes": 30.0, "pace": 0.2, "train_every": DEFAULT_ROUND_EVERY_S,
                   "min_new_votes": DEFAULT_ROUND_MIN_VOTES, "min_pairs": 16, "max_steps": DEFAULT_ROUND_STEPS, "batch_size": 8,
                   "lr": DEFAULT_ROUND_LR,
-                  "beta": _LOOP.beta, "objective": "dpo", "continue_rejected": _LOOP.continue_rejected, "space": "ncp",
+                  "beta": _LOOP.beta, "objective": "dpo", "continue_rejected": DEFAULT_CONTINUE_REJECTED, "space": "ncp",
                   "timestep_low": SHAPES_TIMESTEP_LOW, "reference": "base", "train_window": "all", "probes": 48,
-                  "probe_seeds": 3, "gate_acc_z": _LOOP.gate_acc_z, "gate_min_eval_pairs": 100,
-                  "eval_max_pairs": DEFAULT_GATE_PAIRS,
+                  "probe_seeds": 3, "gate_acc_z": _LOOP.gate_acc_z, "gate_min_eval_pairs": DEFAULT_GATE_MIN_EVAL_PAIRS,
+                  "gate": "votes", "eval_max_pairs": DEFAULT_GATE_PAIRS,
                   "confirm_seeds": 0}  # fmt: skip
 # What a result file written before a flag existed ran with (its rerun line must name it to reproduce the run).
-LEGACY_CONFIG = {"gate_acc_z": 0.0, "eval_max_pairs": 256}
+LEGACY_CONFIG = {"gate_acc_z": 0.0, "eval_max_pairs": 256, "gate": "judge"}
 ROUND_GOAL_S, GAIN_GOAL, WITHIN_S = 300.0, 0.10, 1800.0  # issue goals: round <= 5 min; +0.10 judge within 30 min
 
 
@@ -151,6 +154,13 @@ def markdown(result: dict, stem: str = "loop") -> str:
 
 
 def _gate_text(c: dict) -> str:
+    if c.get("gate") == "votes":
+        return (
+            f" Gate: implicit accuracy on the newest {c.get('eval_max_pairs')} held-out pairs above the served "
+            f"version's beyond {LoopConfig().gate_gain_z:g} paired standard errors (a round waits for "
+            f"{c.get('gate_min_eval_pairs')} of them); the judge on {c['probes']} probe prompts x {c['probe_seeds']} "
+            f"seeds vetoes a fall of more than {-DEFAULT_GATE_JUDGE_VETO:g}."
+        )
     margin = f"no worse than the served version's by {-LoopConfig().gate_min_acc_delta:g}"
     acc = f"{margin} beyond {z:g} paired standard errors" if (z := c["gate_acc_z"]) else f"{margin} (point estimate)"
     return (

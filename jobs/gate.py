@@ -1,11 +1,17 @@
 """The promotion rule of a round: may the candidate replace the serving version? (issue: evaluate and gate)
 
-Two criteria, on the evaluator's output (`ncp.evaluate`):
+On the evaluator's output (`ncp.evaluate`):
 - held-out implicit reward accuracy (prompt-disjoint votes), measured in the space the candidate was trained in (the
-  evaluator's `space`: an NCP candidate by its perceptual errors, a latent one by its eps errors), no worse than the serving version's by the configured
-  margin, beyond noise: the drop is compared with its PAIRED standard error, both versions scored on the same pairs
-  and (t, eps) draws, and rejects only when `delta + z SE` is still below the margin;
-- in the shapes world, the judge score on the fixed probe set at least the serving version's plus a delta.
+  evaluator's `space`: an NCP candidate by its perceptual errors, a latent one by its eps errors). The change against
+  the serving version (0.5 for the base, whose margins are all 0) is read with its PAIRED standard error, both versions
+  scored on the same pairs and (t, eps) draws. Two uses:
+  * no-worse (the default): reject only when `delta + acc_z SE` is still below `min_acc_delta`;
+  * evidence (`require_acc_gain`): promote only when `delta - gain_z SE > 0`, i.e. the candidate predicts votes it
+    never trained on better than the serving version beyond noise. Without it a round's label-independent step (a
+    LoRA moved +-0.05 on the judge by 100 Adam steps on coin-flip labels, docs/research/loop-null.md) is promoted
+    whenever it happens to land well: the gate becomes random search on its own score.
+- in the shapes world, the judge score on the fixed probe set: the change must be at least `min_judge_delta` (with
+  the evidence rule, a negative margin: the judge vetoes a regression, it does not choose what is promoted).
 
 The thresholds come in as arguments (the loop passes its `LoopConfig.gate_*` fields), so the rule depends on
 nothing but the evaluation it reads.
@@ -23,17 +29,22 @@ def promotion_gate(
     acc_z: float = 1.96,
     min_acc_delta: float = -0.02,
     min_judge_delta: float = 0.0,
+    require_acc_gain: bool = False,
+    gain_z: float = 1.96,
 ) -> tuple[bool, str]:
     """(promote?, the reason in words) for an evaluation of `candidate` (and `serving`, absent when the base serves).
 
-    min_eval_pairs: fewer held-out pairs than this and the accuracy criterion is not used;
+    min_eval_pairs: fewer held-out pairs than this and the accuracy criterion is not used (with `require_acc_gain`:
+    the candidate is rejected, it cannot show what it learned);
     acc_z, min_acc_delta: reject when the accuracy change + acc_z x its standard error is below min_acc_delta;
+    require_acc_gain, gain_z: reject unless the accuracy change - gain_z x its standard error is above 0;
     min_judge_delta: shapes world, reject when the judge score change is below it.
     """
     cand = ev["versions"]["candidate"]
     serving = ev["versions"].get("serving")
     notes = []
-    if ev.get("eval_pairs", 0) >= min_eval_pairs:
+    pairs = ev.get("eval_pairs", 0)
+    if pairs >= min_eval_pairs:
         ref_acc = serving["implicit_acc"] if serving else 0.5  # the base's margins are all 0
         delta = cand["implicit_acc"] - ref_acc
         if serving:
@@ -42,12 +53,17 @@ def promotion_gate(
             se = cand.get("implicit_acc_se")
         se = se if se is not None and math.isfinite(se) else 0.0  # an evaluator without it: the point estimate
         space = ev.get("space", "latent")  # an evaluator that predates the field measured latent space
-        notes.append(f"implicit acc ({space}) {cand['implicit_acc']:.3f} vs {ref_acc:.3f} (SE {se:.3f})")
+        notes.append(f"implicit acc ({space}) {cand['implicit_acc']:.3f} vs {ref_acc:.3f} (SE {se:.3f}, {pairs} pairs)")
         if delta + acc_z * se < min_acc_delta:
             why = f" (delta {delta:+.3f} + {acc_z:g} SE < {min_acc_delta:+.3f})"
             return False, "; ".join(notes) + why
+        if require_acc_gain and delta - gain_z * se <= 0:
+            why = f" (no evidence it learned the votes: delta {delta:+.3f} - {gain_z:g} SE <= 0)"
+            return False, "; ".join(notes) + why
+    elif require_acc_gain:
+        return False, f"only {pairs} held-out pairs (need {min_eval_pairs}): no evidence yet that it learned the votes"
     else:
-        notes.append(f"only {ev.get('eval_pairs', 0)} held-out pairs: accuracy criterion not used")
+        notes.append(f"only {pairs} held-out pairs: accuracy criterion not used")
     if "judge" in cand:
         ref = serving["judge"] if serving else ev["base_judge"]
         delta = cand["judge"] - ref

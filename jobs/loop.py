@@ -138,6 +138,11 @@ class AlignmentLoop:
             self.before_export()
         snap = export_snapshot(self.store, self.snapshots_dir, quarantine_s=cfg.quarantine_s)
         self._last_vote_id = max(self._last_vote_id, int(snap.manifest["vote_id_max"]))
+        eval_file = snap.path / "eval.parquet"
+        held = strict_pairs(eval_file)
+        if cfg.gate_require_acc_gain and held < cfg.gate_min_eval_pairs:  # the gate could not promote: do not train
+            return RoundResult("skipped", f"only {held} held-out pairs; the gate needs {cfg.gate_min_eval_pairs}",
+                               parent=parent, snapshot_id=snap.snapshot_id, seconds=time.monotonic() - t0)  # fmt: skip
         round_dir = self.rounds_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{snap.snapshot_id}"
         round_dir.mkdir(parents=True, exist_ok=True)
         self.status.round_dir = str(round_dir)
@@ -201,6 +206,7 @@ class AlignmentLoop:
             str(progress),
             "--no-progress-bar",
             *cfg.extra_train_args,
+            *(["--coin-flip-labels"] if cfg.coin_flip_labels else []),
         ]
         if init is not None:
             cmd += ["--init-adapter", str(init), "--reference", cfg.reference]
@@ -230,8 +236,7 @@ class AlignmentLoop:
         # -- evaluate (also the load test of the candidate) -----------------------------------------------------------
         self.status.state = "evaluating"
         eval_out = round_dir / "eval.json"
-        eval_file = snap.path / "eval.parquet"
-        held_out = eval_file if eval_file.exists() and pq.read_metadata(eval_file).num_rows > 0 else None
+        held_out = eval_file if held else None
         serving = None if parent == BASE else self.registry.info(parent).folder
         ecmd = evaluator_command(cfg, eval_out, cand, serving, held_out, self.rounds_dir / "probe_scores.json")
         eres = run_child(
@@ -300,7 +305,17 @@ class AlignmentLoop:
             acc_z=c.gate_acc_z,
             min_acc_delta=c.gate_min_acc_delta,
             min_judge_delta=c.gate_min_judge_delta,
+            require_acc_gain=c.gate_require_acc_gain,
+            gain_z=c.gate_gain_z,
         )
+
+
+def strict_pairs(path: Path) -> int:
+    """Held-out pairs with a strict preference in a snapshot's eval split (what the gate scores; ties carry no sign)."""
+    if not path.exists() or pq.read_metadata(path).num_rows == 0:
+        return 0
+    labels = pq.read_table(path, columns=["label_0"]).column("label_0").to_pylist()
+    return sum(1 for x in labels if x is not None and x != 0.5)
 
 
 def evaluator_command(
@@ -314,6 +329,8 @@ def evaluator_command(
            "--max-pairs", str(cfg.eval_max_pairs)]  # fmt: skip
     if serving is not None:
         cmd += ["--version", f"serving={serving}"]
+    if cfg.coin_flip_labels:
+        cmd += ["--coin-flip-labels"]
     if held_out is not None:
         cmd += ["--data", str(held_out)]
     if cfg.shapes_probes:

@@ -67,6 +67,15 @@ class LoopConfig:
     # vote, and scoring all of it made a round's evaluation grow with the arena's age (ncp.evaluate --max-pairs).
     eval_max_pairs: int = 256
     gate_min_judge_delta: float = 0.0  # shapes: promote only if judge(candidate) - judge(serving) >= this
+    # Evidence rule (jobs.gate): promote only a candidate whose held-out accuracy beats the serving version's by more
+    # than gate_gain_z paired standard errors; a round waits (skipped, no run recorded) until the held-out split has
+    # gate_min_eval_pairs strict pairs. The shapes world turns it on: there a judge-only gate promoted coin-flip rounds
+    # (docs/research/loop-null.md).
+    gate_require_acc_gain: bool = False
+    gate_gain_z: float = 1.96
+    # Null arm (bench.loop --null): every rater label the loop reads, the training pairs and the gate's held-out pairs
+    # alike, replaced by a coin flip, so nothing the votes say reaches the served model.
+    coin_flip_labels: bool = False
     keep_versions: int = 5
     # A rejected candidate seeds the next round (more steps on more votes) up to this many rounds in a row before the
     # line restarts from the serving version; 0 = every round starts from the serving version. The offline sweeps
@@ -93,6 +102,8 @@ class LoopConfig:
             raise ValueError(f"timestep_low is a fraction of the schedule in [0, 1), got {self.timestep_low}.")
         if self.gate_acc_z < 0:
             raise ValueError(f"gate_acc_z must be >= 0 (0: the point estimate), got {self.gate_acc_z}.")
+        if self.gate_gain_z < 0:
+            raise ValueError(f"gate_gain_z must be >= 0 (0: any gain of the point estimate), got {self.gate_gain_z}.")
         if self.eval_max_pairs < 0:
             raise ValueError(f"eval_max_pairs must be >= 0 (0: all held-out pairs), got {self.eval_max_pairs}.")
         if not self.max_epochs > 0:

@@ -19,6 +19,9 @@ from jobs.hub_push import HubPushConfig
 from jobs.loop_config import LoopConfig
 from jobs.runtime import SHAPES_MODEL, ArenaConfig, is_shapes_model
 from ncp.serving import SamplingConfig
+from ncp.shapes.model import DEFAULT_CONTINUE_REJECTED as SHAPES_CONTINUE_REJECTED
+from ncp.shapes.model import DEFAULT_GATE_JUDGE_VETO as SHAPES_GATE_JUDGE_VETO
+from ncp.shapes.model import DEFAULT_GATE_MIN_EVAL_PAIRS as SHAPES_GATE_MIN_EVAL_PAIRS
 from ncp.shapes.model import DEFAULT_GATE_PAIRS as SHAPES_GATE_PAIRS
 from ncp.shapes.model import DEFAULT_GUIDANCE as SHAPES_GUIDANCE
 from ncp.shapes.model import DEFAULT_ROUND_EVERY_S as SHAPES_ROUND_EVERY_S
@@ -64,7 +67,7 @@ ENV_VARS: tuple[EnvVar, ...] = (
     ),
     EnvVar(
         "NCP_CONTINUE_REJECTED",
-        str(_LOOP.continue_rejected),
+        f"{_LOOP.continue_rejected} (shapes model: {SHAPES_CONTINUE_REJECTED})",
         "rounds in a row a rejected candidate seeds the next round (0: always restart from the served version)",
     ),
     EnvVar(
@@ -188,9 +191,11 @@ def config_from_env(env: Mapping[str, str]) -> ArenaConfig:
         shapes_probes=24 if shapes else 0,  # the shapes world gates on the pixel judge too (fixed probe set)
         probe_steps=SHAPES_STEPS if shapes else _LOOP.probe_steps,
         probe_guidance=SHAPES_GUIDANCE if shapes else _LOOP.probe_guidance,
-        # With the judge as the gate, the implicit-accuracy criterion joins only once the held-out split is large
-        # enough to be more than noise (20 pairs give a 95% CI of about +-0.2 on an accuracy).
-        gate_min_eval_pairs=100 if shapes else _LOOP.gate_min_eval_pairs,
+        # The shapes world promotes on evidence from held-out votes, the judge vetoing regressions only (a judge-only
+        # gate promoted coin-flip rounds: ncp.shapes.model.DEFAULT_GATE_MIN_EVAL_PAIRS).
+        gate_require_acc_gain=shapes,
+        gate_min_eval_pairs=SHAPES_GATE_MIN_EVAL_PAIRS if shapes else _LOOP.gate_min_eval_pairs,
+        gate_min_judge_delta=SHAPES_GATE_JUDGE_VETO if shapes else _LOOP.gate_min_judge_delta,
         lr=SHAPES_ROUND_LR if shapes else _LOOP.lr,  # the rounds `python -m bench.loop` measures
         max_steps=SHAPES_ROUND_STEPS if shapes else _LOOP.max_steps,
         eval_max_pairs=SHAPES_GATE_PAIRS if shapes else _LOOP.eval_max_pairs,
@@ -200,7 +205,11 @@ def config_from_env(env: Mapping[str, str]) -> ArenaConfig:
         min_new_votes=int(
             env_value(env, "NCP_MIN_NEW_VOTES", int, SHAPES_ROUND_MIN_VOTES if shapes else _LOOP.min_new_votes)
         ),
-        continue_rejected=int(env_value(env, "NCP_CONTINUE_REJECTED", int, _LOOP.continue_rejected)),
+        continue_rejected=int(
+            env_value(
+                env, "NCP_CONTINUE_REJECTED", int, SHAPES_CONTINUE_REJECTED if shapes else _LOOP.continue_rejected
+            )
+        ),
         timestep_low=float(
             env_value(env, "NCP_TIMESTEP_LOW", float, SHAPES_TIMESTEP_LOW if shapes else _LOOP.timestep_low)
         ),

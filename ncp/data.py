@@ -20,11 +20,13 @@ Run as a quick inspection tool: `python -m ncp.data data/snapshot.parquet [--abs
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
 import logging
 import math
+import random
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -354,3 +356,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def coin_flip(pairs: list[PreferencePair], seed: int) -> list[PreferencePair]:
+    """Each pair with its chosen and rejected images swapped with probability 1/2 (the null arm's labels)."""
+    rng = random.Random(f"coin-flip-{seed}")
+    return [
+        dataclasses.replace(
+            p, chosen=p.rejected, rejected=p.chosen, chosen_size=p.rejected_size, rejected_size=p.chosen_size
+        )
+        if rng.random() < 0.5
+        else p
+        for p in pairs
+    ]

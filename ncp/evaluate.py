@@ -156,6 +156,7 @@ def evaluate(
     attributes: bool = False,
     probe_set: str = "gate",
     space: str = "latent",
+    coin_flip_labels: bool = False,
 ) -> dict:
     """Implicit reward accuracy of each version on held-out pairs, in `space` (the space the candidate was trained in;
     both spaces in `implicit_acc_by_space`) and, in the shapes world, its judge score on the
@@ -174,7 +175,8 @@ def evaluate(
         pipe.load_lora_weights(str(folder), adapter_name=name)  # raises on a corrupt or incompatible adapter
     result: dict = {"versions": {}, "space": space}
     by_space = (
-        held_out_margins(pipe, list(versions), data, draws=draws, timestep_low=timestep_low, max_pairs=max_pairs)
+        held_out_margins(pipe, list(versions), data, draws=draws, timestep_low=timestep_low, max_pairs=max_pairs,
+                         coin_flip_labels=coin_flip_labels)
         if data and versions
         else {}
     )
@@ -305,6 +307,11 @@ def main(argv: list[str] | None = None) -> None:
         default="latent",
         help="the space the candidate was trained in: implicit_acc (what the gate reads) is measured there",
     )
+    p.add_argument(
+        "--coin-flip-labels",
+        action="store_true",
+        help="null arm: score held-out pairs against coin-flip labels (the loop's null arm flips every label it reads)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--out", type=Path, required=True, help="JSON result file")
     args = p.parse_args(argv)
@@ -334,6 +341,7 @@ def main(argv: list[str] | None = None) -> None:
         attributes=args.attributes,
         probe_set=args.probe_set,
         space=args.space,
+        coin_flip_labels=args.coin_flip_labels,
     )
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(res, indent=2))

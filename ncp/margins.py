@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ncp.adapters import reference_mode
-from ncp.data import load_pairs
+from ncp.data import coin_flip, load_pairs
 from ncp.latents import encode_pairs
 from ncp.losses import timestep_bounds
 from ncp.perception import ddpm_step_to_prev, encoder_features, noisy_latents
@@ -48,19 +48,23 @@ def held_out_margins(
     timestep_low: float = 0.0,
     max_pairs: int = 0,
     spaces: Sequence[str] = SPACES,
+    coin_flip_labels: bool = False,
 ) -> dict[str, dict[str, np.ndarray]]:
     """space -> adapter name -> (pairs,) margins r(chosen) - r(rejected), averaged over `draws` shared (t, eps, z)
     draws with t in [timestep_low T, T) (the slice the rounds train on, ncp.losses.timestep_bounds).
 
     `max_pairs` > 0 keeps only the last that many pairs (a snapshot lists votes in vote order: the newest), so a round's
     evaluation does not grow with the arena's age. NCP costs the encoder (about 45% of a UNet pass) on the target,
-    the reference and each adapter's one-step prediction, on top of the UNet passes both spaces share."""
+    the reference and each adapter's one-step prediction, on top of the UNet passes both spaces share.
+    `coin_flip_labels`: each pair's label replaced by a coin flip (bench.loop --null)."""
     bad = [s for s in spaces if s not in SPACES]
     if bad or not spaces:
         raise ValueError(f"spaces must be a non-empty subset of {SPACES}, got {tuple(spaces)!r}.")
     pairs, _ = load_pairs(list(data))
     if max_pairs > 0:
         pairs = pairs[-max_pairs:]
+    if coin_flip_labels:  # the null arm: the gate reads coin flips too, or real held-out votes would pick its versions
+        pairs = coin_flip(pairs, seed)
     if not pairs or not adapters:
         return {s: {a: np.zeros(0) for a in adapters} for s in spaces}
     size = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)

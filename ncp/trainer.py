@@ -45,7 +45,7 @@ from ncp.adapters import (
     unwrap_unet,
 )
 from ncp.checkpoints import ProgressLog, atomic_dir, finite_json, load_checkpoint, resume_path, save_checkpoint
-from ncp.data import PreferencePair, load_pairs, require_pairs
+from ncp.data import PreferencePair, coin_flip, load_pairs, require_pairs  # noqa: F401 - coin_flip re-exported
 from ncp.latents import LatentCache, PreferenceDataset, collate_pairs, encode_pairs
 from ncp.losses import pair_loss, uncond_drift  # noqa: F401 - re-exported: `from ncp.trainer import pair_loss`
 from ncp.perception import random_encoder
@@ -107,19 +107,6 @@ def probe_eps(pipe: Any, prompt: str, *, seed: int = 0, timestep: int = 500, sid
 
 
 # ------------------------------------------------------------------------------------------- progress and checkpoints
-
-
-def coin_flip(pairs: list[PreferencePair], seed: int) -> list[PreferencePair]:
-    """Each pair with its chosen and rejected images swapped with probability 1/2 (the null arm's labels)."""
-    rng = random.Random(f"coin-flip-{seed}")
-    return [
-        dataclasses.replace(
-            p, chosen=p.rejected, rejected=p.chosen, chosen_size=p.rejected_size, rejected_size=p.chosen_size
-        )
-        if rng.random() < 0.5
-        else p
-        for p in pairs
-    ]
 
 
 def _vae_key(model: str, vae: torch.nn.Module) -> str:

@@ -46,6 +46,15 @@ DEFAULT_TIMESTEP_LOW = 0.3
 DEFAULT_ROUND_LR = 2e-3
 DEFAULT_ROUND_STEPS = 100
 DEFAULT_GATE_PAIRS = 128
+# What the gate asks of a round in this world (jobs.gate, docs/research/loop-null.md): 100 Adam steps move the LoRA
+# +-0.05 on the judge whatever the labels say (coin-flip rounds: -0.066, -0.038, +0.037 on the test probes; the raters'
+# labels on the same 1,136 pairs: +0.106), so a gate that promotes on the judge promotes noise. A candidate must predict
+# held-out votes better than the served version beyond 1.96 paired standard errors, once 100 held-out pairs exist (a
+# round waits for them); the judge only vetoes a fall of more than 0.02; every round starts from the served version
+# (a rejected candidate is a step of unknown sign, not progress to continue).
+DEFAULT_GATE_MIN_EVAL_PAIRS = 100
+DEFAULT_GATE_JUDGE_VETO = -0.02
+DEFAULT_CONTINUE_REJECTED = 0
 # When a round starts: the schedule looks every 15 s and starts one once 150 votes have come in since the last (a round
 # on fewer pairs is mostly rejected). A CPU runs one round at a time; the shapes world has nothing else to wait for.
 DEFAULT_ROUND_EVERY_S = 15.0
