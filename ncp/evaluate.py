@@ -173,7 +173,7 @@ def evaluate(
     pipe.set_progress_bar_config(disable=True)
     for name, folder in versions.items():
         pipe.load_lora_weights(str(folder), adapter_name=name)  # raises on a corrupt or incompatible adapter
-    result: dict = {"versions": {}, "space": space}
+    result: dict = {"versions": {}, "space": space, "coin_flip_labels": coin_flip_labels}
     by_space = (
         held_out_margins(pipe, list(versions), data, draws=draws, timestep_low=timestep_low, max_pairs=max_pairs,
                          coin_flip_labels=coin_flip_labels)

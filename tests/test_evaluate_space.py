@@ -96,3 +96,22 @@ def test_the_loop_passes_its_space_and_the_gate_names_it(tmp_path: Path) -> None
     ev = {"space": "ncp", "eval_pairs": 64, "versions": {"candidate": {"implicit_acc": 0.6, "implicit_acc_se": 0.05}}}
     ok, why = promotion_gate(ev)
     assert ok and why.startswith("implicit acc (ncp) 0.600")
+
+
+def test_the_null_arm_scores_held_out_pairs_against_coin_flips(world: dict[str, Path], tmp_path: Path) -> None:
+    """With coin-flip labels (the loop's null arm) a flipped pair's margin is the unflipped one negated, on the same
+    (t, eps) draws, so the gate reads nothing of the raters' held-out labels; the loop passes the flag."""
+    pipe = load_pipeline(str(world["model"]))
+    pipe.load_lora_weights(str(world["adapter"]), adapter_name="cand")
+    real = held_out_margins(pipe, ["cand"], [world["data"]], draws=1, seed=0, spaces=("latent",))["latent"]["cand"]
+    null = held_out_margins(pipe, ["cand"], [world["data"]], draws=1, seed=0, spaces=("latent",),
+                            coin_flip_labels=True)["latent"]["cand"]  # fmt: skip
+    flipped = np.isclose(null, -real, rtol=1e-4, atol=1e-12) & ~np.isclose(real, 0, atol=1e-12)
+    kept = np.isclose(null, real, rtol=1e-4, atol=1e-12)
+    assert np.all(flipped | kept) and 0 < flipped.sum() < len(real)
+    cfg = LoopConfig(coin_flip_labels=True)
+    cmd = evaluator_command(cfg, tmp_path / "e.json", tmp_path / "c", None, tmp_path / "h.parquet", tmp_path / "p")
+    assert "--coin-flip-labels" in cmd
+    assert "--coin-flip-labels" not in evaluator_command(
+        LoopConfig(), tmp_path / "e.json", tmp_path / "c", None, tmp_path / "h.parquet", tmp_path / "p"
+    )

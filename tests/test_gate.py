@@ -61,3 +61,31 @@ def test_paired_differences_cancel_the_difficulty_two_versions_share() -> None:
     assert row["judge_delta"] == pytest.approx(0.02, abs=0.005) and row["judge_delta_se"] < 0.002
     # Versions with no held-out pairs (an empty split) get judge differences only.
     assert set(paired({}, judge)["a-b"]) == {"judge_delta", "judge_delta_se"}
+
+
+def test_the_evidence_rule_promotes_only_an_accuracy_gain_beyond_noise() -> None:
+    """require_acc_gain (the shapes world): a candidate must predict held-out votes better than the served version
+    beyond gain_z paired SE; a judge gain alone no longer promotes (coin-flip rounds gained it), the judge only vetoes."""
+    cfg = {"min_eval_pairs": 100, "require_acc_gain": True, "gain_z": 1.96, "min_judge_delta": -0.02}
+    clear = _ev(0.61, 0.50, 0.04, pairs=128)  # +0.11, 2.75 SE
+    noise = _ev(0.55, 0.50, 0.04, pairs=128)  # +0.05, 1.25 SE: what a coin-flip round's accuracy moved by
+    assert promotion_gate(clear, **cfg)[0]
+    ok, why = promotion_gate(noise, **cfg)
+    assert not ok and "no evidence it learned the votes" in why
+    # Against the base: the candidate's own SE.
+    assert promotion_gate(_ev(0.61, None, 0.04, pairs=128), **cfg)[0]
+    assert not promotion_gate(_ev(0.53, None, 0.04, pairs=128), **cfg)[0]
+    # Too few held-out pairs: no evidence, no promotion (without the rule the criterion is skipped instead).
+    ok, why = promotion_gate(_ev(0.9, None, 0.01, pairs=40), **cfg)
+    assert not ok and "only 40 held-out pairs (need 100)" in why
+    assert promotion_gate(_ev(0.9, None, 0.01, pairs=40), min_eval_pairs=100)[0]
+    # The judge vetoes a fall beyond its margin, and tolerates one within it.
+    clear["versions"]["candidate"]["judge"], clear["versions"]["serving"]["judge"] = 0.60, 0.65
+    assert not promotion_gate(clear, **cfg)[0]
+    clear["versions"]["candidate"]["judge"] = 0.64
+    assert promotion_gate(clear, **cfg)[0]
+
+
+def test_gain_z_must_not_be_negative() -> None:
+    with pytest.raises(ValueError, match="gate_gain_z"):
+        LoopConfig(gate_gain_z=-0.5)

@@ -248,3 +248,21 @@ def test_on_policy_window_trains_only_on_the_served_versions_own_pairs(runtime: 
     runs = [rt.store.training_run(r.run_id).config for r in results]
     assert [c["init_adapter"] for c in runs] == [served, served]  # no rejected line: on-policy rounds restart
     assert all(c["train_window"] == "serving" and c["reference"] == "init" for c in runs)
+
+
+def test_an_evidence_gated_round_waits_for_held_out_pairs(runtime: Runtime) -> None:
+    """gate_require_acc_gain: with fewer strict held-out pairs than the gate needs, the round trains nothing and records
+    no run (it could not be promoted); the snapshot's eval split is what it counts."""
+    rt = runtime
+    with_launcher(rt, None, gate_require_acc_gain=True, gate_min_eval_pairs=1000)
+    runs_before = len(rt.store.training_runs())
+    try:
+        waited = rt.loop.run_round()
+    finally:
+        with_launcher(rt, None, gate_require_acc_gain=False, gate_min_eval_pairs=LoopConfig().gate_min_eval_pairs)
+    assert waited.status == "skipped" and "held-out pairs; the gate needs 1000" in waited.reason, waited.reason
+    held = int(waited.reason.split()[1])
+    snap = rt.loop.snapshots_dir / waited.snapshot_id / "eval.parquet"
+    labels = pq.read_table(snap).column("label_0").to_pylist() if snap.exists() else []
+    assert held == sum(1 for x in labels if x != 0.5)
+    assert len(rt.store.training_runs()) == runs_before
