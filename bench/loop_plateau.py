@@ -3,6 +3,8 @@ encoder's separation of the words the captions got wrong.
 
     python -m bench.loop_plateau --words models/shapes-ceiling models/shapes-base          # encoder probe, 10 s
     python -m bench.loop_plateau --data SNAPSHOT/train.parquet --model models/shapes-base   # offline arms, ~25 min
+    python -m bench.loop_plateau --data SNAPSHOT/train.parquet --held-out LATER/eval.parquet \
+        --arms round "coin 0" "coin 1" "coin 2" --steps 100 --out docs/benchmarks/loop_null_offline.json   # ~15 min
 
 `--words`: for each attribute, prompts that differ only in that attribute's word ("a large red circle ..." -> "blue",
 "green", ...) go through the pipeline's text encoder; the figure is the mean pairwise L2 distance of the encoder's
@@ -41,12 +43,14 @@ WORDS = {
 }
 # Each arm: its name, what it tests, and the ncp.train flags it changes from the loop's round.
 ARMS = (
-    ("round", "the loop's round: NCP-DPO, 200 steps", []),
+    ("round", "the loop's round: NCP-DPO on the raters' labels (--steps)", []),
     ("3x steps", "600 steps: is the round short of compute?", ["--max-steps", "600"]),
     ("latent", "latent Diffusion-DPO (beta 5000): is it the NCP metric?", ["--space", "latent", "--beta", "5000"]),
     ("sft", "NCP-SFT on the chosen images", ["--objective", "sft"]),
     ("beta / 5", "beta 1e5: is the KL anchor what holds it?", ["--beta", "100000"]),
     ("beta / 25", "beta 2e4", ["--beta", "20000"]),
+    # The null question (docs/research/loop-null.md): how far does a round move the model when its labels mean nothing?
+    *((f"coin {s}", f"coin-flip labels, draw {s}", ["--coin-flip-labels", "--seed", str(s)]) for s in range(3)),
 )
 
 
@@ -81,26 +85,32 @@ def train_arm(model: str, data: Path, flags: list[str], out: Path, steps: int) -
     subprocess.run(cmd, check=True, capture_output=True)
 
 
-def evaluate(model: str, versions: dict[str, Path], out: Path) -> dict:
+def evaluate(model: str, versions: dict[str, Path], out: Path, held_out: Path | None = None) -> dict:
     cmd = [sys.executable, "-m", "ncp.evaluate", "--model", model, "--out", str(out), "--threads", "2",
            "--probe-set", "test", "--shapes-probes", str(TEST_PROBES), "--probe-seeds", "2",
            "--probe-seed-offset", str(TEST_SEED_OFFSET), "--steps", str(DEFAULT_STEPS),
            "--guidance", str(DEFAULT_GUIDANCE), "--attributes"]  # fmt: skip
     cmd += [f"--version={name}={folder}" for name, folder in versions.items()]
+    if held_out is not None:  # the gate's evidence: implicit accuracy on the raters' held-out votes, as a round reads it
+        cmd += ["--data", str(held_out), "--space", "ncp", "--timestep-low", str(ROUND["timestep_low"]),
+                "--max-pairs", "512"]  # fmt: skip
     subprocess.run(cmd, check=True, capture_output=True)
     return json.loads(out.read_text())
 
 
 def table(result: dict) -> str:
     attrs = ("color", "size", "position", "shape", "background", "count")
-    rows = ["| arm | what it tests | gain on test probes (95% CI) | " + " | ".join(attrs) + " |",
-            "|---|---|---|" + "---|" * len(attrs),
-            "| base | | | " + " | ".join(f"{result['base_attributes'][a]:.2f}" for a in attrs) + " |"]  # fmt: skip
+    acc = result.get("eval_pairs", 0) > 0  # held-out implicit accuracy (NCP space), when --held-out was given
+    head = "| arm | what it tests | gain on test probes (95% CI) | " + ("held-out acc (SE) | " if acc else "")
+    rows = [head + " | ".join(attrs) + " |", "|---|---|---|" + "---|" * (len(attrs) + acc),
+            "| base | | | " + ("0.500 | " if acc else "") + " | ".join(f"{result['base_attributes'][a]:.2f}" for a in attrs)
+            + " |"]  # fmt: skip
     for name, what, _ in ARMS:
         v = result["versions"].get(name)
         if v:
             lo, hi = v["judge_gain_boot95"]
-            rows.append(f"| {name} | {what} | {v['judge_gain_vs_base']:+.3f} ({lo:+.3f}..{hi:+.3f}) | "
+            held = f"{v['implicit_acc']:.3f} ({v['implicit_acc_se']:.3f}) | " if acc else ""
+            rows.append(f"| {name} | {what} | {v['judge_gain_vs_base']:+.3f} ({lo:+.3f}..{hi:+.3f}) | {held}"
                         + " | ".join(f"{v['attributes'][a]:.2f}" for a in attrs) + " |")  # fmt: skip
     return "\n".join(rows)
 
@@ -112,6 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default="models/shapes-base", help="the base every arm trains from")
     p.add_argument("--arms", nargs="*", help="only these arms (default: all)")
     p.add_argument("--steps", type=int, default=ROUND["max_steps"], help="steps of an arm that does not set them")
+    p.add_argument("--held-out", type=Path, help="also each arm's implicit accuracy on these held-out votes (eval.parquet)")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "loop_plateau.json")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -128,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"training arm {name!r} ...", flush=True)
             versions[name] = work / name.replace(" ", "").replace("/", "_")
             train_arm(args.model, args.data, flags, versions[name], args.steps)
-        result = evaluate(args.model, versions, work / "eval.json")
+        result = evaluate(args.model, versions, work / "eval.json", args.held_out)
         result["words"] = {m: word_separation(m) for m in (args.model,)}
         args.out.write_text(json.dumps(result, indent=1))
         print(table(result))
