@@ -126,7 +126,7 @@ def markdown(result: dict, stem: str = "loop") -> str:
             else ""
         )  # fmt: skip
         + _line_text(result["config"].get("continue_rejected"), result["config"].get("train_window", "all"))
-        + _gate_text(LEGACY_CONFIG | result["config"]),
+        + gate_text(LEGACY_CONFIG | result["config"]),
         "",
         "| round | status | version | started from | round time (s) | votes so far | judge | base "
         "| gain vs base (95% CI) |",
@@ -153,7 +153,7 @@ def markdown(result: dict, stem: str = "loop") -> str:
     return "\n".join(lines)
 
 
-def _gate_text(c: dict) -> str:
+def gate_text(c: dict) -> str:
     if c.get("gate") == "votes":
         return (
             f" Gate: implicit accuracy on the newest {c.get('eval_max_pairs')} held-out pairs above the served "

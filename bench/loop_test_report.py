@@ -15,7 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from bench.loop_report import rerun_flags  # noqa: E402
+from bench.loop_report import LEGACY_CONFIG, gate_text, rerun_flags  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GAIN_GOAL, GAIN_VOTES, GAIN_S = 0.10, 2000, 1800.0  # +0.10 on the test probes within 2,000 votes and 30 min
@@ -67,6 +67,9 @@ def goal_lines(result: dict, null: dict | None) -> list[str]:
     if null is not None and not same_base(result, null):
         lines.append(f"- Null arm (coin-flip labels) within ±{NULL_BAND}: not yet run on this base (the last null run "
                      f"measured a base scoring {null['test']['base_judge']:.3f} on the test probes).")  # fmt: skip
+    elif null is not None and gate_of(null) != gate_of(result):
+        lines.append(f"- Null arm (coin-flip labels) within ±{NULL_BAND}: not yet run with this gate (the last null "
+                     f"run, gate `{gate_of(null)}`, served {served_curve(null)[-1]['gain']:+.3f}).")  # fmt: skip
     elif null is not None:
         n = served_curve(null)[-1]
         ok = abs(n["gain"]) <= NULL_BAND
@@ -76,6 +79,11 @@ def goal_lines(result: dict, null: dict | None) -> list[str]:
                      f"{sum(r['status'] == 'promoted' for r in null['rounds'])} of {len(null['rounds'])} rounds "
                      "promoted by the gate on noise).")  # fmt: skip
     return lines
+
+
+def gate_of(result: dict) -> str:
+    """The promotion rule a run used (bench.loop --gate; runs before the flag promoted on the judge)."""
+    return (LEGACY_CONFIG | result["config"])["gate"]
 
 
 def same_base(a: dict, b: dict) -> bool:
@@ -120,6 +128,7 @@ def markdown(result: dict, null: dict | None = None, stem: str = "loop_default")
         f"{t['seeds']} seeds (from {t['seed_offset']}) that the gate, the raters and training never saw, so nothing "
         "below was selected on. Intervals: 95% bootstrap over prompts (a prompt's images are one cluster). The gate's "
         "own probe score is a running maximum and is not the result."
+        + gate_text(LEGACY_CONFIG | c)
         + (
             f" Ran with settings since changed; rerun: `python -m bench.loop{flags}`."
             if (flags := rerun_flags(c))

@@ -141,7 +141,8 @@ class AlignmentLoop:
         eval_file = snap.path / "eval.parquet"
         held = strict_pairs(eval_file)
         if cfg.gate_require_acc_gain and held < cfg.gate_min_eval_pairs:  # the gate could not promote: do not train
-            return RoundResult("skipped", f"only {held} held-out pairs; the gate needs {cfg.gate_min_eval_pairs}",
+            return RoundResult("skipped", f"waiting for votes: {held} of the {cfg.gate_min_eval_pairs} held-out pairs "
+                               "the gate needs to tell learning from noise",
                                parent=parent, snapshot_id=snap.snapshot_id, seconds=time.monotonic() - t0)  # fmt: skip
         round_dir = self.rounds_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{snap.snapshot_id}"
         round_dir.mkdir(parents=True, exist_ok=True)

@@ -196,28 +196,29 @@ def plain_reason(run: TrainingRun) -> str:
     cand = ev.get("versions", {}).get("candidate", {})
     ref = ev.get("versions", {}).get("serving") or {}
     reason = run.reason or ""
+    acc, ref_acc = cand.get("implicit_acc"), ref.get("implicit_acc", 0.5)
+    evidence = "no evidence it learned the votes" in reason  # jobs.gate's evidence rule said no
     if run.status == "succeeded":
+        now = f"; now serving {run.adapter_version}" if run.adapter_version else ""
+        if acc is not None and "implicit acc" in str(run.metrics.get("gate", "")) and "held-out votes" not in reason:
+            judge = f", judge {cand['judge']:.2f} vs {ref.get('judge', ev.get('base_judge')):.2f}" if "judge" in cand else ""
+            return (f"promoted: it agreed with held-out votes more often than {parent} ({acc:.0%} vs {ref_acc:.0%}"
+                    f"{judge}){now}")  # fmt: skip
         if "judge" in cand:
             before = ref.get("judge", ev.get("base_judge"))
-            return (
-                f"promoted: it scored {cand['judge']:.2f} on the judge's probe prompts, "
-                f"vs {before:.2f} for {parent}"
-                + (f"; now serving {run.adapter_version}" if run.adapter_version else "")
-            )
+            return f"promoted: it scored {cand['judge']:.2f} on the judge's probe prompts, vs {before:.2f} for {parent}{now}"
         return "promoted: it agreed with held-out votes at least as well as " + parent
     if reason.startswith("gate:"):
-        if " SE < " in reason and "implicit_acc" in cand:
-            before = ref.get("implicit_acc", 0.5)
-            return (
-                f"not promoted: it agreed with held-out votes less often than {parent} "
-                f"({cand['implicit_acc']:.0%} vs {before:.0%})"
-            )
+        if evidence and acc is not None:
+            return (f"not promoted: it did not agree with held-out votes clearly more often than {parent} "
+                    f"({acc:.0%} vs {ref_acc:.0%}, within noise)")  # fmt: skip
+        if " SE < " in reason and acc is not None:
+            return f"not promoted: it agreed with held-out votes less often than {parent} ({acc:.0%} vs {ref_acc:.0%})"
         if "judge" in cand:
             before = ref.get("judge", ev.get("base_judge"))
-            return (
-                f"not promoted: it scored {cand['judge']:.2f} on the judge's probe prompts, "
-                f"not above {parent}'s {before:.2f}"
-            )
+            veto = "< -" in reason.rsplit("(delta", 1)[-1]  # a negative margin: the judge vetoed a fall
+            return (f"not promoted: it scored {cand['judge']:.2f} on the judge's probe prompts, "
+                    + (f"too far below {parent}'s {before:.2f}" if veto else f"not above {parent}'s {before:.2f}"))  # fmt: skip
         return "not promoted: " + reason.removeprefix("gate:").strip()
     if reason.startswith("only ") and "pairs" in reason:
         return "not trained: not enough votes with a clear winner yet (" + reason + ")"
@@ -276,6 +277,9 @@ def status_lines(s: dict) -> list[str]:
         )
     else:
         schedule = f"Enough new votes for a round ({s['new_votes']}); next check in {_fmt(s['next_run_in_s'])} s."
+    last = s.get("last") or {}
+    if last.get("status") == "skipped" and str(last.get("reason", "")).startswith("waiting for votes"):
+        schedule += " The last round " + str(last["reason"]).replace("waiting for votes:", "waited for votes:") + "."
     lines = [f"Serving {s['serving']}. {schedule}"]
     if s["state"] != "idle":
         step = f", step {s['step']} of {s['max_steps']}" if s["step"] is not None else ""

@@ -93,6 +93,20 @@ def test_rounds_in_plain_words() -> None:
     won = {"versions": {"candidate": {"judge": 0.8}, "serving": {"judge": 0.7}}}
     ok = progress.plain_reason(_run("succeeded", None, {"eval": won}, "v0003"))
     assert ok == "promoted: it scored 0.80 on the judge's probe prompts, vs 0.70 for v0002; now serving v0003"
+    # The evidence rule (the shapes world): promoted on held-out votes, rejected within noise, vetoed by the judge.
+    ev = {"versions": {"candidate": {"judge": 0.68, "implicit_acc": 0.636}}, "base_judge": 0.60}
+    won = _run("succeeded", None, {"eval": ev, "gate": "implicit acc (ncp) 0.636 vs 0.500 (SE 0.047); judge"}, "v0003")
+    assert progress.plain_reason(won) == (
+        "promoted: it agreed with held-out votes more often than v0002 (64% vs 50%, judge 0.68 vs 0.60); now serving v0003"
+    )
+    ev["versions"]["candidate"]["implicit_acc"] = 0.55
+    noise = "gate: implicit acc (ncp) 0.550 vs 0.500 (SE 0.040) (no evidence it learned the votes: delta +0.050 - 1.96 SE <= 0)"
+    assert progress.plain_reason(_run("failed", noise, {"eval": ev})) == (
+        "not promoted: it did not agree with held-out votes clearly more often than v0002 (55% vs 50%, within noise)"
+    )
+    veto = "gate: implicit acc (ncp) 0.700 vs 0.500 (SE 0.040); judge 0.550 vs 0.600 (delta -0.050 < -0.020)"
+    ev["versions"]["candidate"] |= {"implicit_acc": 0.7, "judge": 0.55}
+    assert progress.plain_reason(_run("failed", veto, {"eval": ev})).endswith("too far below v0002's 0.60")
     few = progress.plain_reason(_run("failed", "only 9 trainable strict-preference pairs; need 16", {}))
     assert few.startswith("not trained: not enough votes with a clear winner yet")
     crash = progress.plain_reason(_run("failed", "training: killed by signal SIGKILL", {}))
@@ -101,3 +115,13 @@ def test_rounds_in_plain_words() -> None:
     assert progress.wilson(0, 0) != progress.wilson(0, 0)  # nan: no votes, no interval
     low, high = progress.wilson(12, 20)
     assert 0.38 < low < 0.6 < high < 0.8
+
+
+def test_the_status_says_a_round_is_waiting_for_held_out_votes() -> None:
+    s = {"serving": "base", "state": "idle", "paused": False, "new_votes": 3, "min_new_votes": 150, "next_run_in_s": 9,
+         "last": {"status": "skipped", "reason": "waiting for votes: 48 of the 100 held-out pairs the gate needs to "
+                  "tell learning from noise"}, "gpu_plan": ""}  # fmt: skip
+    line = progress.status_lines(s)[0]
+    assert "The last round waited for votes: 48 of the 100 held-out pairs" in line
+    s["last"] = {"status": "skipped", "reason": "a round is already running"}
+    assert "waited" not in progress.status_lines(s)[0]
