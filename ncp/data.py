@@ -358,8 +358,10 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-def coin_flip(pairs: list[PreferencePair], seed: int) -> list[PreferencePair]:
-    """Each pair with its chosen and rejected images swapped with probability 1/2 (the null arm's labels)."""
+def coin_flip(pairs: list[PreferencePair], seed: int | str) -> list[PreferencePair]:
+    """Each pair with its chosen and rejected images swapped with probability 1/2 (the null arm's labels). `seed`
+    names the draw: the trainer's and the evaluator's use different names, so the n-th training pair and the n-th
+    held-out pair never share a coin."""
     rng = random.Random(f"coin-flip-{seed}")
     return [
         dataclasses.replace(

@@ -64,7 +64,7 @@ def held_out_margins(
     if max_pairs > 0:
         pairs = pairs[-max_pairs:]
     if coin_flip_labels:  # the null arm: the gate reads coin flips too, or real held-out votes would pick its versions
-        pairs = coin_flip(pairs, seed)
+        pairs = coin_flip(pairs, f"held-out-{seed}")
     if not pairs or not adapters:
         return {s: {a: np.zeros(0) for a in adapters} for s in spaces}
     size = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
