@@ -154,6 +154,7 @@ def markdown(result: dict, stem: str = "loop") -> str:
 
 
 def gate_text(c: dict) -> str:
+    c = RERUN_DEFAULTS | c  # a result file may predate a field: its default then
     if c.get("gate") == "votes":
         return (
             f" Gate: implicit accuracy on the newest {c.get('eval_max_pairs')} held-out pairs above the served "
