@@ -261,7 +261,7 @@ def test_an_evidence_gated_round_waits_for_held_out_pairs(runtime: Runtime) -> N
     finally:
         with_launcher(rt, None, gate_require_acc_gain=False, gate_min_eval_pairs=LoopConfig().gate_min_eval_pairs)
     assert waited.status == "skipped" and "of the 1000 held-out pairs the gate needs" in waited.reason, waited.reason
-    held = int(waited.reason.split()[2])
+    held = int(waited.reason.split()[3])
     snap = rt.loop.snapshots_dir / waited.snapshot_id / "eval.parquet"
     labels = pq.read_table(snap).column("label_0").to_pylist() if snap.exists() else []
     assert held == sum(1 for x in labels if x != 0.5)
