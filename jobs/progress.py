@@ -200,7 +200,7 @@ def plain_reason(run: TrainingRun) -> str:
     evidence = "no evidence it learned the votes" in reason  # jobs.gate's evidence rule said no
     if run.status == "succeeded":
         now = f"; now serving {run.adapter_version}" if run.adapter_version else ""
-        if acc is not None and "implicit acc" in str(run.metrics.get("gate", "")) and "held-out votes" not in reason:
+        if acc is not None and "implicit acc" in str(run.metrics.get("gate", "")):  # the gate read held-out votes
             judge = f", judge {cand['judge']:.2f} vs {ref.get('judge', ev.get('base_judge')):.2f}" if "judge" in cand else ""
             return (f"promoted: it agreed with held-out votes more often than {parent} ({acc:.0%} vs {ref_acc:.0%}"
                     f"{judge}){now}")  # fmt: skip

@@ -329,6 +329,21 @@ def require_pairs(report: LoadReport, *, keep_ties: bool = False) -> None:
 # ---------------------------------------------------------------------------------------------------- encoding
 
 
+def coin_flip(pairs: list[PreferencePair], seed: int | str) -> list[PreferencePair]:
+    """Each pair with its chosen and rejected images swapped with probability 1/2 (the null arm's labels). `seed`
+    names the draw: the trainer's and the evaluator's use different names, so the n-th training pair and the n-th
+    held-out pair never share a coin."""
+    rng = random.Random(f"coin-flip-{seed}")
+    return [
+        dataclasses.replace(
+            p, chosen=p.rejected, rejected=p.chosen, chosen_size=p.rejected_size, rejected_size=p.chosen_size
+        )
+        if rng.random() < 0.5
+        else p
+        for p in pairs
+    ]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
     import sys
@@ -356,18 +371,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
-
-def coin_flip(pairs: list[PreferencePair], seed: int | str) -> list[PreferencePair]:
-    """Each pair with its chosen and rejected images swapped with probability 1/2 (the null arm's labels). `seed`
-    names the draw: the trainer's and the evaluator's use different names, so the n-th training pair and the n-th
-    held-out pair never share a coin."""
-    rng = random.Random(f"coin-flip-{seed}")
-    return [
-        dataclasses.replace(
-            p, chosen=p.rejected, rejected=p.chosen, chosen_size=p.rejected_size, rejected_size=p.chosen_size
-        )
-        if rng.random() < 0.5
-        else p
-        for p in pairs
-    ]
