@@ -21,7 +21,7 @@ FORBIDDEN = {
     | {"accelerate"},
     "jobs": {"gradio", "app", "ui"},
 }
-PROJECT = ("app.py", "ncp", "jobs", "feedback_store", "bench", "scripts")
+PROJECT = ("app.py", "ui", "ncp", "jobs", "feedback_store", "bench", "scripts")
 
 
 def imported_roots(path: Path) -> set[str]:
@@ -129,7 +129,8 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_no_import_cycles_between_modules() -> None:
     graph = import_graph(module_files(ROOT))
-    assert {"ncp.trainer", "jobs.loop", "feedback_store"} <= set(graph), "the module map did not read the project"
+    read = {"ncp.trainer", "jobs.loop", "feedback_store", "ui.arena"}
+    assert read <= set(graph), "the module map did not read the project"
     found = cycles(graph)
     assert not found, "import cycles (move what both sides need into a module of its own):\n" + "\n".join(
         " <-> ".join(c) for c in found
