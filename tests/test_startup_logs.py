@@ -2,7 +2,8 @@
 
 The app runs as `scripts/run.sh` starts it (`python app.py` with the same environment), on a free port and a fresh
 data folder, until it serves its page and its generation worker has warmed its adapter slots; then it is stopped the
-way `docker stop` stops it (SIGTERM); what it printed up to then is read."""
+way `docker stop` stops it (SIGTERM); what it printed up to then is read. Training a LoRA on the shipped model
+(`python -m ncp.train`, two steps) is held to the same rule."""
 
 from __future__ import annotations
 
@@ -89,6 +90,27 @@ def test_the_app_starts_on_the_shipped_model_without_warning_lines(tmp_path: Pat
     assert not warning_lines(startup), "warning lines at startup:\n" + "\n".join(warning_lines(startup))
     noise = [line for line in startup.splitlines() if any(n in line for n in NOISE)]
     assert not noise, "lines a user cannot use at startup:\n" + "\n".join(noise)
+
+
+@pytest.mark.slow
+def test_training_on_the_shipped_model_prints_no_warning_lines(tmp_path: Path) -> None:
+    """`python -m ncp.train` as a researcher runs it on an export (progress bar on, no environment of the test suite's
+    own beyond an offline hub): two steps on `models/shapes-base`, and nothing it prints reads as a warning."""
+    from ncp.shapes.grammar import probe_prompts
+    from tests.test_data import png, row, write_parquet
+
+    red, blue = png((200, 30, 30)), png((30, 30, 200))
+    data = write_parquet(tmp_path / "prefs.parquet", [row(p, red, blue, 1.0, 0.0) for p in probe_prompts(4, seed=0)])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("TOKENIZERS_PARALLELISM", None)  # the suite sets it; a researcher's shell does not
+    cmd = [sys.executable, "-m", "ncp.train", "--model", str(ROOT / "models" / "shapes-base"), "--data", str(data)]
+    cmd += ["--out", str(tmp_path / "adapter"), "--max-steps", "2", "--threads", "1"]
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert "Done: 2 step(s)" in proc.stdout and (tmp_path / "adapter").is_dir(), proc.stdout[-4000:]
+    assert not warning_lines(proc.stdout), "warning lines while training:\n" + "\n".join(warning_lines(proc.stdout))
 
 
 def test_a_tick_during_a_round_logs_no_warning(caplog: pytest.LogCaptureFixture) -> None:
