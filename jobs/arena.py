@@ -32,7 +32,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from feedback_store import FeedbackStore, InputRejected, VoteReceipt, VoteRejected
-from feedback_store.records import MAX_REASONS, utcnow
+from feedback_store.records import MAX_REASONS, check_ident, utcnow
 from jobs.abuse import VoteGuard
 from jobs.prompts import Blocklist, PromptPool, validate_prompt
 from jobs.registry import BASE, AdapterRegistry
@@ -244,7 +244,10 @@ class ArenaService:
 
     def next_pair(self, session: str, prompt: str | None = None) -> IssuedPairView:
         """A pair for this session: from the prefetch queue, or generated now for a typed prompt. Raises
-        InputRejected("too_many_open_pairs") when the session holds max_open_pairs pairs it has not voted on."""
+        InputRejected("too_many_open_pairs") when the session holds max_open_pairs pairs it has not voted on, and
+        InputRejected("invalid_session") for a session the store would refuse: checked first, so a refused request
+        takes no ready pair from the queue and stores no prompt or image."""
+        check_ident(session, "session", code="invalid_session")  # the store's rule for issue_pair
         self._check_open(session)
         self.purge_unvoted()
         if prompt:

@@ -20,7 +20,7 @@ from app_fixtures import free_port, tiny_runtime
 from store_fixtures import make_world
 
 import app
-from feedback_store import FeedbackStore, VoteRejected
+from feedback_store import FeedbackStore, InputRejected, VoteRejected
 from feedback_store.records import utcnow
 from jobs.arena import REASON_TAGS, check_reasons
 from jobs.prompts import MAX_BLOCKLIST_BYTES, MAX_BLOCKLIST_TERMS, Blocklist, parse_blocklist
@@ -114,6 +114,30 @@ def test_ui_handlers_are_not_callable_by_name_and_unknown_names_are_404(served) 
     for name in ("on_export", "on_vote", "on_admin", "on_pool_pair", "drop_tables"):
         r = http.post(f"/gradio_api/call/{name}", json={"data": []})
         assert r.status_code == 404 and r.json()["error"] == "not_an_endpoint", (name, r.text)
+
+
+def test_a_refused_session_takes_no_ready_pair_and_stores_nothing(tmp_path: Path) -> None:
+    """The page's queue hands Gradio's session hash to the arena as sent (100 KB, '../../etc', a NUL): it is checked
+    before the pool is touched, so the refusal leaves the ready queue and every table as they were (before, it took a
+    ready pair, or generated and stored a new one, and only then was refused)."""
+    runtime = tiny_runtime(tmp_path, prefetch=2)
+    try:
+        prefetcher = runtime.arena.prefetcher
+        deadline = time.monotonic() + 300
+        while prefetcher.qsize() < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        prefetcher.stop()  # nothing made in the background from here on
+        ready, counts = prefetcher.qsize(), runtime.store.counts()
+        assert ready == 2, "the prefetcher did not fill its queue"
+        for session in ("s" * 100_000, "../../etc", "bad\x00hash", ""):
+            for prompt in (None, "a typed prompt"):
+                with pytest.raises(InputRejected) as err:
+                    runtime.arena.next_pair(session, prompt)
+                assert err.value.reason_code == "invalid_session", (session[:20], prompt)
+        assert prefetcher.qsize() == ready and runtime.store.counts() == counts
+        assert runtime.arena.next_pair("a-good-session").token  # the queue still serves
+    finally:
+        runtime.stop()
 
 
 def test_unvoted_pairs_are_deleted_after_the_retention_time_voted_ones_never(tmp_path: Path) -> None:
