@@ -47,8 +47,13 @@ class TrainConfig:
         "highest training timestep, as a fraction of the schedule; t ~ U[low T, high T). Global attributes "
         "(colour, size, background) are decided at high noise, so a preference on them is learned there",
     )
-    lr: float = _opt(1e-5, "AdamW learning rate (constant after warm-up)")
+    lr: float = _opt(1e-5, "AdamW learning rate (after warm-up: constant, or decayed by --lr-schedule)")
     lr_warmup_steps: int = _opt(0, "linear learning-rate warm-up, in optimizer steps")
+    lr_schedule: Literal["constant", "linear", "cosine"] = _opt(
+        "constant",
+        "learning rate after warm-up: constant, or decayed to 0 at max_steps (linear, cosine). A decayed rate ends on "
+        "the average of the last steps' noisy updates instead of on the last one",
+    )
     weight_decay: float = _opt(1e-2, "AdamW weight decay (paper: 1e-2)")
     adam_8bit: bool = _opt(False, "8-bit AdamW from bitsandbytes (CUDA; must be installed)")
     max_grad_norm: float = _opt(1.0, "gradient clipping norm (paper: 1.0)")

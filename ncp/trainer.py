@@ -24,7 +24,7 @@ import math
 import random
 import time
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +121,17 @@ def _vae_key(model: str, vae: torch.nn.Module) -> str:
 # ------------------------------------------------------------------------------------------- the loop
 
 
+def lr_factor(config: TrainConfig, step: int) -> float:
+    """Learning-rate multiplier at optimizer step `step`: linear warm-up, then constant or decayed to 0 at max_steps."""
+    warm = config.lr_warmup_steps
+    if step < warm:
+        return (step + 1) / (warm + 1)
+    if config.lr_schedule == "constant":
+        return 1.0
+    left = max(0.0, 1.0 - (step - warm) / max(1, config.max_steps - warm))  # 1 at the end of warm-up, 0 at max_steps
+    return left if config.lr_schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * (1.0 - left)))
+
+
 def _optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
     if config.adam_8bit:
         import bitsandbytes as bnb  # checked in TrainConfig.__post_init__
@@ -211,9 +222,7 @@ def train(
         dataset = PreferenceDataset(encoded)
         unet, params = _prepare_models(pipe, config, accelerator)
         optimizer = _optimizer(params, config)
-        lr_sched = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: min(1.0, (s + 1) / (config.lr_warmup_steps + 1))
-        )
+        lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, config))
         # DDP (several processes) wraps the UNet; perception unwraps it for the encoder (frozen reference weights).
         unet, optimizer = accelerator.prepare(unet, optimizer)
         scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
