@@ -1,5 +1,7 @@
 """Malformed and hostile requests against the real HTTP server: each must be refused with a clear message (or, for
-an identical replay, answered with the first receipt) and change nothing stored.
+an identical replay, answered with the first receipt) and change nothing stored. A few cases are requests the API
+documents as answered (a whitespace-only prompt is the empty prompt: a pool pair; a pair's answer names no server
+path): they may add the rows of the one pair they issue, and nothing else.
 
     from bench.bad_input import BadInputServer, CASES, run_cases
     with BadInputServer(tmp) as srv:
@@ -7,7 +9,7 @@ an identical replay, answered with the first receipt) and change nothing stored.
 
 The server is app.py's own configuration (`config_from_env`) and UI (`build_demo`, `launch_kwargs`) on the embedded
 shapes model, launched in this process so each case can compare the stored state before and after: every table's
-row count and a sha256 of every table's content, the registry pointer, the blocklist file, the schedule and the
+row count and a sha256 of each of its rows, the registry pointer, the blocklist file, the schedule and the
 served version. Requests go over plain HTTP (httpx) through Gradio's REST protocol (POST /gradio_api/call/<api>,
 then read the event stream), so wrong types, raw bytes and malformed bodies reach the server exactly as sent. The
 "edges" cases go around the API: an upload, the UI's private handlers called by name, the UI's queue with a hostile
@@ -20,11 +22,13 @@ from __future__ import annotations
 
 import re
 import secrets
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path, PureWindowsPath
 
-from bench.bad_input_server import ADMIN_TOKEN, BLOCKED, FULL, BadInputServer, Request, send
+from bench.bad_input_server import ADMIN_TOKEN, BLOCKED, FULL, BadInputServer, Request, Response, send
 
 TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{43}")  # secrets.token_urlsafe(32)
 
@@ -34,8 +38,16 @@ class Case:
     name: str
     group: str
     make: Callable[[BadInputServer], Request]  # runs the setup (fresh pairs, earlier votes) and builds the request
-    expect: str  # the refusal code, or "same_vote", "http_400", "http_500", "gradio_error" (refused by Gradio)
+    expect: str  # the refusal code, or "same_vote", "http_400", "http_500", "gradio_error" (refused by Gradio), or
+    # one of ANSWERED (a documented answer, checked by its function)
     shown: str = ""  # how the request appears in the docs' table (default: a shortened repr of the arguments)
+    stores: tuple[tuple[str, int], ...] = ()  # (table, at most this many new rows) an answered request may add;
+    # every other table and file, and every row that was there, must stay as it was
+
+
+# What issuing one pair may add: its pair row, and for a pool pair made on demand (or a typed prompt) its prompt and
+# two images; a new session's first pair also registers its rater pseudonym.
+ONE_PAIR = (("pairs", 1), ("prompts", 1), ("images", 2), ("raters", 1))
 
 
 def _forged() -> str:
@@ -94,6 +106,65 @@ def _guessing(srv: BadInputServer) -> Request:
     return _admin(ADMIN_TOKEN, "status")
 
 
+def server_paths(value: object, srv: BadInputServer) -> list[str]:
+    """Every string in an answer that names a place on the server: an absolute path (POSIX or Windows), or text that
+    contains the data folder, the repository or the temp folder."""
+    if isinstance(value, dict):
+        return [p for v in value.values() for p in server_paths(v, srv)]
+    if isinstance(value, list):
+        return [p for v in value for p in server_paths(v, srv)]
+    if not isinstance(value, str):
+        return []
+    places = (
+        str(Path(srv.config.data_dir).resolve()),
+        str(Path(__file__).resolve().parents[1]),
+        tempfile.gettempdir(),
+    )
+    absolute = value.startswith(("/", "\\")) or PureWindowsPath(value).drive != ""
+    return [value] if absolute or any(p in value for p in places) else []
+
+
+def _issued(srv: BadInputServer, res: Response) -> str | None:
+    """Why an answer is not a pair issued to the caller and stored (None when it is one)."""
+    if not isinstance(res.body.get("token"), str):
+        return "no_token"
+    pair_id = res.body.get("pair_id")
+    return None if isinstance(pair_id, int) and srv.runtime.store.pair(pair_id) is not None else "pair_not_stored"
+
+
+def _pool_pair(srv: BadInputServer, res: Response) -> tuple[str, str]:
+    """docs/API.md: a prompt of only spaces, tabs or newlines is the empty prompt, so the answer is a pool pair."""
+    if res.code != "ok":
+        return res.code, res.message
+    wrong = _issued(srv, res)
+    category = srv.runtime.arena.pool.category(str(res.body.get("prompt")))
+    if wrong is None and category == "typed":
+        wrong = "typed_pair"
+    return (
+        wrong or "pool_pair",
+        f"pair {res.body.get('pair_id')} from the pool ({category}): {res.body.get('prompt')!r}",
+    )
+
+
+def _no_server_paths(srv: BadInputServer, res: Response) -> tuple[str, str]:
+    """docs/API.md: a pair's images are named by relative paths ("images/<sha256>.png"); no answer names a server
+    path."""
+    if res.code != "ok":
+        return res.code, res.message
+    leaked = server_paths(res.body, srv)
+    images = [str((res.body.get(side) or {}).get("path")) for side in ("left_image", "right_image")]
+    wrong = _issued(srv, res) or ("server_path" if leaked else None)
+    if wrong is None and not all(i.startswith("images/") for i in images):
+        wrong = "not_an_image_name"
+    named = f"left {images[0][:19]}....png, right {images[1][:19]}....png (relative)"
+    return wrong or "no_server_paths", named + (f"; server paths: {leaked}" if leaked else "")
+
+
+ANSWERED: dict[str, Callable[[BadInputServer, Response], tuple[str, str]]] = {
+    "pool_pair": _pool_pair,
+    "no_server_paths": _no_server_paths,
+}
+
 MB = 1 << 20
 SQL = "x'); DROP TABLE votes; --"
 CASES: tuple[Case, ...] = (
@@ -143,6 +214,7 @@ CASES: tuple[Case, ...] = (
     Case("prompt_markup", "prompt", lambda s: _pair("bi-p", "<script>alert(1)</script>"), "model_grammar"),
     Case("prompt_blocked", "prompt", lambda s: _pair("bi-p", f"a red {BLOCKED} circle"), "blocked"),
     Case("prompt_wrong_type", "prompt", lambda s: _pair("bi-p", 5), "not_text"),
+    Case("prompt_whitespace", "prompt", lambda s: _pair("bi-ws", " \t\n  "), "pool_pair", "/next_pair(s, ' \\t\\n  '): the empty prompt, as documented", ONE_PAIR),
     # -- admin ------------------------------------------------------------------------------------------------------
     Case("admin_no_token_run_round", "admin", lambda s: _admin("", "run_round"), "admin_denied"),
     Case("admin_no_token_status", "admin", lambda s: _admin("", "status"), "admin_denied"),
@@ -172,8 +244,11 @@ CASES: tuple[Case, ...] = (
     Case("queue_unknown_fn_index", "edges", lambda s: Request("bi-q", queue_fn="", fn_index=9999), "http_404", "queue: fn_index 9999 (names no event)"),
     Case("queue_empty_session", "edges", lambda s: Request("", queue_fn="on_pool_pair"), "http_400", "queue: on_pool_pair with session_hash ''"),
     Case("ui_session_8kb", "edges", lambda s: Request("s" * 8192, queue_fn="on_pool_pair"), "ui_refused", "queue: on_pool_pair with an 8 KB session_hash"),
+    Case("ui_session_100kb", "edges", lambda s: Request("s" * 100_000, queue_fn="on_pool_pair"), "ui_refused", "queue: on_pool_pair with a 100 KB session_hash"),
     Case("ui_session_traversal", "edges", lambda s: Request("../../etc", queue_fn="on_pool_pair"), "ui_refused", "queue: on_pool_pair with session_hash '../../etc'"),
     Case("ui_session_nul", "edges", lambda s: Request("bad\x00hash", queue_fn="on_pool_pair"), "ui_refused", "queue: on_pool_pair with session_hash 'bad\\x00hash'"),
+    Case("pair_paths_pool", "edges", lambda s: _pair("bi-paths", ""), "no_server_paths", "/next_pair(s): a pool pair's answer names no server path", ONE_PAIR),
+    Case("pair_paths_typed", "edges", lambda s: _pair("bi-paths", "a large red square at the bottom, gray background"), "no_server_paths", "/next_pair(s, typed prompt): generated now; its answer names no server path", ONE_PAIR),
     Case("admin_value_list", "edges", lambda s: _admin(ADMIN_TOKEN, "promote", ["base"]), "invalid_value", "/admin(<token>, promote, ['base'])"),
     Case("admin_value_dict", "edges", lambda s: _admin(ADMIN_TOKEN, "set_blocklist", {"words": ["a"]}), "invalid_value", "/admin(<token>, set_blocklist, {'words': ['a']})"),
     Case("admin_action_list", "edges", lambda s: _admin(ADMIN_TOKEN, ["status"]), "unknown_action", "/admin(<token>, ['status'])"),
@@ -210,11 +285,15 @@ def run_cases(srv: BadInputServer, cases: tuple[Case, ...] = CASES) -> list[dict
         res = send(srv, req)
         ms = 1000 * (time.perf_counter() - t0)
         after = srv.state()
+        message = res.message
         if req.same_vote_id is not None:
             ok = res.code == "vote" and res.body.get("vote_id") == req.same_vote_id
             code = "same_vote" if ok else res.code
+        elif case.expect in ANSWERED:
+            code, message = ANSWERED[case.expect](srv, res)
         else:
             code = res.code
+        changed, stored = state_changes(before, after, dict(case.stores))
         rows.append(
             {
                 "case": case.name,
@@ -222,12 +301,31 @@ def run_cases(srv: BadInputServer, cases: tuple[Case, ...] = CASES) -> list[dict
                 "request": shown(case, req),
                 "expected": case.expect,
                 "code": code,
-                "message": res.message,
+                "message": message,
                 "http_status": res.status,
                 "ms": ms,
-                "unchanged": before == after,
-                "changed": sorted(k for k in before if before[k] != after[k]),
-                "passed": code == case.expect and before == after,
+                "unchanged": not changed,  # no stored change beyond the rows an answered case may add
+                "changed": changed,
+                "stored": stored,  # rows an answered case added, table -> count (empty for a refusal)
+                "passed": code == case.expect and not changed,
             }
         )
     return rows
+
+
+def state_changes(before: dict, after: dict, stores: dict[str, int]) -> tuple[list[str], dict[str, int]]:
+    """The unexpected changes between two `BadInputServer.state()`s, and the rows added where `stores` allows (at most
+    that many new rows in that table, every row that was there unchanged)."""
+    changed = sorted(k for k in before if k not in ("counts", "rows") and before[k] != after[k])
+    if set(before["counts"]) != set(after["counts"]):
+        return [*changed, "tables"], {}
+    stored = {}
+    for table, rows in before["rows"].items():
+        new, added = after["rows"][table], after["counts"][table] - before["counts"][table]
+        if new == rows and added == 0:
+            continue
+        if table in stores and rows <= new and len(new) - len(rows) == added and 0 < added <= stores[table]:
+            stored[table] = added
+        else:
+            changed.append(f"table {table}")
+    return changed, stored

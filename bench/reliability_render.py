@@ -19,7 +19,7 @@ LOAD_GOAL = (
     "32 clients x 300 votes, hot-swap every 10 s, a training round: 0 failed requests, 0 lost or duplicated acks"
 )
 CRASH_GOAL = "SIGKILL mid-load, restart: every acknowledged vote there, the registry's version served"
-BAD_GOAL = ">= 30 malformed or hostile requests, each refused with a clear message, nothing stored changed"
+BAD_GOAL = ">= 30 hostile requests: each refused with a clear message or answered as documented; nothing else stored"
 POISON_GOAL = "20% adversarial raters: gain with defences >= 80% of the clean run's"
 
 
@@ -61,9 +61,9 @@ def summary(parts: dict) -> list[str]:
     else:
         rows = r["cases"]
         ok = sum(c["passed"] for c in rows)
-        unchanged = sum(c["unchanged"] for c in rows)
+        unexpected, answered = sum(not c["unchanged"] for c in rows), sum(bool(c.get("stored")) for c in rows)
         met = ok == len(rows) >= 30
-        res = f"{ok}/{len(rows)} as expected; stored state unchanged in {unchanged}/{len(rows)}"
+        res = f"{ok}/{len(rows)} as expected; {unexpected} unexpected stored changes; {answered} answered with a pair"
         lines.append(f"| bad input | {BAD_GOAL} | {res} | {_yes(met)} | {r['finished']} |")
     r = parts.get("poisoning")
     if r is None:
@@ -156,8 +156,9 @@ def load_section(name: str, r: dict) -> list[str]:
 def bad_input_section(r: dict) -> list[str]:
     lines = [
         "Each case runs its setup (fresh pairs, earlier votes), reads the stored state, sends the one request, reads "
-        "the state again. State: row counts and a sha256 of the content of every table, the registry pointer file, "
-        "the blocklist file, the schedule's paused flag, the served version.",
+        "the state again. State: row counts and a sha256 of each row of every table, the registry pointer file, the "
+        "blocklist file, the schedule's paused flag, the served version. A refusal changes none of it; a documented "
+        "answer (a whitespace-only prompt gets a pool pair; a pair's answer names no server path) adds only its pair.",
         "",
         "| # | case | request | expected | response | message | unchanged | ok |",
         "|---|---|---|---|---|---|---|---|",
@@ -165,9 +166,10 @@ def bad_input_section(r: dict) -> list[str]:
     for i, c in enumerate(r["cases"], 1):
         msg = c["message"].replace("|", "\\|").replace("\n", " ")[:110]
         req = c["request"].replace("|", "\\|")
+        kept = "only its pair: " + ", ".join(f"{t} +{n}" for t, n in c["stored"].items()) if c.get("stored") else "yes"
         lines.append(
             f"| {i} | {c['case']} | `{req}` | {c['expected']} | {c['code']} | {msg} | "
-            f"{'yes' if c['unchanged'] else 'NO: ' + ', '.join(c['changed'])} | {'yes' if c['passed'] else '**no**'} |"
+            f"{kept if c['unchanged'] else 'NO: ' + ', '.join(c['changed'])} | {'yes' if c['passed'] else '**no**'} |"
         )
     lines += [
         "",
