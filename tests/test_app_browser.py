@@ -11,6 +11,7 @@ no console errors. The votes land in the store with full image lineage. Progress
 from __future__ import annotations
 
 import hashlib
+import re
 import zipfile
 from pathlib import Path
 
@@ -34,6 +35,7 @@ CHROMIUM_ARGS = [
 TIMEOUT_MS = 60_000
 VIEWPORTS = {"phone": (390, 844), "laptop": (1366, 768)}
 expect.set_options(timeout=TIMEOUT_MS)  # a loaded 2-core machine answers slowly; the default is 5 s
+LOADED = "[...document.querySelectorAll('#arena-pair img')].every(i => i.complete)"
 ENABLED = "() => { const b = document.getElementById('vote-left'); return b && !b.disabled; }"
 
 
@@ -181,6 +183,42 @@ def test_vote_on_screen_by_touch_click_and_key(served, browser, kind: str) -> No
             assert img.sha256 == hashlib.sha256(data).hexdigest()
             assert img.adapter_version.split("+")[0] in ("base", version)
             assert (img.steps, img.scheduler, img.base_model) == (2, "DDIMScheduler", runtime.config.model)
+    assert not errors, errors
+    page.context.close()
+
+
+def test_a_vote_waits_for_the_next_pairs_images(served, browser) -> None:
+    """The next pair swaps the images' src in place; until the new pictures load the pair is hidden and neither a
+    click nor a key votes (the browser would otherwise show the last pair's images under the new prompt)."""
+    runtime, url, _ = served
+    page, errors, _ = _page(browser, "laptop")
+    held, holding = [], [False]
+    page.route("**/gradio_api/file=images/**", lambda r: held.append(r) if holding[0] else r.continue_())
+    page.goto(url, wait_until="load")
+    page.wait_for_function(ENABLED)
+    page.wait_for_function(LOADED)
+    before = len(_browser_votes(runtime))
+    holding[0] = True  # the next pair's images stay in flight
+    src = _left_src(page)
+    page.click("#vote-left")
+    expect(page.locator("#arena-reveal")).to_contain_text("You chose: Left is better")
+    _wait_next_pair(page, src)
+    expect(page.locator("#arena-pair")).to_have_class(re.compile(r"\bpair-loading\b"))
+    assert page.locator("#arena-left img").evaluate("i => getComputedStyle(i).visibility") == "hidden"
+    page.click("#vote-right")
+    page.keyboard.press("2")
+    page.wait_for_timeout(1500)
+    assert len(_browser_votes(runtime)) == before + 1, "a vote went through before its images were shown"
+    holding[0] = False
+    assert held, "the next pair's image requests were not seen"
+    for route in held:
+        route.continue_()
+    page.wait_for_function(LOADED)
+    expect(page.locator("#arena-pair")).not_to_have_class(re.compile(r"\bpair-loading\b"))
+    page.click("#vote-right")
+    expect(page.locator("#arena-reveal")).to_contain_text("You chose: Right is better")
+    votes = _browser_votes(runtime)[before:]
+    assert [v.outcome for v in votes] == ["left", "right"]
     assert not errors, errors
     page.context.close()
 

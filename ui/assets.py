@@ -29,6 +29,7 @@ CSS = """
 #arena-pair figure { margin: 0; width: 100%; max-width: min(100%, calc(100svh - 460px)); min-width: 0; }
 #arena-pair img { display: block; width: 100%; aspect-ratio: 1 / 1; height: auto; border-radius: 6px;
   image-rendering: pixelated; image-rendering: crisp-edges; background: #8882; }
+#arena-pair.pair-loading img { visibility: hidden; }
 #arena-pair figcaption { text-align: center; font-size: 0.85rem; }
 #arena-pair .pair-empty { min-height: 120px; display: flex; align-items: center; justify-content: center; }
 #vote-row { display: grid !important; grid-template-columns: repeat(4, minmax(0, 1fr)); gap: 8px; }
@@ -55,9 +56,24 @@ CSS = """
 
 # Runs once on load: keyboard shortcuts (click the outcome's button unless the user is typing; disabled buttons
 # ignore it), aria-keyshortcuts on the buttons, and the live regions (the reveal and the counter are announced).
+# A new pair swaps the images' src in place, and the browser keeps painting the old picture until the new one has
+# loaded: for that moment the new prompt stood over the last pair's images, and a vote cast then was stored against
+# images the rater never saw. So the pair is hidden while any of its images loads, and votes wait for it.
 PAGE_JS = """() => {
   if (window.__ncpArena) return; window.__ncpArena = true;
   const keys = __KEYS__;
+  const pairReady = () => [...document.querySelectorAll('#arena-pair img')].every(i => i.complete);
+  const sync = () => {
+    const p = document.getElementById('arena-pair'); if (p) p.classList.toggle('pair-loading', !pairReady());
+  };
+  document.addEventListener('load', sync, true); document.addEventListener('error', sync, true);
+  new MutationObserver(sync).observe(document.body, {subtree: true, childList: true, attributes: true,
+                                                      attributeFilter: ['src']});
+  document.addEventListener('click', (e) => {
+    if (e.target && e.target.closest && e.target.closest('#vote-row') && !pairReady()) {
+      e.preventDefault(); e.stopImmediatePropagation();
+    }
+  }, true);
   document.addEventListener('keydown', (e) => {
     const el = e.target, tag = ((el && el.tagName) || '').toLowerCase();
     const typing = tag === 'textarea' || tag === 'select' || (el && el.isContentEditable) ||
@@ -65,7 +81,7 @@ PAGE_JS = """() => {
     if (typing || e.ctrlKey || e.metaKey || e.altKey || e.repeat) return;
     const id = keys[e.key.toLowerCase()];
     const btn = id && document.getElementById(id);
-    if (!btn || btn.disabled || btn.offsetParent === null) return;
+    if (!btn || btn.disabled || btn.offsetParent === null || !pairReady()) return;
     e.preventDefault(); btn.click();
   });
   const mark = () => {
