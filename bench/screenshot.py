@@ -27,6 +27,7 @@ from bench.net import free_port
 from jobs.quality import QualitySettings, QualityTracker
 from jobs.registry import BASE
 from jobs.runtime import SHAPES_CEILING, ArenaConfig, Runtime
+from ncp.serving import PairMix
 
 ROOT = Path(__file__).resolve().parents[1]
 VIEWPORTS = {"phone": (390, 844), "laptop": (1366, 768)}
@@ -41,12 +42,24 @@ ARGS = [
 ]
 
 
+LOADED = "() => { const p = document.getElementById('arena-pair'); return p && !p.classList.contains('pair-loading') && [...p.querySelectorAll('img')].every(i => i.complete); }"
+
+
 def open_tab(page: Page, tab: str) -> None:
     if tab == "arena":
         page.wait_for_function("() => { const b = document.getElementById('vote-left'); return b && !b.disabled; }")
-        page.keyboard.press("1") if page.viewport_size["width"] > 700 else page.tap("#vote-left")
-        page.wait_for_selector("#arena-reveal strong")
-        page.wait_for_function("() => { const b = document.getElementById('vote-left'); return b && !b.disabled; }")
+        for _ in range(4):  # the reveal of an attention check (a deliberately broken image) is not the usual view
+            page.wait_for_function(LOADED)
+            page.keyboard.press("1") if page.viewport_size["width"] > 700 else page.tap("#vote-left")
+            page.wait_for_selector("#arena-reveal strong")
+            page.wait_for_function(
+                "() => { const b = document.getElementById('vote-left'); return b && !b.disabled; }"
+            )
+            page.wait_for_function(LOADED)  # the next pair's pictures, not the last pair's under the new prompt
+            if "attention check" not in page.locator("#arena-reveal").inner_text():
+                break
+        time.sleep(1.5)  # the events chained after the vote (counter, focus) finish: no progress overlay
+        page.wait_for_function(LOADED)
         return
     page.get_by_role("tab", name=tab.capitalize()).click()
     if tab == "progress":
@@ -90,6 +103,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     data = args.data_dir or Path(tempfile.mkdtemp(prefix="ncp-screens-")) / "data"
     rt = Runtime(ArenaConfig(data_dir=data, schedule=False, prefetch=4))
+    # The pictures show the usual pair: no attention check (one pair in ten in the app, with a deliberately broken
+    # image) is drawn for them.
+    rt.arena.prefetcher.mix = PairMix(on_policy=0.6, cross_version=0.4, control=0.0)
     rt.start()
     tracker = None
     try:
