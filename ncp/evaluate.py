@@ -171,15 +171,26 @@ def evaluate(
         raise ValueError(f"space must be one of {', '.join(SPACES)} (the candidate's training space), got {space!r}")
     pipe = load_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
+    # peft names modules after the adapter, and a module name takes no "." (a version called "2.5x steps" crashed):
+    # each version loads under a slot name of its own.
+    slot = {name: f"version_{i}" for i, name in enumerate(versions)}
     for name, folder in versions.items():
-        pipe.load_lora_weights(str(folder), adapter_name=name)  # raises on a corrupt or incompatible adapter
+        pipe.load_lora_weights(str(folder), adapter_name=slot[name])  # raises on a corrupt or incompatible adapter
     result: dict = {"versions": {}, "space": space, "coin_flip_labels": coin_flip_labels}
     by_space = (
-        held_out_margins(pipe, list(versions), data, draws=draws, timestep_low=timestep_low, max_pairs=max_pairs,
-                         coin_flip_labels=coin_flip_labels)
+        held_out_margins(
+            pipe,
+            list(slot.values()),
+            data,
+            draws=draws,
+            timestep_low=timestep_low,
+            max_pairs=max_pairs,
+            coin_flip_labels=coin_flip_labels,
+        )
         if data and versions
         else {}
     )
+    by_space = {sp: {name: m[slot[name]] for name in versions} for sp, m in by_space.items()}
     margins = by_space.get(space, {})
     n_pairs = len(next(iter(margins.values()))) if margins else 0
     result["eval_pairs"] = n_pairs
@@ -197,7 +208,8 @@ def evaluate(
             hit = cache.get(key)
             if hit is None:
                 decisions: list[dict[str, bool]] | None = [] if attributes else None
-                hit = judge_probe(pipe, name, probes, seeds, steps=steps, guidance=guidance, decisions=decisions)
+                adapter = None if name is None else slot[name]
+                hit = judge_probe(pipe, adapter, probes, seeds, steps=steps, guidance=guidance, decisions=decisions)
                 cache.put(key, hit)
                 if decisions:
                     shares[name] = {a: float(np.mean([d[a] for d in decisions])) for a in decisions[0]}

@@ -115,3 +115,13 @@ def test_the_null_arm_scores_held_out_pairs_against_coin_flips(world: dict[str, 
     assert "--coin-flip-labels" not in evaluator_command(
         LoopConfig(), tmp_path / "e.json", tmp_path / "c", None, tmp_path / "h.parquet", tmp_path / "p"
     )
+
+
+def test_any_version_name_loads_and_scores_like_a_plain_one(world: dict[str, Path]) -> None:
+    """Version names are labels, not module names: one with a dot or a slash ("2.5x steps", "beta / 5") scores
+    exactly as the same adapter under a plain name (peft refuses "." in the adapter name it is loaded under)."""
+    names = {"plain": world["adapter"], "2.5x steps": world["adapter"], "beta / 5": world["adapter"]}
+    ev = evaluate(str(world["model"]), names, [world["data"]], draws=2, space="ncp")
+    assert set(ev["versions"]) == set(names) and ev["eval_pairs"] == 12
+    accs = {n: ev["versions"][n]["implicit_acc_by_space"] for n in names}
+    assert accs["2.5x steps"] == accs["plain"] == accs["beta / 5"]
