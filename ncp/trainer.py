@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import math
-import random
 import time
 from dataclasses import dataclass
 from functools import lru_cache, partial
