@@ -59,7 +59,7 @@ ARMS = (
     ("2.5x steps", "250 steps", ["--max-steps", "250"]),
     ("linear lr", "the rate decayed linearly to 0: does the last steps' noise hold it?", ["--lr-schedule", "linear"]),
     ("beta / 2.5", "beta 2e5", ["--beta", "200000"]),
-    ("t >= 0.5 T", "timesteps from 0.5 T (the round: 0.3 T)", ["--timestep-low", "0.5"]),
+    ("t from 0.5 T", "timesteps from 0.5 T (the round: 0.3 T)", ["--timestep-low", "0.5"]),
     ("t from 0", "timesteps from 0 (the paper's uniform t)", ["--timestep-low", "0"]),
     # from --init-adapter (a loop's promoted version), reference the base, as the loop's later rounds train
     ("continue", "from the promoted version, as the loop's later rounds", []),

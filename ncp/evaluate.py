@@ -336,6 +336,8 @@ def main(argv: list[str] | None = None) -> None:
         name, sep, folder = spec.partition("=")
         if not sep or not name or not folder:
             p.error(f"--version must look like NAME=FOLDER, got {spec!r}")
+        if not Path(folder).is_dir():  # e.g. a name holding "=" split early ("t >= 0.5 T=runs/a" reads name "t >")
+            p.error(f"--version {spec!r}: no adapter folder {folder!r} (a NAME may not contain '=')")
         versions[name] = Path(folder)
     res = evaluate(
         args.model,

@@ -125,3 +125,16 @@ def test_any_version_name_loads_and_scores_like_a_plain_one(world: dict[str, Pat
     assert set(ev["versions"]) == set(names) and ev["eval_pairs"] == 12
     accs = {n: ev["versions"][n]["implicit_acc_by_space"] for n in names}
     assert accs["2.5x steps"] == accs["plain"] == accs["beta / 5"]
+
+
+def test_the_cli_refuses_a_version_whose_folder_is_missing(world: dict[str, Path], capsys) -> None:
+    """NAME=FOLDER splits at the first "=": a name holding one leaves a folder that does not exist, refused in one line
+    (exit 2) before the model loads, as is a plain missing folder."""
+    from ncp.evaluate import main
+
+    for spec, shown in ((f"t >= 0.5 T={world['adapter']}", " 0.5 T="), ("gone=/no/such/adapter", "/no/such/adapter")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--model", str(world["model"]), "--out", "unused.json", "--version", spec])
+        assert exit_info.value.code == 2, spec
+        err = capsys.readouterr().err
+        assert f"no adapter folder {shown!r}"[:-1] in err and "may not contain '='" in err, err
