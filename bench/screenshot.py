@@ -42,19 +42,22 @@ ARGS = [
 ]
 
 
-LOADED = "() => { const p = document.getElementById('arena-pair'); return p && !p.classList.contains('pair-loading') && [...p.querySelectorAll('img')].every(i => i.complete); }"
+ENABLED = "() => { const b = document.getElementById('vote-left'); return b && !b.disabled; }"
+# the pair's pictures are in (the page hides a pair while its images load; ui/assets.py)
+LOADED = (
+    "() => { const p = document.getElementById('arena-pair'); return p && !p.classList.contains('pair-loading')"
+    " && [...p.querySelectorAll('img')].every(i => i.complete); }"
+)
 
 
 def open_tab(page: Page, tab: str) -> None:
     if tab == "arena":
-        page.wait_for_function("() => { const b = document.getElementById('vote-left'); return b && !b.disabled; }")
+        page.wait_for_function(ENABLED)
         for _ in range(4):  # the reveal of an attention check (a deliberately broken image) is not the usual view
             page.wait_for_function(LOADED)
             page.keyboard.press("1") if page.viewport_size["width"] > 700 else page.tap("#vote-left")
             page.wait_for_selector("#arena-reveal strong")
-            page.wait_for_function(
-                "() => { const b = document.getElementById('vote-left'); return b && !b.disabled; }"
-            )
+            page.wait_for_function(ENABLED)
             page.wait_for_function(LOADED)  # the next pair's pictures, not the last pair's under the new prompt
             if "attention check" not in page.locator("#arena-reveal").inner_text():
                 break
@@ -102,10 +105,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     data = args.data_dir or Path(tempfile.mkdtemp(prefix="ncp-screens-")) / "data"
-    rt = Runtime(ArenaConfig(data_dir=data, schedule=False, prefetch=4))
     # The pictures show the usual pair: no attention check (one pair in ten in the app, with a deliberately broken
     # image) is drawn for them.
-    rt.arena.prefetcher.mix = PairMix(on_policy=0.6, cross_version=0.4, control=0.0)
+    usual = PairMix(on_policy=0.6, cross_version=0.4, control=0.0)
+    rt = Runtime(ArenaConfig(data_dir=data, schedule=False, prefetch=4, mix=usual))
     rt.start()
     tracker = None
     try:
