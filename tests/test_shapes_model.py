@@ -3,6 +3,7 @@ of the right size that follow the prompt better than chance, and takes the same 
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -93,11 +94,38 @@ def test_the_default_base_keeps_the_ceilings_text_encoder() -> None:
     """The base was detuned with its text encoder frozen (as Stable Diffusion keeps CLIP frozen): a LoRA on the UNet
     can only relearn a word the encoder still tells apart. Trained on the noisy captions, the encoder had squashed
     the colour words' outputs 4x closer together, and the loop levelled off near +0.04 (docs/research/loop-plateau.md)."""
-    from bench.loop_plateau import word_separation
-
     ceiling, base = word_separation(str(SHAPES_CEILING)), word_separation(str(SHAPES_MODEL))
     for attr in ("colour", "size", "position"):
         assert base[attr] >= 0.95 * ceiling[attr], (attr, base, ceiling)
+
+
+# Prompts that differ only in one attribute's word; the probe is the mean pairwise L2 distance of the text encoder's
+# outputs for them (the UNet, and a LoRA on its attention, sees the prompt only through these outputs).
+WORDS = {
+    "colour": ("a large {} circle in the center, white background", ("red", "blue", "green", "yellow", "purple")),
+    "size": ("a {} red circle in the center, white background", ("small", "large")),
+    "position": (
+        "a large red circle {}, white background",
+        ("on the left", "on the right", "at the top", "at the bottom"),
+    ),
+    "shape": ("a large red {} in the center, white background", ("circle", "square", "triangle")),
+}
+
+
+def word_separation(model: str) -> dict[str, float]:
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+    enc = CLIPTextModel.from_pretrained(model, subfolder="text_encoder").eval()
+    out = {}
+    for attr, (template, values) in WORDS.items():
+        ids = tok([template.format(v) for v in values], padding="max_length", max_length=tok.model_max_length,
+                  truncation=True, return_tensors="pt").input_ids  # fmt: skip
+        with torch.no_grad():
+            h = enc(ids)[0]
+        d = [(h[i] - h[j]).norm().item() for i, j in itertools.combinations(range(len(values)), 2)]
+        out[attr] = sum(d) / len(d)
+    return out
 
 
 def test_the_shapes_unet_sees_where_it_is() -> None:
