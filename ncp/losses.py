@@ -63,6 +63,17 @@ def pair_loss(
     latents = torch.cat([batch.chosen.repeat(reps), batch.rejected.repeat(reps)]).to(device)  # (2KB, C, h, w)
     cond2 = cond.repeat(2 * k)
     added = cond2.added_cond_kwargs(batch.time_ids.repeat(2 * k, 1)) if sdxl else None
+    guided = None
+    if config.train_guidance != 1.0:
+        if uncond is None:
+            raise ValueError(
+                "train_guidance != 1 needs the empty prompt's conditioning: pass uncond=uncond_conditioning(pipe)."
+            )
+        u2 = uncond.repeat(len(latents)).to(device, cond2.encoder_hidden_states.dtype)
+        guided = (
+            u2.encoder_hidden_states,
+            u2.added_cond_kwargs(batch.time_ids.repeat(2 * k, 1).to(device)) if sdxl else None,
+        )
     errors = per_sample_errors(
         unet,
         scheduler,
@@ -76,6 +87,8 @@ def pair_loss(
         normalize=config.normalize,
         variance_noise=z,
         encoder=encoder,
+        guidance=config.train_guidance,
+        uncond=guided,
     )
     if config.timestep_weights:  # w(t) scales the errors, so beta keeps its latent scale (weights have mean 1)
         w = timestep_weights(config.timestep_weights, scheduler.config.num_train_timesteps).to(device)[steps]

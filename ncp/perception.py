@@ -251,6 +251,19 @@ def _mean_sq(a: Tensor, b: Tensor) -> Tensor:
     return (a.float() - b.float()).pow(2).flatten(1).mean(dim=1)
 
 
+def _predict(model: nn.Module, x_t: Tensor, t: Tensor, cond: Cond, guidance: float, uncond: Cond | None) -> Tensor:
+    """eps of `model` at (x_t, t): conditional, or guided eps_u + g (eps_c - eps_u) in one batched pass."""
+    ehs, added = cond
+    if guidance == 1.0:
+        return model(x_t, t, ehs, added_cond_kwargs=added).sample
+    u_ehs, u_added = uncond
+    both = None if added is None else {k: torch.cat([v, u_added[k]]) for k, v in added.items()}
+    eps_c, eps_u = model(
+        torch.cat([x_t, x_t]), t.repeat(2), torch.cat([ehs, u_ehs]), added_cond_kwargs=both
+    ).sample.chunk(2)
+    return eps_u + guidance * (eps_c - eps_u)
+
+
 def per_sample_errors(
     unet: nn.Module,
     scheduler: Any,
@@ -266,6 +279,8 @@ def per_sample_errors(
     variance_noise: Tensor | None = None,
     encoder_fp32: bool = True,
     encoder: nn.Module | None = None,
+    guidance: float = 1.0,
+    uncond: Cond | None = None,
 ) -> Errors:
     """Per-sample policy (and reference) errors of a batch, shape (B,), float32.
 
@@ -278,6 +293,8 @@ def per_sample_errors(
     encoder_fp32: run the reverse steps and the encoder in float32 even under autocast (needs float32 UNet weights;
     off only to measure the cost: in bfloat16 the PL differences are rounding noise).
     encoder: a frozen UNet without adapters whose encoder is f instead of the reference's (`random_encoder`).
+    guidance g != 1: eps_theta and eps_ref are the classifier-free-guided predictions eps_u + g (eps_c - eps_u), with
+    `uncond` the empty prompt's conditioning in `cond`'s layout: the errors of the prediction the sampler follows.
     """
     if space not in ("latent", "ncp"):
         raise ValueError(f"Unknown space {space!r}; allowed: 'latent', 'ncp'.")
@@ -295,11 +312,13 @@ def per_sample_errors(
     x_t = noisy_latents(scheduler, latents, noise, timesteps)
 
     # Policy prediction, with gradient (the full UNet, adapters on). Called through the (possibly DDP) wrapper.
-    eps_theta = unet(x_t, timesteps, ehs, added_cond_kwargs=added).sample
+    if guidance != 1.0 and uncond is None:
+        raise ValueError("guidance != 1 needs `uncond`, the empty prompt's conditioning.")
+    eps_theta = _predict(unet, x_t, timesteps, cond, guidance, uncond)
     eps_ref = None
     if with_reference:  # the unwrapped UNet: no DDP bookkeeping for a no-grad pass
         with torch.no_grad(), policy_reference_mode(unet):  # the base, or the frozen reference adapter
-            eps_ref = unwrap_unet(unet)(x_t, timesteps, ehs, added_cond_kwargs=added).sample
+            eps_ref = _predict(unwrap_unet(unet), x_t, timesteps, cond, guidance, uncond)
 
     if space == "latent":  # paper eq. 8
         ref = None if eps_ref is None else _mean_sq(eps_ref, noise)

@@ -40,6 +40,12 @@ class TrainConfig:
         "weight of keeping the UNet's empty-prompt prediction at the reference's (eps MSE): classifier-free guidance "
         "then amplifies only the prompt-specific change; 0 = off",
     )
+    train_guidance: float = _opt(
+        1.0,
+        "classifier-free guidance scale of the prediction whose errors the loss compares: 1 = the conditional "
+        "prediction (the paper); the sampler's scale g trains eps_u + g (eps_c - eps_u), the prediction that is "
+        "sampled, so the learned tilt is not amplified g times at sampling (2x UNet passes)",
+    )
     noise_draws: int = _opt(1, "(t, eps) draws per pair per step, averaged inside the loss: less variance, K x cost")
     timestep_low: float = _opt(0.0, "lowest training timestep, as a fraction of the schedule (0 = t from 0)")
     timestep_high: float = _opt(
@@ -111,6 +117,7 @@ class TrainConfig:
             "sft_weight": self.sft_weight >= 0 and math.isfinite(self.sft_weight),
             "dpo_anchor": self.dpo_anchor >= 0 and math.isfinite(self.dpo_anchor),
             "noise_draws": self.noise_draws >= 1,
+            "train_guidance": self.train_guidance > 0 and math.isfinite(self.train_guidance),
             "timestep_low": 0.0 <= self.timestep_low < self.timestep_high,
             "timestep_high": self.timestep_low < self.timestep_high <= 1.0,
             "uncond_weight": self.uncond_weight >= 0 and math.isfinite(self.uncond_weight),

@@ -225,7 +225,7 @@ def train(
         # DDP (several processes) wraps the UNet; perception unwraps it for the encoder (frozen reference weights).
         unet, optimizer = accelerator.prepare(unet, optimizer)
         scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        uncond = uncond_conditioning(pipe) if config.uncond_weight else None
+        uncond = uncond_conditioning(pipe) if config.uncond_weight or config.train_guidance != 1.0 else None
         encoder = random_encoder(unet, config.seed) if config.random_encoder else None  # the NCP encoder's control
         ckpt_dir = Path(config.checkpoint_dir or f"{out}.checkpoints")
         resumed = resume_path(config, ckpt_dir)

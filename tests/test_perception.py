@@ -210,3 +210,31 @@ def test_encoder_runs_in_float32_under_bfloat16_autocast() -> None:
     assert kept.dtype == torch.float32
     assert ((kept - exact).abs() / exact).max() < 0.05
     assert ((rounded - exact).abs() / exact).max() > 0.5
+
+
+@BUILDS
+def test_guided_errors_are_those_of_the_sampled_prediction(build) -> None:
+    """train_guidance g: policy and reference errors of eps_u + g (eps_c - eps_u), the prediction the sampler follows
+    (docs/research/loop-plateau.md: a tilt learned on eps_c alone is amplified g times at sampling)."""
+    pipe, base, b = _setup(build)
+    ehs, added = b["cond"]
+    u = encode_prompts(pipe, [""]).repeat(3)
+    u_added = u.added_cond_kwargs(sdxl_time_ids((64, 64), (0, 0), (64, 64), 3) if is_sdxl(pipe) else None)
+    args = (pipe.unet, pipe.scheduler, b["latents"], b["noise"], b["timesteps"], b["cond"])
+    guided = per_sample_errors(*args, space="latent", with_reference=True, guidance=4.0,
+                               uncond=(u.encoder_hidden_states, u_added))  # fmt: skip
+    x_t = noisy_latents(pipe.scheduler, b["latents"], b["noise"], b["timesteps"])
+    with torch.no_grad():
+        for model, got in ((pipe.unet, guided.policy.detach()), (base, guided.reference)):
+            c = model(x_t, b["timesteps"], ehs, added_cond_kwargs=added).sample
+            e = model(x_t, b["timesteps"], u.encoder_hidden_states, added_cond_kwargs=u_added).sample
+            want = (e + 4.0 * (c - e) - b["noise"]).pow(2).mean(dim=(1, 2, 3))
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    plain = per_sample_errors(*args, space="latent", with_reference=True)
+    assert not torch.allclose(plain.policy, guided.policy)  # the guided errors are not the conditional ones
+    same = per_sample_errors(
+        *args, space="latent", with_reference=True, guidance=1.0, uncond=(u.encoder_hidden_states, u_added)
+    )
+    torch.testing.assert_close(same.policy, plain.policy)
+    with pytest.raises(ValueError, match="needs `uncond`"):
+        per_sample_errors(*args, space="ncp", with_reference=True, guidance=4.0)

@@ -1,0 +1,247 @@
+"""How far does DPO move the default base, and does more of what the loop can give move it further? Many distinct
+pairs, more steps, a weaker KL anchor, training on the guided prediction the sampler follows, a second round on the
+first round's own pairs (docs/research/loop-plateau.md, section `round-reach`).
+
+    python -m bench.round_reach            # full: about 35 min on this 2-core CPU (2 workers)
+    python -m bench.round_reach --quick    # every phase on a tiny budget (about 2 min), used by a test
+
+Data: two images of the default base per training prompt (none a gate or test probe; `bench.ncp_vs_latent`'s
+`Bench.make_data`), labelled by the judge, ties dropped: one distinct comparison per prompt, where the live loop rates
+each pair about six times. The second round's pairs come the same way from the first round's adapter on other
+prompts (on-policy). Every arm is `python -m ncp.train` with the loop's round settings (LoRA rank 8 on attention,
+lr 2e-3, batch 8, t >= 0.3 T) and one change; every adapter is judged by `python -m ncp.evaluate --probe-set test`
+(96 prompts x 2 seeds nothing here selected on; 95% bootstrap over prompts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bench.docs import ROOT, write_section
+from bench.ncp_vs_latent import Bench, Mode, training_prompts
+from ncp.shapes.model import DEFAULT_GUIDANCE, DEFAULT_ROUND_LR, DEFAULT_STEPS, DEFAULT_TIMESTEP_LOW
+
+PAGE = ROOT / "docs" / "research" / "loop-plateau.md"
+NCP_BETA, LATENT_BETA = 5e5, 5e3  # the loop's NCP beta; latent DPO's tuned beta (bench.ncp_vs_latent)
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    what: str
+    steps: int
+    space: str
+    beta: float
+    extra: tuple[str, ...] = ()
+    data: str = "base"  # "base": the base's pairs; "round2": the first round's on-policy pairs
+    parent: str = ""  # the arm whose adapter this one continues (and is compared with, paired)
+
+
+def arms(steps: int) -> list[Arm]:
+    """The round (`steps` NCP-DPO steps) and one change each. 4x steps passes once over the full set's pairs."""
+    long = 4 * steps
+    return [
+        Arm("ncp", "the loop's round: NCP-DPO", steps, "ncp", NCP_BETA),
+        Arm("ncp-4x", "4x steps", long, "ncp", NCP_BETA),
+        Arm("latent", "latent Diffusion-DPO", steps, "latent", LATENT_BETA),
+        Arm("latent-4x", "latent, 4x steps", long, "latent", LATENT_BETA),
+        Arm("latent-4x-b1k", "latent, 4x steps, beta / 5", long, "latent", LATENT_BETA / 5),
+        Arm(
+            "guided-4x",
+            "latent, 4x steps, on the guided prediction (g 4)",
+            long,
+            "latent",
+            LATENT_BETA,
+            ("--train-guidance", str(DEFAULT_GUIDANCE)),
+        ),  # fmt: skip
+        Arm(
+            "guided-4x-b1k",
+            "guided, beta / 5",
+            long,
+            "latent",
+            LATENT_BETA / 5,
+            ("--train-guidance", str(DEFAULT_GUIDANCE)),
+        ),  # fmt: skip
+        Arm(
+            "guided-4x-b200",
+            "guided, beta / 25",
+            long,
+            "latent",
+            LATENT_BETA / 25,
+            ("--train-guidance", str(DEFAULT_GUIDANCE)),
+        ),  # fmt: skip
+        Arm(
+            "round2-init",
+            "a second round from `ncp` on its own pairs, DPO reference `ncp`",
+            steps,
+            "ncp",
+            NCP_BETA,
+            ("--reference", "init"),
+            "round2",
+            "ncp",
+        ),  # fmt: skip
+        Arm(
+            "round2-base",
+            "the same, reference the base",
+            steps,
+            "ncp",
+            NCP_BETA,
+            ("--reference", "base"),
+            "round2",
+            "ncp",
+        ),  # fmt: skip
+    ]
+
+
+@dataclass(frozen=True)
+class Budget:
+    prompts: int
+    round2_prompts: int
+    steps: int
+    test_probes: int
+    test_seeds: int
+    names: tuple[str, ...] = ()  # a subset of the arms (empty: all)
+
+
+BUDGETS = {
+    "full": Budget(2400, 1000, 100, 96, 2),
+    "quick": Budget(40, 24, 4, 8, 1, ("ncp", "guided-4x", "round2-init")),
+}
+
+
+def make_pairs(model: str, work: Path, prompts: list[str], adapter: str = "") -> dict:
+    """Judge-labelled pairs of the base (or of `adapter` on it) for `prompts`, as `work/train.parquet`."""
+    work.mkdir(parents=True, exist_ok=True)
+    bench = Bench(model, Mode(len(prompts), 0, 1, 1, 1, (1,), 1, (1.0,), 1), work)
+    bench.train_prompts = prompts
+    if adapter:
+        bench.pipe.load_lora_weights(adapter, adapter_name="round1")
+    t0 = time.time()
+    info = bench.make_data()
+    return {**info, "minutes": round((time.time() - t0) / 60, 1)}
+
+
+def _run(cmd: list[str], log: Path) -> None:
+    with log.open("w") as f:
+        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, check=False)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}); see {log}")
+
+
+def train(arm: Arm, model: str, work: Path) -> None:
+    parent = ("--init-adapter", str(work / arm.parent)) if arm.parent else ()
+    cmd = [sys.executable, "-m", "ncp.train", "--model", model, "--data", str(work / arm.data / "train.parquet"),
+           "--out", str(work / arm.name), "--objective", "dpo", "--space", arm.space, "--beta", str(arm.beta),
+           "--lr", str(DEFAULT_ROUND_LR), "--timestep-low", str(DEFAULT_TIMESTEP_LOW), "--max-steps", str(arm.steps),
+           "--batch-size", "8", "--lora-rank", "8", "--lora-alpha", "8", "--threads", "1", "--no-progress-bar",
+           "--latent-cache-dir", str(work / "latents"), *parent, *arm.extra]  # fmt: skip
+    _run(cmd, work / f"{arm.name}.train.log")
+
+
+def evaluate(versions: list[str], model: str, work: Path, b: Budget, guidance: float, tag: str) -> dict:
+    """Test-probe judge of the named adapters (and the base) in one `ncp.evaluate` run: paired deltas between them."""
+    out = work / f"eval-{tag}.json"
+    cmd = [sys.executable, "-m", "ncp.evaluate", "--model", model, "--probe-set", "test",
+           "--shapes-probes", str(b.test_probes), "--probe-seeds", str(b.test_seeds), "--probe-seed-offset", "5000",
+           "--steps", str(DEFAULT_STEPS), "--guidance", str(guidance), "--attributes", "--threads", "1",
+           "--out", str(out), *[f"--version={v}={work / v}" for v in versions]]  # fmt: skip
+    _run(cmd, work / f"eval-{tag}.log")
+    return json.loads(out.read_text())
+
+
+def run(mode: str, model: str, work: Path, workers: int) -> dict:
+    b = BUDGETS[mode]
+    chosen = [a for a in arms(b.steps) if not b.names or a.name in b.names]
+    t0 = time.time()
+    prompts = training_prompts(b.prompts + b.round2_prompts)
+    data = {"base": make_pairs(model, work / "base", prompts[: b.prompts])}
+    pool = ThreadPoolExecutor(workers)
+    first = [a for a in chosen if a.data == "base"]
+    list(pool.map(lambda a: train(a, model, work), first))
+    if any(a.data == "round2" for a in chosen):
+        data["round2"] = make_pairs(model, work / "round2", prompts[b.prompts :], str(work / "ncp"))
+        list(pool.map(lambda a: train(a, model, work), [a for a in chosen if a.data == "round2"]))
+    # Each arm alone, except a continued round with its parent (their paired delta); the collapsed latent arm also at
+    # guidance 1 (is the collapse the sampler's guidance amplifying the tilt?).
+    groups = [[a.name] for a in chosen if not a.parent and a.name != "ncp"]
+    groups.append(["ncp", *[a.name for a in chosen if a.parent]])
+    jobs = [(g, DEFAULT_GUIDANCE, g[0]) for g in groups]
+    if "latent-4x-b1k" in [a.name for a in chosen]:
+        jobs.append((["latent-4x-b1k", "latent-4x"], 1.0, "g1"))
+    evals = list(pool.map(lambda j: (j, evaluate(j[0], model, work, b, j[1], j[2])), jobs))
+    return {"mode": mode, "model": Path(model).name, "budget": b.__dict__, "data": data,
+            "arms": [a.__dict__ for a in chosen], "evals": [{"versions": j[0], "guidance": j[1], **e} for j, e in evals],
+            "minutes": round((time.time() - t0) / 60, 1), "rerun": "python -m bench.round_reach"
+            + (" --quick" if mode == "quick" else "")}  # fmt: skip
+
+
+def markdown(result: dict) -> str:
+    arms_by = {a["name"]: a for a in result["arms"]}
+    b, data = result["budget"], result["data"]
+    lines = [
+        "## Distinct pairs, longer rounds, a weaker anchor, guided training, a second round (`bench/round_reach.py`)",
+        "",
+        f"Mode {result['mode']}, `{result['model']}`; {data['base']['pairs']} judge-labelled distinct pairs of the base "
+        f"({data['base']['prompts']} training prompts, none a probe)"
+        + (f", {data['round2']['pairs']} of the first round's adapter on {data['round2']['prompts']} other prompts"
+           if "round2" in data else "")
+        + f". Test probes: {b['test_probes']} prompts x {b['test_seeds']} seed(s), 95% bootstrap over prompts. "
+        f"{result['minutes']} min. Rerun: `{result['rerun']}`; raw numbers in `docs/benchmarks/round_reach.json`.",
+        "",
+        "| arm | what changes | steps | beta | guidance of the probes | gain (95% CI) | color | size | position "
+        "| shape | background | count |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    paired = []
+    for e in result["evals"]:
+        for name in e["versions"]:
+            v, a = e["versions"][name], arms_by[name]
+            lo, hi = v["judge_gain_boot95"]
+            at = v["attributes"]
+            lines.append(
+                f"| {name} | {a['what']} | {a['steps']} | {a['beta']:g} | {e['guidance']:g} "
+                f"(base {e['base_judge']:.3f}) | {v['judge_gain_vs_base']:+.3f} ({lo:+.3f}..{hi:+.3f}) | "
+                + " | ".join(f"{at[k]:.2f}" for k in ("color", "size", "position", "shape", "background", "count"))
+                + " |"
+            )
+        if "ncp" in e["versions"]:  # the continued rounds were judged with their parent
+            for pair, d in e.get("paired", {}).items():
+                paired.append(f"{pair}: {d['judge_delta']:+.3f} (paired SE {d['judge_delta_se']:.3f})")
+    if paired:
+        lines += ["", "Second round against the first, same probe images: " + "; ".join(paired) + "."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="every phase on a tiny budget")
+    p.add_argument("--model", default=str(ROOT / "models" / "shapes-base"))
+    p.add_argument("--work", type=Path, default=None, help="work dir (default runs/round-reach-MODE)")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "round_reach.json")
+    p.add_argument("--doc", type=Path, default=PAGE, help="file the section goes into")
+    p.add_argument("--workers", type=int, default=2, help="parallel training / evaluation processes (1 thread each)")
+    p.add_argument("--render", type=Path, help="only rewrite the section from this result JSON")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    if args.render:
+        result = json.loads(args.render.read_text())
+    else:
+        mode = "quick" if args.quick else "full"
+        result = run(mode, args.model, args.work or ROOT / "runs" / f"round-reach-{mode}", args.workers)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+    write_section(args.doc, "round-reach", markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
