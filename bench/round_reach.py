@@ -16,6 +16,7 @@ lr 2e-3, batch 8, t >= 0.3 T) and one change; every adapter is judged by `python
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import subprocess
 import sys
@@ -24,7 +25,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
+from PIL import Image
 
 from bench.docs import ROOT, write_section
 from bench.ncp_vs_latent import Bench, Mode, training_prompts
@@ -42,43 +46,27 @@ class Arm:
     space: str
     beta: float
     extra: tuple[str, ...] = ()
-    data: str = "base"  # "base": the base's pairs; "round2": the first round's on-policy pairs
+    # "base": the base's pairs; "color": the same pairs labelled by colour alone; "round2": the first round's pairs
+    data: str = "base"
     parent: str = ""  # the arm whose adapter this one continues (and is compared with, paired)
 
 
 def arms(steps: int) -> list[Arm]:
     """The round (`steps` NCP-DPO steps) and one change each. 4x steps passes once over the full set's pairs."""
     long = 4 * steps
+    guided = ("--train-guidance", str(DEFAULT_GUIDANCE))
     return [
         Arm("ncp", "the loop's round: NCP-DPO", steps, "ncp", NCP_BETA),
         Arm("ncp-4x", "4x steps", long, "ncp", NCP_BETA),
         Arm("latent", "latent Diffusion-DPO", steps, "latent", LATENT_BETA),
         Arm("latent-4x", "latent, 4x steps", long, "latent", LATENT_BETA),
         Arm("latent-4x-b1k", "latent, 4x steps, beta / 5", long, "latent", LATENT_BETA / 5),
+        Arm("guided-4x", "latent, 4x steps, on the guided prediction (g 4)", long, "latent", LATENT_BETA, guided),
+        Arm("guided-4x-b1k", "guided, beta / 5", long, "latent", LATENT_BETA / 5, guided),
+        Arm("guided-4x-b200", "guided, beta / 25", long, "latent", LATENT_BETA / 25, guided),
         Arm(
-            "guided-4x",
-            "latent, 4x steps, on the guided prediction (g 4)",
-            long,
-            "latent",
-            LATENT_BETA,
-            ("--train-guidance", str(DEFAULT_GUIDANCE)),
-        ),  # fmt: skip
-        Arm(
-            "guided-4x-b1k",
-            "guided, beta / 5",
-            long,
-            "latent",
-            LATENT_BETA / 5,
-            ("--train-guidance", str(DEFAULT_GUIDANCE)),
-        ),  # fmt: skip
-        Arm(
-            "guided-4x-b200",
-            "guided, beta / 25",
-            long,
-            "latent",
-            LATENT_BETA / 25,
-            ("--train-guidance", str(DEFAULT_GUIDANCE)),
-        ),  # fmt: skip
+            "color-labels", "the round on the same pairs labelled by colour alone", steps, "ncp", NCP_BETA, (), "color"
+        ),
         Arm(
             "round2-init",
             "a second round from `ncp` on its own pairs, DPO reference `ncp`",
@@ -114,7 +102,7 @@ class Budget:
 
 BUDGETS = {
     "full": Budget(2400, 1000, 100, 96, 2),
-    "quick": Budget(40, 24, 4, 8, 1, ("ncp", "guided-4x", "round2-init")),
+    "quick": Budget(40, 24, 4, 8, 1, ("ncp", "guided-4x", "color-labels", "round2-init")),
 }
 
 
@@ -128,6 +116,23 @@ def make_pairs(model: str, work: Path, prompts: list[str], adapter: str = "") ->
     t0 = time.time()
     info = bench.make_data()
     return {**info, "minutes": round((time.time() - t0) / 60, 1)}
+
+
+def relabel(src: Path, dst: Path, attribute: str, margin: float = 0.05) -> dict:
+    """The pairs of `src` labelled by one attribute's graded judge score alone (a tie within `margin`): is an attribute
+    that the overall label mixes with others learned when the label speaks of it only?"""
+    from ncp.shapes.judge import score
+
+    table = pq.read_table(src).to_pydict()
+    for i, (p, a, b) in enumerate(zip(table["caption"], table["jpg_0"], table["jpg_1"], strict=True)):
+        d = getattr(score(Image.open(io.BytesIO(a)), p), attribute) - getattr(
+            score(Image.open(io.BytesIO(b)), p), attribute
+        )
+        table["label_0"][i] = 1.0 if d > margin else 0.0 if d < -margin else 0.5
+        table["label_1"][i] = 1.0 - table["label_0"][i]
+    dst.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(table), dst / "train.parquet")
+    return {"attribute": attribute, "pairs": sum(v != 0.5 for v in table["label_0"])}
 
 
 def _run(cmd: list[str], log: Path) -> None:
@@ -164,8 +169,10 @@ def run(mode: str, model: str, work: Path, workers: int) -> dict:
     t0 = time.time()
     prompts = training_prompts(b.prompts + b.round2_prompts)
     data = {"base": make_pairs(model, work / "base", prompts[: b.prompts])}
+    if any(a.data == "color" for a in chosen):
+        data["color"] = relabel(work / "base" / "train.parquet", work / "color", "color")
     pool = ThreadPoolExecutor(workers)
-    first = [a for a in chosen if a.data == "base"]
+    first = [a for a in chosen if a.data in ("base", "color")]
     list(pool.map(lambda a: train(a, model, work), first))
     if any(a.data == "round2" for a in chosen):
         data["round2"] = make_pairs(model, work / "round2", prompts[b.prompts :], str(work / "ncp"))
@@ -194,6 +201,7 @@ def markdown(result: dict) -> str:
         f"({data['base']['prompts']} training prompts, none a probe)"
         + (f", {data['round2']['pairs']} of the first round's adapter on {data['round2']['prompts']} other prompts"
            if "round2" in data else "")
+        + (f"; {data['color']['pairs']} of the base's pairs differ in colour" if "color" in data else "")
         + f". Test probes: {b['test_probes']} prompts x {b['test_seeds']} seed(s), 95% bootstrap over prompts. "
         f"{result['minutes']} min. Rerun: `{result['rerun']}`; raw numbers in `docs/benchmarks/round_reach.json`.",
         "",

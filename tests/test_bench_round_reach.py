@@ -20,7 +20,11 @@ def test_every_named_arm_exists_and_continued_rounds_name_a_parent() -> None:
     names = {a.name for a in arms(100)}
     assert set(BUDGETS["quick"].names) <= names
     for a in arms(100):
-        assert (a.data == "round2") == bool(a.parent) and (not a.parent or a.parent in names)
+        assert (
+            a.data in ("base", "color", "round2")
+            and (a.data == "round2") == bool(a.parent)
+            and (not a.parent or a.parent in names)
+        )
         assert "/" not in a.name  # a folder name
     guided = [a for a in arms(100) if "--train-guidance" in a.extra]
     assert guided and all(a.space == "latent" for a in guided)
@@ -34,7 +38,8 @@ def test_quick_mode_writes_json_and_section(tmp_path: Path) -> None:
     main(["--quick", "--work", str(tmp_path / "w"), "--out", str(out), "--doc", str(doc)])
     res = json.loads(out.read_text())
     judged = {name for e in res["evals"] for name in e["versions"]}
-    assert judged == {"ncp", "guided-4x", "round2-init"}
+    assert judged == {"ncp", "guided-4x", "color-labels", "round2-init"}
+    assert 0 < res["data"]["color"]["pairs"] <= res["data"]["base"]["prompts"]
     assert res["data"]["base"]["pairs"] > 20 and res["data"]["round2"]["pairs"] > 10
     for e in res["evals"]:
         for v in e["versions"].values():
