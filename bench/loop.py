@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -182,6 +183,12 @@ def parser() -> argparse.ArgumentParser:
         "--test-probes", type=int, default=TEST_PROBES, help="test probe prompts (never seen by gate or raters)"
     )
     p.add_argument("--test-seeds", type=int, default=2, help="seeds per test probe prompt (from TEST_SEED_OFFSET)")
+    p.add_argument(
+        "--replicate",
+        type=int,
+        default=0,
+        help="N > 0: another run of the same command, kept as STEM_replicateN.json and shown in its main run's section",
+    )
     p.add_argument("--data-dir", type=Path, default=None)
     p.add_argument("--out", type=Path, default=None, help="result JSON (default docs/benchmarks/loop[_NAME].json)")
     p.add_argument("--name", default="", help="another base: its own section `loop-NAME`, plot and JSON")
@@ -203,12 +210,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def result_stem(args: argparse.Namespace) -> str:
-    """loop_NAME[_latent][_null]: a latent arm never overwrites the NCP run it is compared with."""
+    """loop_NAME[_latent][_null][_replicateN]: a latent arm never overwrites the NCP run it is compared with, and a
+    replicate never the run its section shows."""
     return (
         "loop_"
         + (args.name or "default")
         + ("_latent" if args.space == "latent" else "")
         + ("_null" if args.null else "")
+        + (f"_replicate{args.replicate}" if args.replicate else "")
     )
 
 
@@ -300,7 +309,8 @@ def main(argv: list[str] | None = None) -> None:
     board = leaderboard(store.cross_version_comparisons(), min_votes=10)
     store.close()
     result = {
-        "config": {k: v for k, v in vars(args).items() if k not in ("out", "data_dir")} | {"cpu": "2-core CPU"},
+        "config": {k: v for k, v in vars(args).items() if k not in ("out", "data_dir", "replicate")}
+        | {"cpu": "2-core CPU"},
         "wall_s": time.time() - t0,
         "rounds": rounds,
         "leaderboard": board.rows(),
@@ -322,7 +332,7 @@ def _publish(result: dict, stem: str) -> None:
     if "test" not in result:
         publish(result, "loop" if stem == "loop_default" else stem)
         return
-    main_stem = stem.removesuffix("_null")
+    main_stem = re.sub(r"_replicate\d+$", "", stem).removesuffix("_null")
     main_json = ROOT / "docs" / "benchmarks" / f"{main_stem}.json"
     if stem != main_stem and not main_json.exists():
         return  # the null arm is shown beside its main run; it has no section of its own

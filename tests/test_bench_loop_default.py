@@ -62,3 +62,22 @@ def test_section_and_plot_are_written(tmp_path: Path) -> None:
     assert "color 0.20 -> 0.50 (ceiling 0.95)" in md
     report.plot(res, res, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 10_000
+
+
+def test_other_runs_of_the_command_are_tabled_and_counted_against_the_goal(tmp_path: Path) -> None:
+    """Issue goals hold "in every run": each replicate gets a row, and the count of runs that met +0.10 by 2,000 votes
+    reads each run's own served version; a run of another base is left out."""
+    shown = _result([_round("v0001", "promoted", 1500, 8)], {"v0001": (0.12, 0.05, 0.19)})
+    short = _result([_round("v0001", "promoted", 2500, 12, round_s=250)], {"v0001": (0.15, 0.1, 0.2)})
+    other_base = _result([_round("v0001", "promoted", 900, 5)], {"v0001": (0.3, 0.2, 0.4)})
+    other_base["test"]["base_judge"] = 0.61
+    md = report.markdown(shown, None, others=[("replicate1", short), ("replicate2", other_base)])
+    assert "within 2000 votes in 1 of 2 runs" in md
+    assert (
+        "| shown above | 6000 in 30 min | v0001 +0.120 (+0.050..+0.190) | v0001 +0.120 (48%) | 1 of 1 | 120 s |" in md
+    )
+    assert "| replicate1 | 6000 in 30 min | base +0.000 (+0.000..+0.000) | v0001 +0.150 (60%) | 1 of 1 | 250 s |" in md
+    assert "replicate2" not in md
+    assert "Every run of this command" not in report.markdown(shown, None)
+    report.plot(shown, None, tmp_path / "p.png", [short])
+    assert (tmp_path / "p.png").stat().st_size > 10_000

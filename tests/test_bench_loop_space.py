@@ -21,6 +21,7 @@ def test_the_latent_arm_differs_only_in_space_and_its_own_beta() -> None:
     assert parse(["--space", "latent", "--beta", "100"]).beta == 100.0  # an explicit beta wins
     assert result_stem(parse([])) == "loop_default"
     assert result_stem(parse(["--space", "latent", "--null"])) == "loop_default_latent_null"
+    assert result_stem(parse(["--replicate", "2"])) == "loop_default_replicate2"  # never overwrites the shown run
 
 
 def test_the_report_names_the_space() -> None:
