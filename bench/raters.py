@@ -35,6 +35,9 @@ class RaterStats:
     versions: Counter = field(default_factory=Counter)
 
 
+MAX_FAILURES = 8  # consecutive failed calls (with back-off: about 2.5 min) before a rater stops
+
+
 def _image(value) -> Image.Image:
     """gradio_client gives a local file path (or a dict with one) for each image of the pair."""
     path = value.get("path") if isinstance(value, dict) else value
@@ -47,20 +50,28 @@ def _rater_loop(
     from gradio_client import Client
 
     client = Client(url, verbose=False, ssl_verify=False)  # plain-http localhost: skip re-reading the CA bundle
-    while stats.votes < votes and not stop.is_set():
-        t0 = time.perf_counter()
-        pair = client.predict(session, "", api_name="/next_pair")
-        stats.next_pair_ms.append(1000 * (time.perf_counter() - t0))
-        if "error" in pair:
-            stats.errors.append(f"next_pair: {pair}")
+    failures = 0  # consecutive calls that raised: a person retries a slow page, and gives up on a dead one
+    while stats.votes < votes and not stop.is_set() and failures < MAX_FAILURES:
+        try:
+            t0 = time.perf_counter()
+            pair = client.predict(session, "", api_name="/next_pair")
+            stats.next_pair_ms.append(1000 * (time.perf_counter() - t0))
+            if "error" in pair:
+                stats.errors.append(f"next_pair: {pair}")
+                continue
+            left, right = _image(pair["left_image"]), _image(pair["right_image"])
+            outcome = rater.vote(pair["prompt"], left, right)
+            if pace_s:
+                time.sleep(pace_s)
+            t0 = time.perf_counter()
+            res = client.predict(session, pair["token"], outcome, "", api_name="/vote")
+            stats.vote_ms.append(1000 * (time.perf_counter() - t0))
+        except Exception as e:  # noqa: BLE001 - a timeout or a dropped connection: count it, wait, go on
+            failures += 1
+            stats.errors.append(f"{type(e).__name__}: {e}"[:300])
+            stop.wait(min(30.0, 2.0**failures))
             continue
-        left, right = _image(pair["left_image"]), _image(pair["right_image"])
-        outcome = rater.vote(pair["prompt"], left, right)
-        if pace_s:
-            time.sleep(pace_s)
-        t0 = time.perf_counter()
-        res = client.predict(session, pair["token"], outcome, "", api_name="/vote")
-        stats.vote_ms.append(1000 * (time.perf_counter() - t0))
+        failures = 0
         if "error" in res:
             stats.errors.append(f"vote: {res}")
             continue
