@@ -163,11 +163,12 @@ def evaluate(versions: list[str], model: str, work: Path, b: Budget, guidance: f
     return json.loads(out.read_text())
 
 
-def run(mode: str, model: str, work: Path, workers: int) -> dict:
+def run(mode: str, model: str, work: Path, workers: int, draw: int = 0) -> dict:
     b = BUDGETS[mode]
     chosen = [a for a in arms(b.steps) if not b.names or a.name in b.names]
     t0 = time.time()
-    prompts = training_prompts(b.prompts + b.round2_prompts)
+    n = b.prompts + b.round2_prompts
+    prompts = training_prompts(n, skip=draw * n)  # another draw: other prompts (and so other images and labels)
     data = {"base": make_pairs(model, work / "base", prompts[: b.prompts])}
     if any(a.data == "color" for a in chosen):
         data["color"] = relabel(work / "base" / "train.parquet", work / "color", "color")
@@ -185,48 +186,67 @@ def run(mode: str, model: str, work: Path, workers: int) -> dict:
     if "latent-4x-b1k" in [a.name for a in chosen]:
         jobs.append((["latent-4x-b1k", "latent-4x"], 1.0, "g1"))
     evals = list(pool.map(lambda j: (j, evaluate(j[0], model, work, b, j[1], j[2])), jobs))
-    return {"mode": mode, "model": Path(model).name, "budget": b.__dict__, "data": data,
+    return {"mode": mode, "draw": draw, "model": Path(model).name, "budget": b.__dict__, "data": data,
             "arms": [a.__dict__ for a in chosen], "evals": [{"versions": j[0], "guidance": j[1], **e} for j, e in evals],
             "minutes": round((time.time() - t0) / 60, 1), "rerun": "python -m bench.round_reach"
-            + (" --quick" if mode == "quick" else "")}  # fmt: skip
+            + (" --quick" if mode == "quick" else "") + (f" --draw {draw}" if draw else "")}  # fmt: skip
 
 
-def markdown(result: dict) -> str:
-    arms_by = {a["name"]: a for a in result["arms"]}
-    b, data = result["budget"], result["data"]
+def markdown(results: list[dict]) -> str:
+    """One row per arm (and probe guidance), its gain in every draw of the data side by side; attributes: the mean
+    over draws. A single round's gain moves by several hundredths between draws, so an arm is read over all of them."""
+    first = results[0]
+    arms_by = {a["name"]: a for r in results for a in r["arms"]}
+    b, data = first["budget"], first["data"]
     lines = [
         "## Distinct pairs, longer rounds, a weaker anchor, guided training, a second round (`bench/round_reach.py`)",
         "",
-        f"Mode {result['mode']}, `{result['model']}`; {data['base']['pairs']} judge-labelled distinct pairs of the base "
-        f"({data['base']['prompts']} training prompts, none a probe)"
+        f"Mode {first['mode']}, `{first['model']}`; per draw of the data: {data['base']['pairs']} judge-labelled "
+        f"distinct pairs of the base ({data['base']['prompts']} training prompts, none a probe)"
         + (f", {data['round2']['pairs']} of the first round's adapter on {data['round2']['prompts']} other prompts"
            if "round2" in data else "")
         + (f"; {data['color']['pairs']} of the base's pairs differ in colour" if "color" in data else "")
-        + f". Test probes: {b['test_probes']} prompts x {b['test_seeds']} seed(s), 95% bootstrap over prompts. "
-        f"{result['minutes']} min. Rerun: `{result['rerun']}`; raw numbers in `docs/benchmarks/round_reach.json`.",
+        + f" (draw {first.get('draw', 0)}). Test probes: {b['test_probes']} prompts x {b['test_seeds']} seed(s), "
+        "95% bootstrap over prompts. "
+        + "; ".join(f"draw {r.get('draw', 0)}: {r['minutes']} min, `{r['rerun']}`" for r in results)
+        + ". Raw numbers in `docs/benchmarks/round_reach*.json`.",
         "",
-        "| arm | what changes | steps | beta | guidance of the probes | gain (95% CI) | color | size | position "
-        "| shape | background | count |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| arm | what changes | steps | beta | probes' guidance | "
+        + " | ".join(f"gain, draw {r.get('draw', 0)} (95% CI)" for r in results)
+        + " | color | size | position | shape | background | count |",
+        "|---|---|---|---|---|" + "---|" * len(results) + "---|---|---|---|---|---|",
     ]  # fmt: skip
+    rows: dict[tuple[str, float], list] = {}
+    for i, r in enumerate(results):
+        for e in r["evals"]:
+            for name, v in e["versions"].items():
+                rows.setdefault((name, e["guidance"]), [None] * len(results))[i] = (v, e["base_judge"])
+    for (name, g), cells in rows.items():
+        a, got = arms_by[name], [c for c in cells if c is not None]
+        gains = [
+            "" if c is None else f"{c[0]['judge_gain_vs_base']:+.3f} ({c[0]['judge_gain_boot95'][0]:+.3f}.."
+            f"{c[0]['judge_gain_boot95'][1]:+.3f})" for c in cells
+        ]  # fmt: skip
+        attrs = [sum(c[0]["attributes"][k] for c in got) / len(got)
+                 for k in ("color", "size", "position", "shape", "background", "count")]  # fmt: skip
+        base = sum(c[1] for c in got) / len(got)
+        lines.append(f"| {name} | {a['what']} | {a['steps']} | {a['beta']:g} | {g:g} (base {base:.3f}) | "
+                     + " | ".join(gains) + " | " + " | ".join(f"{x:.2f}" for x in attrs) + " |")  # fmt: skip
     paired = []
-    for e in result["evals"]:
-        for name in e["versions"]:
-            v, a = e["versions"][name], arms_by[name]
-            lo, hi = v["judge_gain_boot95"]
-            at = v["attributes"]
-            lines.append(
-                f"| {name} | {a['what']} | {a['steps']} | {a['beta']:g} | {e['guidance']:g} "
-                f"(base {e['base_judge']:.3f}) | {v['judge_gain_vs_base']:+.3f} ({lo:+.3f}..{hi:+.3f}) | "
-                + " | ".join(f"{at[k]:.2f}" for k in ("color", "size", "position", "shape", "background", "count"))
-                + " |"
-            )
-        if "ncp" in e["versions"]:  # the continued rounds were judged with their parent
-            for pair, d in e.get("paired", {}).items():
-                paired.append(f"{pair}: {d['judge_delta']:+.3f} (paired SE {d['judge_delta_se']:.3f})")
+    for r in results:
+        for e in r["evals"]:
+            if "ncp" in e["versions"]:  # the continued rounds were judged with their parent
+                paired += [f"{pair} {d['judge_delta']:+.3f} (paired SE {d['judge_delta_se']:.3f}, draw "
+                           f"{r.get('draw', 0)})" for pair, d in e.get("paired", {}).items()]  # fmt: skip
     if paired:
         lines += ["", "Second round against the first, same probe images: " + "; ".join(paired) + "."]
     return "\n".join(lines)
+
+
+def draws(out: Path) -> list[dict]:
+    """Every draw's result kept beside `out` (STEM.json is draw 0, STEM_drawK.json the others), by draw."""
+    found = [out, *sorted(out.parent.glob(f"{out.stem}_draw*.json"))]
+    return sorted((json.loads(p.read_text()) for p in found if p.exists()), key=lambda r: r.get("draw", 0))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -237,18 +257,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "round_reach.json")
     p.add_argument("--doc", type=Path, default=PAGE, help="file the section goes into")
     p.add_argument("--workers", type=int, default=2, help="parallel training / evaluation processes (1 thread each)")
-    p.add_argument("--render", type=Path, help="only rewrite the section from this result JSON")
+    p.add_argument("--draw", type=int, default=0, help="K > 0: another draw of the training prompts, kept as "
+                   "STEM_drawK.json beside --out and shown beside draw 0")  # fmt: skip
+    p.add_argument("--render", action="store_true", help="only rewrite the section from the draws beside --out")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    if args.render:
-        result = json.loads(args.render.read_text())
-    else:
+    if not args.render:
         mode = "quick" if args.quick else "full"
-        result = run(mode, args.model, args.work or ROOT / "runs" / f"round-reach-{mode}", args.workers)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
-    write_section(args.doc, "round-reach", markdown(result))
-    print(markdown(result))
+        work = args.work or ROOT / "runs" / (f"round-reach-{mode}" + (f"-draw{args.draw}" if args.draw else ""))
+        result = run(mode, args.model, work, args.workers, args.draw)
+        path = args.out if not args.draw else args.out.with_name(f"{args.out.stem}_draw{args.draw}.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1))
+    text = markdown(draws(args.out))
+    write_section(args.doc, "round-reach", text)
+    print(text)
 
 
 if __name__ == "__main__":
