@@ -221,7 +221,8 @@ def markdown(results: list[dict]) -> str:
         for e in r["evals"]:
             for name, v in e["versions"].items():
                 rows.setdefault((name, e["guidance"]), [None] * len(results))[i] = (v, e["base_judge"])
-    for (name, g), cells in rows.items():
+    order = list(arms_by)
+    for (name, g), cells in sorted(rows.items(), key=lambda kv: (kv[0][1] != DEFAULT_GUIDANCE, order.index(kv[0][0]))):
         a, got = arms_by[name], [c for c in cells if c is not None]
         gains = [
             "" if c is None else f"{c[0]['judge_gain_vs_base']:+.3f} ({c[0]['judge_gain_boot95'][0]:+.3f}.."

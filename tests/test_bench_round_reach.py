@@ -61,3 +61,12 @@ def test_quick_mode_writes_json_and_section(tmp_path: Path) -> None:
     text = doc.read_text()
     assert "<!-- BEGIN round-reach -->" in text and "python -m bench.round_reach --quick" in text
     assert "| round2-init |" in text and "Second round against the first" in text
+    # another draw of the data is shown beside draw 0, each arm's gains side by side
+    (tmp_path / "r_draw1.json").write_text(
+        json.dumps({**res, "draw": 1, "rerun": "python -m bench.round_reach --draw 1"})
+    )
+    main(["--render", "--out", str(out), "--doc", str(doc)])
+    text = doc.read_text()
+    assert "gain, draw 0 (95% CI) | gain, draw 1 (95% CI)" in text and "`python -m bench.round_reach --draw 1`" in text
+    row = next(line for line in text.splitlines() if line.startswith("| ncp |"))
+    assert row.count("..") == 2
