@@ -199,7 +199,7 @@ def markdown(results: list[dict]) -> str:
     arms_by = {a["name"]: a for r in results for a in r["arms"]}
     b, data = first["budget"], first["data"]
     lines = [
-        "## Distinct pairs, longer rounds, a weaker anchor, guided training, a second round (`bench/round_reach.py`)",
+        "### The arms, over draws of the data (`bench/round_reach.py`)",
         "",
         f"Mode {first['mode']}, `{first['model']}`; per draw of the data: {data['base']['pairs']} judge-labelled "
         f"distinct pairs of the base ({data['base']['prompts']} training prompts, none a probe)"
