@@ -222,7 +222,7 @@ def test_config_validation_and_generated_help() -> None:
     with pytest.raises(ValueError, match="mixed_precision='fp8'"):
         TrainConfig(mixed_precision="fp8")  # type: ignore[arg-type]
     bad_values = (dict(beta=0.0), dict(lr=float("nan")), dict(batch_size=0), dict(resolution=30), dict(max_steps=0),
-                  dict(noise_draws=0), dict(dpo_anchor=-1.0), dict(timestep_low=-0.1), dict(timestep_high=1.5),
+                  dict(noise_draws=0), dict(train_guidance=0.0), dict(dpo_anchor=-1.0), dict(timestep_low=-0.1), dict(timestep_high=1.5),
                   dict(timestep_low=0.6, timestep_high=0.5))  # fmt: skip
     for bad in bad_values:
         with pytest.raises(ValueError, match="out of range"):
@@ -437,3 +437,30 @@ def test_held_out_margins_read_the_rounds_slice_and_the_newest_pairs(
     capped = ncp.margins.held_out_margins(pipe, ["cand"], [world["data"]], draws=1, max_pairs=5)["ncp"]["cand"]
     assert capped.shape == (5,) and np.isfinite(capped).all()
     assert encoded == [[p.prompt for p in load_pairs([world["data"]])[0][-5:]]]
+
+
+@pytest.mark.parametrize("build", [build_tiny_sd15, build_tiny_sdxl], ids=["sd15", "sdxl"])
+def test_train_guidance_needs_the_empty_prompt_and_scores_the_guided_prediction(build) -> None:
+    """--train-guidance g: the pair loss reads errors of eps_u + g (eps_c - eps_u), the prediction the sampler follows
+    (docs/research/loop-plateau.md). At LoRA init policy = reference, so DPO's loss is ln 2 either way; once the LoRA
+    moved, the guided loss is not the conditional one."""
+    torch.manual_seed(0)
+    pipe = build(seed=1)
+    add_lora(pipe.unet, LoraSettings(rank=4, alpha=4))
+    sdxl = is_sdxl(pipe)
+    ids = sdxl_time_ids((64, 64), (0, 0), (64, 64), 2) if sdxl else torch.zeros(2, 6)
+    batch = PairBatch(("a red circle", "a blue square"), torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), ids)
+    cond, uncond = encode_prompts(pipe, list(batch.prompts)), uncond_conditioning(pipe)
+    plain, guided = TrainConfig(space="latent"), TrainConfig(space="latent", train_guidance=4.0)
+    with pytest.raises(ValueError, match="needs the empty prompt's conditioning"):
+        pair_loss(pipe.unet, pipe.scheduler, batch, cond, guided, torch.Generator().manual_seed(0), sdxl=sdxl)
+
+    def loss(config: TrainConfig) -> float:
+        g = torch.Generator().manual_seed(0)
+        return pair_loss(pipe.unet, pipe.scheduler, batch, cond, config, g, sdxl=sdxl, uncond=uncond).loss.item()
+
+    assert loss(guided) == pytest.approx(math.log(2), abs=1e-6) == loss(plain)
+    with torch.no_grad():
+        for p in lora_parameters(pipe.unet):
+            p.add_(0.05 * torch.randn_like(p))
+    assert abs(loss(guided) - loss(plain)) > 1e-4
