@@ -109,7 +109,8 @@ def test_another_base_gets_its_own_section_and_rerun_line() -> None:
 def test_the_rerun_line_names_every_flag_the_run_changed() -> None:
     # Every flag that shapes a run has its default in RERUN_DEFAULTS (the parser takes it from there), so a run with any
     # of them changed (a higher lr, say) reruns as it ran from its section's line.
-    where = {"model", "data_dir", "out", "name", "render", "help", "ceiling", "null", "test_probes", "test_seeds"}
+    where = {"model", "data_dir", "out", "name", "render", "help", "ceiling", "null", "test_probes", "test_seeds",
+             "replicate"}  # fmt: skip
     shaping = {a.dest: a.default for a in loop.parser()._actions if a.dest not in where}
     # beta's parser default is None, the space's own (SPACE_BETA): RERUN_DEFAULTS holds the NCP one it resolves to.
     assert shaping == loop.RERUN_DEFAULTS | {"beta": None}
