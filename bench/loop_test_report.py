@@ -89,7 +89,7 @@ def gate_of(result: dict) -> str:
 def same_base(a: dict, b: dict) -> bool:
     """Two runs on the same base: its score on the fixed test probes and seeds is deterministic, so it names the base
     where a path cannot (a rebuilt default base keeps its folder name)."""
-    return abs(a["test"]["base_judge"] - b["test"]["base_judge"]) < 1e-9
+    return abs(a["test"]["base_judge"] - b["test"]["base_judge"]) < 1e-4  # CPU kernels differ in the last digits
 
 
 def attribute_line(result: dict) -> str:
