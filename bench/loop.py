@@ -29,6 +29,7 @@ matplotlib.use("Agg")  # before anything imports pyplot: the loop runs headless
 import torch  # noqa: E402
 
 from app import build_demo, launch_kwargs  # noqa: E402
+from bench import loop_arms  # noqa: E402
 from bench import loop_test_report as test_report  # noqa: E402
 from bench.loop_report import (  # noqa: E402, F401 - re-exported: the report's names stay importable from here
     GAIN_GOAL,
@@ -334,8 +335,10 @@ def _publish(result: dict, stem: str) -> None:
         return
     main_stem = re.sub(r"_replicate\d+$", "", stem).removesuffix("_null")
     main_json = ROOT / "docs" / "benchmarks" / f"{main_stem}.json"
-    if stem != main_stem and not main_json.exists():
-        return  # the null arm is shown beside its main run; it has no section of its own
+    if main_stem in loop_arms.ARMS.values():  # the default command and its latent arm: compared in `loop-arms`
+        loop_arms.publish()
+    if main_stem == loop_arms.ARMS["latent DPO"] or (stem != main_stem and not main_json.exists()):
+        return  # the latent arm is shown beside the NCP runs, a null arm beside its main run: no section of their own
     test_report.publish(json.loads(main_json.read_text()) if stem != main_stem else result, main_stem)
 
 

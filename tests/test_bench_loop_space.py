@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
-from bench import loop_test_report
+from bench import loop_arms, loop_test_report
 from bench.loop import SPACE_BETA, parse, result_stem
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,3 +34,50 @@ def test_the_report_names_the_space() -> None:
     text = loop_test_report.markdown(latent, stem="loop_default_latent")
     assert text.splitlines()[0].endswith("the latent DPO arm (`--space latent`, beta 5000)")
     assert "latent DPO steps" in text and "NCP-DPO" not in text
+
+
+def _shifted(result: dict, by: float) -> dict:
+    """The same run with every served version's test gain moved by `by`."""
+    out = copy.deepcopy(result)
+    for row in out["test"]["versions"].values():
+        row["judge_gain_vs_base"] += by
+        row["judge_gain_boot95"] = [x + by for x in row["judge_gain_boot95"]]
+    return out
+
+
+def _write_arms(folder: Path, ncp: list[dict], latent: list[dict]) -> Path:
+    bench = folder / "benchmarks"
+    bench.mkdir(parents=True)
+    for stem, runs in (("loop_default", ncp), ("loop_default_latent", latent)):
+        for i, run in enumerate(runs):
+            (bench / f"{stem}{f'_replicate{i}' if i else ''}.json").write_text(json.dumps(run))
+    return bench
+
+
+def test_the_arms_section_compares_every_run_of_both_commands_over_runs(tmp_path: Path) -> None:
+    ncp = [json.loads((ROOT / "docs" / "benchmarks" / f"loop_default{s}.json").read_text())
+           for s in ("", "_replicate1", "_replicate2")]  # fmt: skip
+    served = [loop_arms.served_at(r, 6000)["gain"] for r in ncp]
+    assert loop_arms.publish(_write_arms(tmp_path / "none", ncp, []), tmp_path / "none") is False  # no latent runs yet
+
+    bench = _write_arms(tmp_path / "up", ncp, [_shifted(r, 0.05) for r in ncp])  # latent: every run 0.05 higher
+    assert loop_arms.publish(bench, tmp_path / "up")
+    text = (tmp_path / "up" / "BENCHMARKS.md").read_text()
+    assert "latent DPO served 0.050 more than NCP-DPO" in text and "beyond the spread between runs" in text
+    assert "| NCP-DPO | 3 | " in text and f"{sum(served) / 3:+.3f} ({served[0]:+.3f}, " in text
+    assert (tmp_path / "up" / "loop_arms.png").read_bytes().startswith(b"\x89PNG")
+
+    same = _write_arms(tmp_path / "same", ncp, ncp[::-1])  # the same runs in another order: no difference
+    assert loop_arms.publish(same, tmp_path / "same")
+    assert "no reliable difference" in (tmp_path / "same" / "BENCHMARKS.md").read_text()
+
+    other_base = copy.deepcopy(ncp[0])
+    other_base["test"]["base_judge"] += 0.01  # a latent arm run on another base is never compared
+    assert loop_arms.publish(_write_arms(tmp_path / "other", ncp, [other_base]), tmp_path / "other") is False
+
+
+def test_welch_interval_over_runs() -> None:
+    d, lo, hi = loop_arms.welch([0.10, 0.12, 0.14], [0.0, 0.02, 0.04])
+    # equal variances 0.0004, se = sqrt(2 * 0.0004 / 3), Welch df = 4: t = 2.776
+    assert abs(d - 0.10) < 1e-12 and abs((hi - lo) / 2 - 2.776 * (0.0008 / 3) ** 0.5) < 1e-9
+    assert all(math.isnan(x) for x in loop_arms.welch([0.1], [0.0, 0.1])[1:])  # one run: no interval (nan)
