@@ -70,6 +70,20 @@ def arm_row(name: str, runs: list[dict]) -> dict:
     }  # fmt: skip
 
 
+def attribute_closed(runs: list[dict]) -> dict[str, float]:
+    """Mean over runs of the share of each attribute's base-to-ceiling gap that the version served at 6,000 votes
+    closed (attributes the ceiling does not beat the base on by 0.05 are left out: no gap to share)."""
+    shares: dict[str, list[float]] = {}
+    for r in runs:
+        t = r["test"]
+        base, top = t.get("base_attributes") or {}, t.get("ceiling_attributes") or {}
+        served = t["versions"].get(served_at(r, GAP_VOTES)["version"], {}).get("attributes") or base
+        for a in base:
+            if a in top and top[a] - base[a] >= 0.05:
+                shares.setdefault(a, []).append((served.get(a, base[a]) - base[a]) / (top[a] - base[a]))
+    return {a: sum(v) / len(v) for a, v in shares.items()}
+
+
 def _cells(values: list[float]) -> str:
     return f"{sum(values) / len(values):+.3f} ({', '.join(f'{v:+.3f}' for v in values)})"
 
@@ -113,10 +127,34 @@ def markdown(arms: dict[str, list[dict]]) -> str:
         *[f"| {r['arm']} | {r['runs']} | {_cells(r['early'])} | {_cells(r['late'])} | {r['promoted']} of "
           f"{r['rounds']} | {r['round_s']:.0f} s |" for r in rows],  # fmt: skip
         "",
+        *attribute_lines(arms),
+        "",
         "![loop-arms](loop_arms.png)",
         "",
         verdict(rows, gap(first)),
     ])  # fmt: skip
+
+
+def attribute_lines(arms: dict[str, list[dict]]) -> list[str]:
+    """Which words the rounds teach: per arm, the mean share of each attribute's gap closed at 6,000 votes, with the
+    base's and the ceiling's accuracy (an attribute the base half-follows against one it ignores)."""
+    closed = {name: attribute_closed(runs) for name, runs in arms.items()}
+    names = list(dict.fromkeys(a for c in closed.values() for a in c))
+    if not names:
+        return []
+    t = next(iter(arms.values()))[0]["test"]
+    head = [f"{a} ({t['base_attributes'][a]:.2f} -> {t['ceiling_attributes'][a]:.2f})" for a in names]
+    return [
+        f"Share of each attribute's base-to-ceiling gap closed by the version served at {GAP_VOTES} votes (mean over "
+        "runs; the heading gives the base's and the ceiling's share of test images right):",
+        "",
+        "| arm | " + " | ".join(head) + " |",
+        "|---|" + "---|" * len(names),
+        *[
+            f"| {arm} | " + " | ".join(f"{c[a]:.0%}" if a in c else "" for a in names) + " |"
+            for arm, c in closed.items()
+        ],
+    ]
 
 
 def plot(arms: dict[str, list[dict]], path: Path) -> None:

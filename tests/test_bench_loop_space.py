@@ -66,6 +66,17 @@ def test_the_arms_section_compares_every_run_of_both_commands_over_runs(tmp_path
     assert "latent DPO served 0.050 more than NCP-DPO" in text and "beyond the spread between runs" in text
     assert "| NCP-DPO | 3 | " in text and f"{sum(served) / 3:+.3f} ({served[0]:+.3f}, " in text
     assert (tmp_path / "up" / "loop_arms.png").read_bytes().startswith(b"\x89PNG")
+    t = ncp[0]["test"]  # one run: the share of the colour gap its 6,000-vote version closed, by hand
+    after = t["versions"][loop_arms.served_at(ncp[0], 6000)["version"]]["attributes"]["color"]
+    by_hand = (after - t["base_attributes"]["color"]) / (
+        t["ceiling_attributes"]["color"] - t["base_attributes"]["color"]
+    )
+    assert abs(loop_arms.attribute_closed(ncp[:1])["color"] - by_hand) < 1e-12
+    closed = loop_arms.attribute_closed(ncp)
+    assert (
+        f"| NCP-DPO | {closed['color']:.0%} | " in text
+        and f"color ({t['base_attributes']['color']:.2f} -> {t['ceiling_attributes']['color']:.2f})" in text
+    )
 
     same = _write_arms(tmp_path / "same", ncp, ncp[::-1])  # the same runs in another order: no difference
     assert loop_arms.publish(same, tmp_path / "same")
