@@ -72,14 +72,14 @@ def arm_row(name: str, runs: list[dict]) -> dict:
 
 def attribute_closed(runs: list[dict]) -> dict[str, float]:
     """Mean over runs of the share of each attribute's base-to-ceiling gap that the version served at 6,000 votes
-    closed (attributes the ceiling does not beat the base on by 0.05 are left out: no gap to share)."""
+    closed (attributes the ceiling beats the base on by less than 0.10 are left out: too small a gap to share)."""
     shares: dict[str, list[float]] = {}
     for r in runs:
         t = r["test"]
         base, top = t.get("base_attributes") or {}, t.get("ceiling_attributes") or {}
         served = t["versions"].get(served_at(r, GAP_VOTES)["version"], {}).get("attributes") or base
         for a in base:
-            if a in top and top[a] - base[a] >= 0.05:
+            if a in top and top[a] - base[a] >= 0.10:
                 shares.setdefault(a, []).append((served.get(a, base[a]) - base[a]) / (top[a] - base[a]))
     return {a: sum(v) / len(v) for a, v in shares.items()}
 
