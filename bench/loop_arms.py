@@ -99,12 +99,20 @@ def verdict(rows: list[dict], gap_: float | None) -> str:
     else:
         sure = "within the spread between runs: no reliable difference"
     lead, other = (a, b) if d >= 0 else (b, a)
+    ncp, lat = (a, b) if a["arm"] == "NCP-DPO" else (b, a)
+    cost = ncp["round_s"] / lat["round_s"]
+    if not math.isnan(lo) and (lo > 0 or hi < 0):
+        meaning = (f"NCP's perceptual space {'helps' if lead is ncp else 'hurts'} the live loop here, at {cost:.1f}x "
+                   "the round time")  # fmt: skip
+    else:
+        meaning = (f"NCP's perceptual space gives the live loop no measurable edge here, at {cost:.1f}x the round "
+                   "time, so the paper's better-model-for-less-compute claim is not seen in this world's loop")  # fmt: skip
     share = f", {abs(d) / gap_:.0%} of the base-to-ceiling gap" if gap_ else ""
     return (
         f"**Verdict:** in the live loop, {lead['arm']} served {abs(d):.3f} more than {other['arm']} at {GAP_VOTES} "
         f"votes (mean of {a['runs']} and {b['runs']} runs; {a['arm']} minus {b['arm']} {d:+.3f}, 95% Welch interval "
         f"over runs {lo:+.3f}..{hi:+.3f}{share}), {sure}; per 1,000 votes {a['per_kvote']:+.3f} vs "
-        f"{b['per_kvote']:+.3f}, per minute of the run {a['per_min']:+.4f} vs {b['per_min']:+.4f}."
+        f"{b['per_kvote']:+.3f}, per minute of the run {a['per_min']:+.4f} vs {b['per_min']:+.4f}: {meaning}."
     )
 
 
