@@ -165,6 +165,10 @@ def test_vote_on_screen_by_touch_click_and_key(served, browser, kind: str) -> No
     # a reload is the same rater (the browser keeps its signed id), in a new session
     page.reload(wait_until="load")
     page.wait_for_function(ENABLED)
+    # keys vote once the page script is in and the pair's images have loaded (a key before that is ignored, by design:
+    # test_a_vote_waits_for_the_next_pairs_images); on a busy machine both can come after the buttons are enabled
+    page.wait_for_function("() => window.__ncpArena === true")
+    page.wait_for_function(LOADED)
     expect(page.locator("#my-counter")).to_contain_text("2 votes today")
     src = _left_src(page)
     page.keyboard.press("3")
