@@ -55,16 +55,10 @@ def test_sigkill_mid_load_loses_no_acknowledged_vote(tmp_path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=False,
-    reason="on the 64-px default base the single defended arm's round sometimes finds no strict pair to train on; "
-    "the parallel-arm test below runs the same path and passes",
-)
 def test_poisoning_arm_runs_a_round_and_reports_its_gain(tmp_path) -> None:
-    # 300 votes: at 2 sampling steps most pairs are ties or both bad; the round needs 16 strict pairs.
-    s = poisoning.PoisonSettings(
-        raters=5, rounds=1, votes_per_round=300, max_steps=2, probes=2, probe_seeds=1, steps=2
-    )
+    # The arena samples at the shapes model's own steps: at 2 steps most pairs were ties or both bad, and the defended
+    # arm (which also drops votes against the consensus) sometimes had fewer than the 16 strict pairs a round needs.
+    s = poisoning.PoisonSettings(raters=5, rounds=1, votes_per_round=300, max_steps=2, probes=2, probe_seeds=1)
     out = poisoning.run(s, tmp_path, arms=("defended",))
     arm = out["arms"]["defended"]
     assert arm["adversaries"] == 1 and arm["refused_votes"] == 0  # human pace: no rate limit, no cap
