@@ -81,9 +81,16 @@ def mean_se(x: np.ndarray) -> tuple[float, float]:
     return float(x.mean()), float(x.std(ddof=1) / math.sqrt(x.size))
 
 
+def cluster_se(x: np.ndarray) -> tuple[float, float]:
+    """Mean of a (prompts, seeds) array and its standard error over PROMPTS: a prompt's images share its difficulty,
+    so their scores are one cluster (a 1-D array is one value per cluster)."""
+    return mean_se(np.asarray(x, dtype=float).reshape(len(x), -1).mean(axis=1))
+
+
 def paired(margins: dict[str, np.ndarray], judge: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
     """For every two versions a, b (in the order given): the differences a - b of implicit accuracy and of the judge
-    score, each with its standard error over the SAME held-out pairs (t, eps draws) and the SAME probe images.
+    score, each with its standard error over the SAME held-out pairs (t, eps draws) and the SAME probe images (the
+    judge's over prompts: a prompt's seeds are one cluster).
 
     Paired, the noise two versions share (which pairs are hard, which draws are lucky) cancels out of their
     difference; two separate accuracies each carry all of it. A live run's gate rejected candidates on drops of
@@ -96,7 +103,7 @@ def paired(margins: dict[str, np.ndarray], judge: dict[str, np.ndarray]) -> dict
             if a in margins and b in margins and margins[a].size:
                 row["acc_delta"], row["acc_delta_se"] = mean_se(correct(margins[a]) - correct(margins[b]))
             if a in judge and b in judge:
-                row["judge_delta"], row["judge_delta_se"] = mean_se(judge[a] - judge[b])
+                row["judge_delta"], row["judge_delta_se"] = cluster_se(judge[a] - judge[b])
             out[f"{a}-{b}"] = row
     return out
 
@@ -133,9 +140,9 @@ def judge_probe(
     return np.asarray(scores).T  # (prompts, seeds)
 
 
-def mean_ci(x: np.ndarray) -> tuple[float, float]:
-    """Mean and 95% normal half-width."""
-    mean, se = mean_se(x)
+def mean_ci(x: np.ndarray, *, clustered: bool = False) -> tuple[float, float]:
+    """Mean and 95% normal half-width; `clustered`: x is (prompts, seeds) and the error is taken over prompts."""
+    mean, se = cluster_se(x) if clustered else mean_se(x)
     return mean, 1.96 * se
 
 
@@ -227,8 +234,8 @@ def evaluate(
             row["implicit_acc_by_space"] = {sp: accuracy(m[name]) for sp, m in by_space.items()}
         if probes is not None:
             s = judged[name] = scores(name, versions[name])
-            row["judge"], row["judge_ci"] = mean_ci(s)
-            row["judge_gain_vs_base"], row["judge_gain_ci"] = mean_ci(s - base)
+            row["judge"], row["judge_ci"] = mean_ci(s, clustered=True)
+            row["judge_gain_vs_base"], row["judge_gain_ci"] = mean_ci(s - base, clustered=True)
             row["judge_gain_boot95"] = list(cluster_ci(s - base)[1:])
             if name in shares:
                 row["attributes"] = shares[name]

@@ -59,6 +59,11 @@ def test_paired_differences_cancel_the_difficulty_two_versions_share() -> None:
     unpaired = np.sqrt(correct(a).var(ddof=1) / 400 + correct(b).var(ddof=1) / 400)
     assert row["acc_delta_se"] < 0.8 * unpaired
     assert row["judge_delta"] == pytest.approx(0.02, abs=0.005) and row["judge_delta_se"] < 0.002
+    # The judge's error is over prompts: a change shared by a prompt's seeds is one observation, not two.
+    shared = rng.normal(0, 0.05, (48, 1)).repeat(2, axis=1)
+    row = paired({}, {"a": judge["a"] + shared, "b": judge["a"]})["a-b"]
+    assert row["judge_delta_se"] == pytest.approx(shared[:, 0].std(ddof=1) / np.sqrt(48))
+    assert row["judge_delta_se"] > 1.3 * shared.std(ddof=1) / np.sqrt(96)  # what flattening the seeds reported
     # Versions with no held-out pairs (an empty split) get judge differences only.
     assert set(paired({}, judge)["a-b"]) == {"judge_delta", "judge_delta_se"}
 
