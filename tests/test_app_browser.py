@@ -93,12 +93,16 @@ def _left_src(page: Page) -> str:
     return page.locator("#arena-left img").get_attribute("src") or ""
 
 
-def _wait_next_pair(page: Page, old_src: str) -> None:
+def _wait_next_pair(page: Page, old_src: str, loaded: bool = True) -> None:
+    """The next pair is in and votable: its src swapped, the buttons enabled and (`loaded`) its images loaded, since a
+    click or key on a pair still loading is ignored by design (test_a_vote_waits_for_the_next_pairs_images)."""
     page.wait_for_function(
         "old => { const i = document.querySelector('#arena-left img'); return i && i.src && i.src !== old; }",
         arg=old_src,
     )
     page.wait_for_function(ENABLED)
+    if loaded:
+        page.wait_for_function(LOADED)
 
 
 def _in_viewport(page: Page, selector: str) -> None:
@@ -206,7 +210,7 @@ def test_a_vote_waits_for_the_next_pairs_images(served, browser) -> None:
     src = _left_src(page)
     page.click("#vote-left")
     expect(page.locator("#arena-reveal")).to_contain_text("You chose: Left is better")
-    _wait_next_pair(page, src)
+    _wait_next_pair(page, src, loaded=False)
     expect(page.locator("#arena-pair")).to_have_class(re.compile(r"\bpair-loading\b"))
     assert page.locator("#arena-left img").evaluate("i => getComputedStyle(i).visibility") == "hidden"
     page.click("#vote-right")
