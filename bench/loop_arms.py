@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 
 import matplotlib
@@ -22,7 +21,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from bench.loop_test_report import GAIN_VOTES, GAP_VOTES, gap, gate_of, same_base, served_at, served_curve  # noqa: E402
+from bench.loop_report import replicates  # noqa: E402
+from bench.loop_test_report import GAIN_VOTES, GAP_VOTES, gap, gate_of, same_base, served_at, step_xy  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = {"NCP-DPO": "loop_default", "latent DPO": "loop_default_latent"}
@@ -36,8 +36,7 @@ def runs_of(stem: str, bench_dir: Path) -> list[dict]:
     if not main.exists():
         return []
     shown = json.loads(main.read_text())
-    reps = sorted(bench_dir.glob(f"{stem}_replicate*.json"), key=lambda p: int(re.findall(r"\d+$", p.stem)[0]))
-    others = [json.loads(p.read_text()) for p in reps]
+    others = [r for _, r in replicates(stem, bench_dir)]
     return [shown, *[r for r in others if same_base(shown, r) and gate_of(r) == gate_of(shown)]]
 
 
@@ -169,9 +168,7 @@ def plot(arms: dict[str, list[dict]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for (name, runs), color in zip(arms.items(), ("C0", "C1"), strict=True):
         for i, res in enumerate(runs):
-            pts = served_curve(res)
-            xs = [p["votes"] for p in pts] + [max(res["raters"].get("votes", 0), pts[-1]["votes"])]
-            ys = [p["gain"] for p in pts] + [pts[-1]["gain"]]
+            _, xs, ys = step_xy(res)
             ax.step(xs, ys, where="post", color=color, alpha=0.9 if i == 0 else 0.55, label=name if i == 0 else None)
     g = gap(next(iter(arms.values()))[0])
     ax.axhline(0, color="gray", lw=0.8)

@@ -190,6 +190,13 @@ def markdown(
     return "\n".join(lines)
 
 
+def step_xy(res: dict, key: str = "votes") -> tuple[list[dict], list[float], list[float]]:
+    """A run's served-gain staircase against votes or minutes, held to the run's end: (points, xs, ys)."""
+    pts = served_curve(res)
+    end = {"votes": res["raters"].get("votes", pts[-1]["votes"]), "minutes": res["wall_s"] / 60}
+    return pts, [p[key] for p in pts] + [max(end[key], pts[-1][key])], [p["gain"] for p in pts] + [pts[-1]["gain"]]
+
+
 def plot(result: dict, null: dict | None, path: Path, others: list[dict] = ()) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for res, name, color in (
@@ -199,11 +206,8 @@ def plot(result: dict, null: dict | None, path: Path, others: list[dict] = ()) -
     ):
         if res is None:
             continue
-        pts = served_curve(res)
-        end = {"votes": res["raters"].get("votes", pts[-1]["votes"]), "minutes": res["wall_s"] / 60}
         for ax, key in zip(axes, ("votes", "minutes"), strict=True):
-            xs = [p[key] for p in pts] + [max(end[key], pts[-1][key])]
-            ys = [p["gain"] for p in pts] + [pts[-1]["gain"]]
+            pts, xs, ys = step_xy(res, key)
             ax.step(xs, ys, where="post", color=color, label=name)
             ax.fill_between(xs, [p["lo"] for p in pts] + [pts[-1]["lo"]], [p["hi"] for p in pts] + [pts[-1]["hi"]],
                             step="post", color=color, alpha=0.15)  # fmt: skip

@@ -60,11 +60,16 @@ def test_probe_prompts(n: int = TEST_PROBES) -> list[str]:
     return out
 
 
+def prompt_means(x: np.ndarray) -> np.ndarray:
+    """(prompts, seeds) -> (prompts,): one value per cluster (a 1-D array already is)."""
+    return np.asarray(x, dtype=float).reshape(len(x), -1).mean(axis=1)
+
+
 def cluster_ci(x: np.ndarray, *, draws: int = 4000, seed: int = 0) -> tuple[float, float, float]:
     """Mean of a (prompts, seeds) array and its 95% percentile-bootstrap interval over PROMPTS: images of one prompt
     share its difficulty, so they are resampled together (a cluster bootstrap; 96 prompts x 2 seeds is closer to
     96 samples than to 192). -> (mean, low, high)."""
-    per_prompt = np.asarray(x, dtype=float).reshape(len(x), -1).mean(axis=1)
+    per_prompt = prompt_means(x)
     if per_prompt.size < 2:
         m = float(per_prompt.mean()) if per_prompt.size else float("nan")
         return m, float("nan"), float("nan")
@@ -84,7 +89,7 @@ def mean_se(x: np.ndarray) -> tuple[float, float]:
 def cluster_se(x: np.ndarray) -> tuple[float, float]:
     """Mean of a (prompts, seeds) array and its standard error over PROMPTS: a prompt's images share its difficulty,
     so their scores are one cluster (a 1-D array is one value per cluster)."""
-    return mean_se(np.asarray(x, dtype=float).reshape(len(x), -1).mean(axis=1))
+    return mean_se(prompt_means(x))
 
 
 def paired(margins: dict[str, np.ndarray], judge: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
