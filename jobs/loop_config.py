@@ -42,7 +42,8 @@ class LoopConfig:
     # the shapes world trains on t >= 0.3 T, where its preferences are decided (ncp.shapes.model.DEFAULT_TIMESTEP_LOW).
     timestep_low: float = 0.0
     # DPO reference of a round that continues an adapter (ncp.train --reference): "base" (the paper: every round's KL
-    # is measured from the base, so rounds converge to one tilt of it) or "init" (iterative DPO: the version the round
+    # is measured from the base; at DPO's optimum, rounds would converge to one tilt of it, though a round's 100 steps
+    # stop far short of it: docs/research/round-transfer.md) or "init" (iterative DPO: the version the round
     # continues is the reference, so each round is one more step of a bounded size beyond the last).
     reference: str = "base"
     # Which votes a round trains on: "all" (the whole snapshot) or "serving" (only pairs the serving version drew both
