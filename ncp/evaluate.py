@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ncp.margins import SPACES, accuracy, correct, held_out_margins
+from ncp.margins import SPACES, accuracy, correct, held_out_margins, held_out_prompts
 from ncp.pipelines import load_pipeline
 
 logger = logging.getLogger(__name__)
@@ -92,21 +92,45 @@ def cluster_se(x: np.ndarray) -> tuple[float, float]:
     return mean_se(prompt_means(x))
 
 
-def paired(margins: dict[str, np.ndarray], judge: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+def grouped_se(x: np.ndarray, groups: Sequence[str]) -> float:
+    """Cluster-robust standard error of the mean of x (one value per row) when rows of one group are not independent
+    (Liang-Zeger with the small-sample factor C / (C - 1)); with every row its own group it equals the plain SE up to
+    the factor N / (N - 1) vs C / (C - 1). nan with fewer than two groups."""
+    x = np.asarray(x, dtype=float).ravel()
+    if len(groups) != x.size:
+        raise ValueError(f"groups has {len(groups)} entries for {x.size} values; pass one group per value.")
+    ids = np.unique(np.asarray(groups, dtype=object), return_inverse=True)[1]
+    c = int(ids.max()) + 1 if x.size else 0
+    if c < 2:
+        return float("nan")
+    resid = np.bincount(ids, weights=x - x.mean(), minlength=c)  # per group: sum of its rows' deviations
+    return float(math.sqrt(c / (c - 1) * np.sum(resid**2)) / x.size)
+
+
+def paired(
+    margins: dict[str, np.ndarray], judge: dict[str, np.ndarray], prompts: Sequence[str] | None = None
+) -> dict[str, dict[str, float]]:
     """For every two versions a, b (in the order given): the differences a - b of implicit accuracy and of the judge
     score, each with its standard error over the SAME held-out pairs (t, eps draws) and the SAME probe images (the
     judge's over prompts: a prompt's seeds are one cluster).
 
     Paired, the noise two versions share (which pairs are hard, which draws are lucky) cancels out of their
     difference; two separate accuracies each carry all of it. A live run's gate rejected candidates on drops of
-    0.05-0.07 in 256 pairs, about two of these standard errors."""
+    0.05-0.07 in 256 pairs, about two of these standard errors.
+
+    `prompts` (one per held-out pair): `acc_delta_se_prompts`, the same SE with a prompt's pairs (and every rating of
+    one pair) as one cluster. Reported beside `acc_delta_se`, which the gate reads: in the live loop a pair is rated
+    several times and the held-out split is drawn by prompt, so the rows are not independent."""
     names = list(dict.fromkeys([*margins, *judge]))
     out: dict[str, dict[str, float]] = {}
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
             row: dict[str, float] = {}
             if a in margins and b in margins and margins[a].size:
-                row["acc_delta"], row["acc_delta_se"] = mean_se(correct(margins[a]) - correct(margins[b]))
+                diff = correct(margins[a]) - correct(margins[b])
+                row["acc_delta"], row["acc_delta_se"] = mean_se(diff)
+                if prompts is not None:
+                    row["acc_delta_se_prompts"] = grouped_se(diff, prompts)
             if a in judge and b in judge:
                 row["judge_delta"], row["judge_delta_se"] = cluster_se(judge[a] - judge[b])
             out[f"{a}-{b}"] = row
@@ -245,7 +269,10 @@ def evaluate(
             if name in shares:
                 row["attributes"] = shares[name]
         result["versions"][name] = row
-    result["paired"] = paired(margins if n_pairs else {}, judged)
+    prompts = held_out_prompts(data, max_pairs=max_pairs) if n_pairs else None
+    if prompts is not None:
+        result["eval_prompts"] = len(set(prompts))
+    result["paired"] = paired(margins if n_pairs else {}, judged, prompts)
     if n_pairs:  # the other space's paired accuracy differences, for the record (the gate reads `paired`)
         result["paired_by_space"] = {sp: paired(m, {}) for sp, m in by_space.items()}
     return result

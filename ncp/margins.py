@@ -60,9 +60,7 @@ def held_out_margins(
     bad = [s for s in spaces if s not in SPACES]
     if bad or not spaces:
         raise ValueError(f"spaces must be a non-empty subset of {SPACES}, got {tuple(spaces)!r}.")
-    pairs, _ = load_pairs(list(data))
-    if max_pairs > 0:
-        pairs = pairs[-max_pairs:]
+    pairs = _held_out_pairs(data, max_pairs)
     if coin_flip_labels:  # the null arm: the gate reads coin flips too, or real held-out votes would pick its versions
         pairs = coin_flip(pairs, f"held-out-{seed}")
     if not pairs or not adapters:
@@ -101,6 +99,18 @@ def held_out_margins(
             for a in adapters:
                 out[s][a].append(margin[s][a])
     return {s: {a: torch.cat(v).numpy() for a, v in by.items()} for s, by in out.items()}
+
+
+def _held_out_pairs(data: Sequence[str | Path], max_pairs: int) -> list:
+    """The held-out pairs a margin is computed for, in vote order (ties dropped; `max_pairs` > 0: the newest only)."""
+    pairs, _ = load_pairs(list(data))
+    return pairs[-max_pairs:] if max_pairs > 0 else pairs
+
+
+def held_out_prompts(data: Sequence[str | Path], *, max_pairs: int = 0) -> list[str]:
+    """The prompt of each pair `held_out_margins` scores, in the same order: the snapshot's held-out split is drawn by
+    prompt (feedback_store.snapshot.eval_mask), so a prompt's pairs and every rating of one pair are one cluster."""
+    return [p.prompt for p in _held_out_pairs(data, max_pairs)]
 
 
 def _perceptual(unet, sched, lat, eps, t, cond, preds: dict, zgen: torch.Generator) -> dict:  # noqa: ANN001

@@ -7,7 +7,7 @@ import pytest
 
 from jobs.gate import promotion_gate
 from jobs.loop_config import LoopConfig
-from ncp.evaluate import correct, paired
+from ncp.evaluate import correct, grouped_se, mean_se, paired
 
 
 def _ev(cand_acc: float, serv_acc: float | None, se: float | None, pairs: int = 256) -> dict:
@@ -94,3 +94,23 @@ def test_the_evidence_rule_promotes_only_an_accuracy_gain_beyond_noise() -> None
 def test_gain_z_must_not_be_negative() -> None:
     with pytest.raises(ValueError, match="gate_gain_z"):
         LoopConfig(gate_gain_z=-0.5)
+
+
+def test_grouped_se_takes_a_prompts_rows_as_one_observation() -> None:
+    """The held-out split is drawn by prompt and a live pair is rated several times: six identical ratings of 30
+    pairs carry the information of 30 values, not 180."""
+    rng = np.random.default_rng(1)
+    values, groups = rng.normal(0.1, 0.5, 30), [f"prompt {i}" for i in range(30)]
+    rows, row_groups = np.repeat(values, 6), np.repeat(groups, 6).tolist()
+    assert grouped_se(rows, row_groups) == pytest.approx(values.std(ddof=1) / np.sqrt(30))
+    assert grouped_se(rows, row_groups) > 2.2 * mean_se(rows)[1]  # what the rows' own SE claims: sqrt(6) too small
+    # Every row its own cluster: the plain standard error.
+    assert grouped_se(values, groups) == pytest.approx(mean_se(values)[1])
+    assert np.isnan(grouped_se(values, ["one prompt"] * 30))
+    with pytest.raises(ValueError, match="one group per value"):
+        grouped_se(values, groups[:-1])
+    # paired() reports it beside the SE the gate reads when it is given each pair's prompt.
+    a, b = rng.normal(0, 1, 180), rng.normal(0, 1, 180)
+    row = paired({"a": a, "b": b}, {}, row_groups)["a-b"]
+    assert row["acc_delta_se_prompts"] == pytest.approx(grouped_se(correct(a) - correct(b), row_groups))
+    assert "acc_delta_se_prompts" not in paired({"a": a, "b": b}, {})["a-b"]
