@@ -256,10 +256,12 @@ def evaluate(
         if None in shares:
             result["base_attributes"] = shares[None]
     judged: dict[str, np.ndarray] = {}
+    prompts = held_out_prompts(data, max_pairs=max_pairs) if n_pairs else None
     for name in tqdm(versions, desc="evaluate", disable=len(versions) < 2):
         row = {"implicit_acc": accuracy(margins[name]) if margins else float("nan")}
         if n_pairs:  # against the base, whose margins are all 0 (accuracy 0.5): the candidate's own spread
             row["implicit_acc_se"] = mean_se(correct(margins[name]))[1]
+            row["implicit_acc_se_prompts"] = grouped_se(correct(margins[name]), prompts)  # reporting only
             row["implicit_acc_by_space"] = {sp: accuracy(m[name]) for sp, m in by_space.items()}
         if probes is not None:
             s = judged[name] = scores(name, versions[name])
@@ -269,7 +271,6 @@ def evaluate(
             if name in shares:
                 row["attributes"] = shares[name]
         result["versions"][name] = row
-    prompts = held_out_prompts(data, max_pairs=max_pairs) if n_pairs else None
     if prompts is not None:
         result["eval_prompts"] = len(set(prompts))
     result["paired"] = paired(margins if n_pairs else {}, judged, prompts)

@@ -106,6 +106,7 @@ def test_two_rounds_promote_hot_swap_and_record_lineage(runtime: Runtime) -> Non
     assert paired["acc_delta_se"] >= 0
     # Both held-out pairs are of one prompt: one cluster, so the prompt-clustered SE is undefined, not a small number.
     assert second.metrics["eval"]["eval_prompts"] == 1 and math.isnan(paired["acc_delta_se_prompts"])
+    assert math.isnan(versions["candidate"]["implicit_acc_se_prompts"])
     # The second round continued v0001 with v0001 itself as its DPO reference (iterative DPO); the first had none.
     trained = json.loads((rt.registry.info("v0002").folder / "metrics.json").read_text())
     assert (trained["config"]["reference"], trained["init_adapter"]) == ("init", str(rt.registry.info("v0001").folder))
