@@ -128,7 +128,10 @@ def test_the_gate_is_described_and_a_run_from_before_the_paired_criterion_reruns
     text = loop.markdown(res, "loop_headroom")
     assert "Gate: implicit accuracy on the newest 128 held-out pairs above the served version's beyond 1.96 paired " \
         "standard errors (a round waits for 100 of them)" in text  # fmt: skip
-    assert f"the judge on 48 probe prompts x {RERUN_DEFAULTS['probe_seeds']} seeds vetoes a fall of more than 0.02" in text
+    assert (
+        f"the judge on 48 probe prompts x {RERUN_DEFAULTS['probe_seeds']} seeds vetoes a fall of more than 0.02"
+        in text
+    )
     assert "--gate" not in text and "--probe-seeds" not in text
     for key in ("gate_acc_z", "probe_seeds", "gate"):
         del res["config"][key]
