@@ -183,7 +183,9 @@ def test_confirm_judges_the_served_version_on_seeds_the_gate_never_used(tmp_path
     fresh, gate = (judge_probe(pipe, None, prompts, [s], steps=DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE,
                                decisions=decisions if s else None)
                    for s in (loop.CONFIRM_SEED_OFFSET, 0))  # fmt: skip
-    assert c["base_judge"] == pytest.approx(float(fresh.mean()), abs=1e-6) != pytest.approx(float(gate.mean()))
+    # The evaluator subprocess and this process (whose UNet carries disabled LoRA layers) differ in the last digits of
+    # a pixel now and then, which moves a graded judge score by ~1e-5 (bench.loop_test_report.same_base allows 1e-4).
+    assert c["base_judge"] == pytest.approx(float(fresh.mean()), abs=1e-4) != pytest.approx(float(gate.mean()))
     # per-attribute shares: the base's are the judge's decisions on exactly those fresh images; the version's too
     assert len(decisions) == 3 and set(c["base_attributes"]) == set(c["attributes"]) == set(ATTRIBUTES)
     assert c["base_attributes"] == {a: pytest.approx(np.mean([d[a] for d in decisions])) for a in ATTRIBUTES}
