@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from bench.docs import ROOT
+from bench.shapes_base import summarize
 from ncp.pipelines import load_pipeline
 from ncp.shapes.grammar import parse, probe_prompts
-from ncp.shapes.judge import score
 from ncp.shapes.model import DEFAULT_GUIDANCE, DEFAULT_STEPS, IMAGE_SIZE
 from ncp.shapes.pretrain_data import lr_at, render_batch
 from ncp.shapes.pretrain_vae import vae_loss
@@ -41,8 +41,8 @@ def _u8(x: torch.Tensor) -> list[np.ndarray]:  # (n, 3, H, W) in [-1, 1] -> HxWx
 
 
 def accuracies(images: list[np.ndarray], prompts: list[str]) -> dict[str, float]:
-    judged = [score(im, p).attributes_correct for im, p in zip(images, prompts, strict=True)]
-    return {a: float(np.mean([j[a] for j in judged])) for a in ATTRS}
+    summary = summarize(prompts, images)[0]  # bench/shapes_base.py's accuracies (hard decisions)
+    return {a: summary[a] for a in ATTRS}
 
 
 @torch.no_grad()

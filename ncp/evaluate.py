@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ncp.margins import SPACES, accuracy, correct, held_out_margins, held_out_prompts
+from ncp.margins import SPACES, accuracy, correct, held_out_margins, held_out_pairs
 from ncp.pipelines import load_pipeline
 
 logger = logging.getLogger(__name__)
@@ -213,6 +213,7 @@ def evaluate(
     for name, folder in versions.items():
         pipe.load_lora_weights(str(folder), adapter_name=slot[name])  # raises on a corrupt or incompatible adapter
     result: dict = {"versions": {}, "space": space, "coin_flip_labels": coin_flip_labels}
+    pairs = held_out_pairs(data, max_pairs) if data and versions else []
     by_space = (
         held_out_margins(
             pipe,
@@ -220,8 +221,8 @@ def evaluate(
             data,
             draws=draws,
             timestep_low=timestep_low,
-            max_pairs=max_pairs,
             coin_flip_labels=coin_flip_labels,
+            pairs=pairs,
         )
         if data and versions
         else {}
@@ -256,7 +257,7 @@ def evaluate(
         if None in shares:
             result["base_attributes"] = shares[None]
     judged: dict[str, np.ndarray] = {}
-    prompts = held_out_prompts(data, max_pairs=max_pairs) if n_pairs else None
+    prompts = [p.prompt for p in pairs] if n_pairs else None  # one cluster per prompt
     for name in tqdm(versions, desc="evaluate", disable=len(versions) < 2):
         row = {"implicit_acc": accuracy(margins[name]) if margins else float("nan")}
         if n_pairs:  # against the base, whose margins are all 0 (accuracy 0.5): the candidate's own spread

@@ -49,6 +49,7 @@ def held_out_margins(
     max_pairs: int = 0,
     spaces: Sequence[str] = SPACES,
     coin_flip_labels: bool = False,
+    pairs: Sequence | None = None,
 ) -> dict[str, dict[str, np.ndarray]]:
     """space -> adapter name -> (pairs,) margins r(chosen) - r(rejected), averaged over `draws` shared (t, eps, z)
     draws with t in [timestep_low T, T) (the slice the rounds train on, ncp.losses.timestep_bounds).
@@ -56,11 +57,12 @@ def held_out_margins(
     `max_pairs` > 0 keeps only the last that many pairs (a snapshot lists votes in vote order: the newest), so a round's
     evaluation does not grow with the arena's age. NCP costs the encoder (about 45% of a UNet pass) on the target,
     the reference and each adapter's one-step prediction, on top of the UNet passes both spaces share.
-    `coin_flip_labels`: each pair's label replaced by a coin flip (bench.loop --null)."""
+    `coin_flip_labels`: each pair's label replaced by a coin flip (bench.loop --null). `pairs`: the
+    `held_out_pairs(data, max_pairs)` a caller already loaded (then `data` and `max_pairs` are not read again)."""
     bad = [s for s in spaces if s not in SPACES]
     if bad or not spaces:
         raise ValueError(f"spaces must be a non-empty subset of {SPACES}, got {tuple(spaces)!r}.")
-    pairs = _held_out_pairs(data, max_pairs)
+    pairs = list(pairs) if pairs is not None else held_out_pairs(data, max_pairs)
     if coin_flip_labels:  # the null arm: the gate reads coin flips too, or real held-out votes would pick its versions
         pairs = coin_flip(pairs, f"held-out-{seed}")
     if not pairs or not adapters:
@@ -101,16 +103,12 @@ def held_out_margins(
     return {s: {a: torch.cat(v).numpy() for a, v in by.items()} for s, by in out.items()}
 
 
-def _held_out_pairs(data: Sequence[str | Path], max_pairs: int) -> list:
-    """The held-out pairs a margin is computed for, in vote order (ties dropped; `max_pairs` > 0: the newest only)."""
+def held_out_pairs(data: Sequence[str | Path], max_pairs: int = 0) -> list:
+    """The held-out pairs margins are computed for, in vote order (ties dropped; `max_pairs` > 0: the newest only).
+    The snapshot's held-out split is drawn by prompt (feedback_store.snapshot.eval_mask), so a prompt's pairs, and
+    every rating of one pair, are one cluster."""
     pairs, _ = load_pairs(list(data))
     return pairs[-max_pairs:] if max_pairs > 0 else pairs
-
-
-def held_out_prompts(data: Sequence[str | Path], *, max_pairs: int = 0) -> list[str]:
-    """The prompt of each pair `held_out_margins` scores, in the same order: the snapshot's held-out split is drawn by
-    prompt (feedback_store.snapshot.eval_mask), so a prompt's pairs and every rating of one pair are one cluster."""
-    return [p.prompt for p in _held_out_pairs(data, max_pairs)]
 
 
 def _perceptual(unet, sched, lat, eps, t, cond, preds: dict, zgen: torch.Generator) -> dict:  # noqa: ANN001
