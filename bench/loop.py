@@ -90,6 +90,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--votes", type=int, default=RERUN_DEFAULTS["votes"], help="total votes across raters")
     p.add_argument("--minutes", type=float, default=RERUN_DEFAULTS["minutes"], help="wall-clock budget")
     p.add_argument("--pace", type=float, default=RERUN_DEFAULTS["pace"], help="seconds each rater looks at a pair")
+    p.add_argument(
+        "--overflow",
+        action=argparse.BooleanOptionalAction,
+        default=RERUN_DEFAULTS["overflow"],
+        help="let the arena show a pair beyond its 3 ratings when the raters outpace the generator (the app's "
+        "default). Off by default here: bots sharing one judge outpace this CPU about 6:1, so every pair went to 6 "
+        "raters who all agree, and 2,000 votes held 334 distinct comparisons (docs/research/votes-vs-pairs.md)",
+    )
     p.add_argument("--train-every", type=float, default=RERUN_DEFAULTS["train_every"])
     p.add_argument("--min-new-votes", type=int, default=RERUN_DEFAULTS["min_new_votes"])
     p.add_argument(
@@ -168,6 +176,12 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         default=RERUN_DEFAULTS["eval_max_pairs"],
         help="the gate scores implicit accuracy on the newest N held-out pairs (as the app)",
+    )
+    p.add_argument(
+        "--eval-fraction",
+        type=float,
+        default=RERUN_DEFAULTS["eval_fraction"],
+        help="share of prompts whose votes are held out for the gate (as the app)",
     )
     p.add_argument(
         "--confirm-seeds",
@@ -262,6 +276,7 @@ def main(argv: list[str] | None = None) -> None:
         eval_time_limit_s=240,
         gate_min_eval_pairs=args.gate_min_eval_pairs,
         eval_max_pairs=args.eval_max_pairs,
+        eval_fraction=args.eval_fraction,
         probe_steps=DEFAULT_STEPS,
         probe_guidance=DEFAULT_GUIDANCE,
         keep_versions=1000,  # every promoted version stays on disk: each is measured on the test probes at the end
@@ -275,6 +290,7 @@ def main(argv: list[str] | None = None) -> None:
         loop=loop,
         schedule=True,
         prefetch=8,
+        overflow_wait_s=ArenaConfig().overflow_wait_s if args.overflow else None,
         sampling=SamplingConfig(steps=DEFAULT_STEPS),
         mix=PairMix(on_policy=0.6, cross_version=0.35, control=0.05),
     )
@@ -316,13 +332,15 @@ def main(argv: list[str] | None = None) -> None:
     store = FeedbackStore(data_dir / "arena.duckdb")
     board = leaderboard(store.cross_version_comparisons(), min_votes=10)
     store.close()
+    budget = data_budget(data_dir / "arena.duckdb", (1000, 2000, 4000, args.votes))
     result = {
         "config": {k: v for k, v in vars(args).items() if k not in ("out", "data_dir", "replicate")}
-        | {"cpu": "2-core CPU"},
+        | {"cpu": "2-core CPU", "gate_se": "prompts"},  # jobs.gate reads the prompt-clustered SE
         "wall_s": time.time() - t0,
         "rounds": rounds,
         "leaderboard": board.rows(),
         "raters": {k: v for k, v in summary.items() if k != "vote_ids"},
+        "data_budget": budget,
     }
     if args.test_probes:
         result["test"] = test_eval(args, data_dir, rounds)
@@ -332,6 +350,23 @@ def main(argv: list[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, default=str))
     _publish(result, stem)
+
+
+def data_budget(db: Path, marks: tuple[int, ...]) -> list[dict]:
+    """What the first N votes hold, for each N in `marks`: distinct image pairs (one comparison rated by several
+    raters is one pair) and distinct prompts. Votes are not comparisons: a pair shown to k raters is k votes."""
+    import duckdb
+
+    sql = """SELECT count(*), count(DISTINCT (least(left_image_id, right_image_id), greatest(left_image_id,
+             right_image_id))), count(DISTINCT prompt_id)
+             FROM (SELECT p.* FROM votes v JOIN pairs p USING (pair_id) ORDER BY v.vote_id LIMIT ?)"""
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        total = con.execute("SELECT count(*) FROM votes").fetchone()[0]
+        rows = [con.execute(sql, [n]).fetchone() for n in sorted({min(n, total) for n in marks})]
+    finally:
+        con.close()
+    return [{"votes": v, "distinct_pairs": p, "prompts": q} for v, p, q in rows]
 
 
 def _publish(result: dict, stem: str) -> None:

@@ -49,9 +49,17 @@ RERUN_DEFAULTS = {"raters": 8, "votes": 6000, "minutes": 30.0, "pace": 0.2, "tra
                   "timestep_low": SHAPES_TIMESTEP_LOW, "reference": "base", "train_window": "all", "probes": 48,
                   "probe_seeds": 3, "gate_acc_z": _LOOP.gate_acc_z, "gate_min_eval_pairs": DEFAULT_GATE_MIN_EVAL_PAIRS,
                   "gate": "votes", "eval_max_pairs": DEFAULT_GATE_PAIRS,
-                  "confirm_seeds": 0}  # fmt: skip
+                  "confirm_seeds": 0, "overflow": False,
+                  "eval_fraction": _LOOP.eval_fraction}  # fmt: skip
 # What a result file written before a flag existed ran with (its rerun line must name it to reproduce the run).
-LEGACY_CONFIG = {"gate_acc_z": 0.0, "eval_max_pairs": 256, "gate": "judge"}
+LEGACY_CONFIG = {
+    "gate_acc_z": 0.0,
+    "eval_max_pairs": 256,
+    "gate": "judge",
+    "overflow": True,
+    "eval_fraction": 0.1,
+    "gate_se": "rows",
+}
 ROUND_GOAL_S, GAIN_GOAL, WITHIN_S = 300.0, 0.10, 1800.0  # issue goals: round <= 5 min; +0.10 judge within 30 min
 
 
@@ -95,8 +103,14 @@ def rerun_flags(config: dict) -> str:
     """The flags a rerun needs: only where the run differed from today's defaults (a run from before a flag existed
     ran with its LEGACY_CONFIG value)."""
     c = LEGACY_CONFIG | config
-    return "".join(f" --{k.replace('_', '-')} {c[k] if isinstance(c[k], str) else format(c[k], 'g')}"
-                   for k, v in RERUN_DEFAULTS.items() if k in c and c[k] != v)  # fmt: skip
+
+    def flag(k: str) -> str:
+        name = k.replace("_", "-")
+        if isinstance(c[k], bool):  # a switch: --name or --no-name
+            return f" --{'' if c[k] else 'no-'}{name}"
+        return f" --{name} {c[k] if isinstance(c[k], str) else format(c[k], 'g')}"
+
+    return "".join(flag(k) for k, v in RERUN_DEFAULTS.items() if k in c and c[k] != v)
 
 
 def markdown(result: dict, stem: str = "loop") -> str:
@@ -156,9 +170,12 @@ def markdown(result: dict, stem: str = "loop") -> str:
 def gate_text(c: dict) -> str:
     c = RERUN_DEFAULTS | c  # a result file may predate a field: its default then
     if c.get("gate") == "votes":
+        se = "standard errors over prompts (a prompt's ratings one cluster)" if c.get("gate_se") == "prompts" else (
+            "standard errors")  # fmt: skip
         return (
-            f" Gate: implicit accuracy on the newest {c.get('eval_max_pairs')} held-out pairs above the served "
-            f"version's beyond {LoopConfig().gate_gain_z:g} paired standard errors (a round waits for "
+            f" Gate: implicit accuracy on the newest {c.get('eval_max_pairs')} held-out pairs "
+            f"({c.get('eval_fraction', 0.1):g} of the prompts held out) above the served "
+            f"version's beyond {LoopConfig().gate_gain_z:g} paired {se} (a round waits for "
             f"{c.get('gate_min_eval_pairs')} of them); the judge on {c['probes']} probe prompts x {c['probe_seeds']} "
             f"seeds vetoes a fall of more than {-DEFAULT_GATE_JUDGE_VETO:g}."
         )

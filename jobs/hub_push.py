@@ -41,9 +41,12 @@ class HubPushConfig:
 
 
 class HubPusher:
-    def __init__(self, store: FeedbackStore, data_dir: Path, config: HubPushConfig) -> None:
+    def __init__(
+        self, store: FeedbackStore, data_dir: Path, config: HubPushConfig, eval_fraction: float = 0.1
+    ) -> None:
         self.store = store
         self.config = config
+        self.eval_fraction = eval_fraction  # the loop's held-out share: the pushed split is the one its gate scores
         self.out_dir = Path(data_dir) / "hub_snapshots"
         self.status_file = Path(data_dir) / "hub_push.json"
         self._lock = threading.Lock()
@@ -66,7 +69,7 @@ class HubPusher:
             return {"status": "skipped", "reason": "a push is already running"}
         started = time.time()
         try:
-            snap = export_snapshot(self.store, self.out_dir, images=True)
+            snap = export_snapshot(self.store, self.out_dir, images=True, eval_fraction=self.eval_fraction)
             rows = int(snap.manifest["rows"]["total"])
             from huggingface_hub import HfApi
 

@@ -136,7 +136,9 @@ class AlignmentLoop:
         self.status = RoundStatus(state="exporting", started=self.clock(), last=self.status.last)
         if self.before_export is not None:
             self.before_export()
-        snap = export_snapshot(self.store, self.snapshots_dir, quarantine_s=cfg.quarantine_s)
+        snap = export_snapshot(
+            self.store, self.snapshots_dir, quarantine_s=cfg.quarantine_s, eval_fraction=cfg.eval_fraction
+        )
         self._last_vote_id = max(self._last_vote_id, int(snap.manifest["vote_id_max"]))
         eval_file = snap.path / "eval.parquet"
         held = strict_pairs(eval_file)

@@ -67,9 +67,14 @@ class LoopConfig:
     # The evaluator scores only the newest this many held-out pairs (0: all). The held-out split grows with every
     # vote, and scoring all of it made a round's evaluation grow with the arena's age (ncp.evaluate --max-pairs).
     eval_max_pairs: int = 256
+    # Share of prompts whose votes are held out from training for the gate (by a hash of the prompt: stable, and
+    # prompt-disjoint). At 0.1 the gate's window on the shapes world held 13-28 prompts and rejected rounds that drew
+    # +0.12-0.15 better on its probes for want of evidence (docs/research/votes-vs-pairs.md). Raising it later moves
+    # some trained prompts into the held-out split, so choose it once per deployment.
+    eval_fraction: float = 0.25
     gate_min_judge_delta: float = 0.0  # shapes: promote only if judge(candidate) - judge(serving) >= this
-    # Evidence rule (jobs.gate): promote only a candidate whose held-out accuracy beats the serving version's by more
-    # than gate_gain_z paired standard errors; a round waits (skipped, no run recorded) until the held-out split has
+    # Evidence rule (jobs.gate): promote only a candidate whose held-out accuracy beats the base's (chance) by more
+    # than gate_gain_z of its standard errors (and is no worse than the serving version's); a round waits (skipped, no run recorded) until the held-out split has
     # gate_min_eval_pairs strict pairs. The shapes world turns it on: there a judge-only gate promoted coin-flip rounds
     # (docs/research/loop-null.md).
     gate_require_acc_gain: bool = False
@@ -105,6 +110,8 @@ class LoopConfig:
             raise ValueError(f"gate_acc_z must be >= 0 (0: the point estimate), got {self.gate_acc_z}.")
         if self.gate_gain_z < 0:
             raise ValueError(f"gate_gain_z must be >= 0 (0: any gain of the point estimate), got {self.gate_gain_z}.")
+        if not 0 < self.eval_fraction < 1:
+            raise ValueError(f"eval_fraction is a share of prompts in (0, 1), got {self.eval_fraction}.")
         if self.eval_max_pairs < 0:
             raise ValueError(f"eval_max_pairs must be >= 0 (0: all held-out pairs), got {self.eval_max_pairs}.")
         if not self.max_epochs > 0:

@@ -201,17 +201,21 @@ def plain_reason(run: TrainingRun) -> str:
     if run.status == "succeeded":
         now = f"; now serving {run.adapter_version}" if run.adapter_version else ""
         if acc is not None and "implicit acc" in str(run.metrics.get("gate", "")):  # the gate read held-out votes
-            judge = f", judge {cand['judge']:.2f} vs {ref.get('judge', ev.get('base_judge')):.2f}" if "judge" in cand else ""
-            return (f"promoted: it agreed with held-out votes more often than {parent} ({acc:.0%} vs {ref_acc:.0%}"
-                    f"{judge}){now}")  # fmt: skip
+            judge = (
+                f", judge {cand['judge']:.2f} vs {ref.get('judge', ev.get('base_judge')):.2f}"
+                if "judge" in cand
+                else ""
+            )
+            # jobs.gate's evidence rule: beyond chance, and no worse than the served version
+            than = f"chance 50%, {parent} {ref_acc:.0%}" if ref else "chance 50%"
+            return f"promoted: it agreed with {acc:.0%} of held-out votes ({than}{judge}){now}"
         if "judge" in cand:
             before = ref.get("judge", ev.get("base_judge"))
             return f"promoted: it scored {cand['judge']:.2f} on the judge's probe prompts, vs {before:.2f} for {parent}{now}"
         return "promoted: it agreed with held-out votes at least as well as " + parent
     if reason.startswith("gate:"):
         if evidence and acc is not None:
-            return (f"not promoted: it did not agree with held-out votes clearly more often than {parent} "
-                    f"({acc:.0%} vs {ref_acc:.0%}, within noise)")  # fmt: skip
+            return f"not promoted: it agreed with {acc:.0%} of held-out votes, not clearly more than chance (50%)"
         if " SE < " in reason and acc is not None:
             return f"not promoted: it agreed with held-out votes less often than {parent} ({acc:.0%} vs {ref_acc:.0%})"
         if "judge" in cand:

@@ -63,6 +63,9 @@ class ArenaConfig:
     schedule: bool = True  # run the alignment loop on a timer
     prefetch: int = 8
     ratings_per_pair: int = 3  # a pool pair is shown to up to this many sessions (consensus; serves a crowd at once)
+    # When raters outpace the generator: wait this long for a fresh pair, then show a pair once more beyond
+    # ratings_per_pair rather than make a rater wait (jobs/arena.py). None: never, ratings_per_pair is strict.
+    overflow_wait_s: float | None = 0.05
     admin_token: str | None = None
     admin_users: tuple[str, ...] = ()  # HF OAuth usernames allowed to administer
     rater_salt: str = "ncp-arena-default-salt"  # set a secret in production: pseudonyms are HMACs of it
@@ -157,6 +160,7 @@ class Runtime:
             pair_ttl_s=config.pair_ttl_s,
             seed=config.seed,
             ratings_per_pair=config.ratings_per_pair,
+            overflow_wait_s=config.overflow_wait_s,
         )
         self.arena.prefetcher.mix = config.mix
         self.arena.guard = VoteGuard(self.store, config.abuse) if config.abuse is not None else None
@@ -191,7 +195,11 @@ class Runtime:
             before_export=before_round,
         )
         self.scheduler = LoopScheduler(self.loop, lc.train_every_s, after_round=self.gpu.after_round)
-        self.hub = HubPusher(self.store, data, config.hub_push) if config.hub_push is not None else None
+        self.hub = (
+            HubPusher(self.store, data, config.hub_push, config.loop.eval_fraction)
+            if config.hub_push is not None
+            else None
+        )
         if self.hub is not None:
             self.scheduler.add_periodic("hub-push", self.hub.push, config.hub_push.every_s)
         self._swap_lock = threading.RLock()
@@ -274,7 +282,9 @@ class Runtime:
         return f"Blocklist saved: {len(self.blocklist.terms())} terms."
 
     def export_now(self) -> Path:
-        return export_snapshot(self.store, Path(self.config.data_dir) / "snapshots").path
+        """A snapshot with the loop's held-out split (the prompts its gate scores candidates on)."""
+        fraction = self.config.loop.eval_fraction
+        return export_snapshot(self.store, Path(self.config.data_dir) / "snapshots", eval_fraction=fraction).path
 
 
 __all__ = ["AdminDenied", "ArenaConfig", "Runtime", "random"]

@@ -35,6 +35,7 @@ def tiny_runtime(
     prefetch: int = 4,
     mix: PairMix | None = None,
     serve_adapter: bool = False,
+    overflow_wait_s: float | None = 0.05,
 ) -> Runtime:
     """A started Runtime (schedule off) on a tiny SD1.5 pipeline saved to and loaded from `tmp/model`.
 
@@ -50,6 +51,7 @@ def tiny_runtime(
         mix=mix or MIX,
         schedule=False,
         prefetch=prefetch,
+        overflow_wait_s=overflow_wait_s,
         admin_token=ADMIN_TOKEN,
         rater_salt="test-salt-0123456789abcdef",
     )

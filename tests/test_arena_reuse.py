@@ -19,6 +19,15 @@ def runtime(tmp_path: Path):
     rt.stop()
 
 
+@pytest.fixture
+def strict_runtime(tmp_path: Path):
+    """Overflow showings off by configuration (ArenaConfig.overflow_wait_s=None): ratings_per_pair is a hard cap."""
+    torch.set_num_threads(1)
+    rt = tiny_runtime(tmp_path, prefetch=1, overflow_wait_s=None)
+    yield rt
+    rt.stop()
+
+
 def images(rt, view) -> tuple[int, int]:  # noqa: ANN001
     pair = rt.store.pair(view.pair_id)
     return pair.left_image_id, pair.right_image_id
@@ -100,4 +109,15 @@ def test_a_fresh_pair_in_the_queue_beats_an_overflow_showing(runtime) -> None:
     arena.prefetcher.start()  # the queue refills; the next session waits up to overflow_wait_s for a fresh pair
     arena.overflow_wait_s = 30.0
     assert images(runtime, arena.next_pair("s-c")) != images(runtime, first)
+    assert arena.overflow_issued == 0
+
+
+def test_with_overflow_off_a_session_waits_for_a_fresh_pair_instead_of_a_fourth_showing(strict_runtime) -> None:
+    arena = strict_runtime.arena
+    assert arena.overflow_wait_s is None and arena.ratings_per_pair == 3
+    first = arena.next_pair("s-a")
+    for session in ("s-b", "s-c"):
+        assert images(strict_runtime, arena.next_pair(session)) == images(strict_runtime, first)
+    # The fourth session gets new images (generated while it waits), never a fourth showing of the first pair.
+    assert images(strict_runtime, arena.next_pair("s-d")) != images(strict_runtime, first)
     assert arena.overflow_issued == 0

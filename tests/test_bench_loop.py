@@ -27,7 +27,8 @@ def rnd(
 def result(rounds: list[dict]) -> dict:
     config = {"raters": 8, "objective": "dpo", "space": "ncp", "max_steps": RERUN_DEFAULTS["max_steps"],
               "lr": RERUN_DEFAULTS["lr"], "beta": 5e5, "probes": 48, "probe_seeds": RERUN_DEFAULTS["probe_seeds"],
-              "gate_acc_z": 1.96, "eval_max_pairs": RERUN_DEFAULTS["eval_max_pairs"], "gate": RERUN_DEFAULTS["gate"]}  # fmt: skip
+              "gate_acc_z": 1.96, "eval_max_pairs": RERUN_DEFAULTS["eval_max_pairs"], "gate": RERUN_DEFAULTS["gate"], "overflow": False,
+              "eval_fraction": RERUN_DEFAULTS["eval_fraction"], "gate_se": "prompts"}  # fmt: skip
     return {"config": config, "raters": {"votes": 2000}, "wall_s": 1000.0, "rounds": rounds, "leaderboard": []}
 
 
@@ -126,18 +127,24 @@ def test_the_gate_is_described_and_a_run_from_before_the_paired_criterion_reruns
     res = result([rnd("promoted", 300, 0.02, version="v0001")])
     res["config"] |= {"model": "runs/shapes-headroom", "gate_min_eval_pairs": RERUN_DEFAULTS["gate_min_eval_pairs"]}
     text = loop.markdown(res, "loop_headroom")
-    assert "Gate: implicit accuracy on the newest 128 held-out pairs above the served version's beyond 1.96 paired " \
-        "standard errors (a round waits for 100 of them)" in text  # fmt: skip
+    assert "Gate: implicit accuracy on the newest 384 held-out pairs (0.25 of the prompts held out) above the served " \
+        "version's beyond 1.96 paired standard errors over prompts (a prompt's ratings one cluster) (a round waits " \
+        "for 100 of them)" in text  # fmt: skip
     assert (
         f"the judge on 48 probe prompts x {RERUN_DEFAULTS['probe_seeds']} seeds vetoes a fall of more than 0.02"
         in text
     )
     assert "--gate" not in text and "--probe-seeds" not in text
-    for key in ("gate_acc_z", "probe_seeds", "gate"):
+    for key in ("gate_acc_z", "probe_seeds", "gate", "overflow", "eval_fraction", "gate_se"):
         del res["config"][key]
     res["config"]["probe_seeds"] = 2  # what a result file written before the paired criterion holds
     text = loop.markdown(res, "loop_headroom")
-    assert "--model runs/shapes-headroom --probe-seeds 2 --gate-acc-z 0 --gate judge --name headroom`" in text
+    # ...and before the arena's overflow showings could be switched off (they were always on) and the held-out share
+    # was a setting (0.1): --overflow --eval-fraction 0.1
+    assert (
+        "--model runs/shapes-headroom --probe-seeds 2 --gate-acc-z 0 --gate judge --overflow --eval-fraction 0.1 "
+        "--name headroom`" in text
+    )
     assert "Gate: judge on 48 probe prompts x 2 seeds" in text and "by 0.02 (point estimate)" in text
 
 

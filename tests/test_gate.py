@@ -69,26 +69,35 @@ def test_paired_differences_cancel_the_difficulty_two_versions_share() -> None:
 
 
 def test_the_evidence_rule_promotes_only_an_accuracy_gain_beyond_noise() -> None:
-    """require_acc_gain (the shapes world): a candidate must predict held-out votes better than the served version
-    beyond gain_z paired SE; a judge gain alone no longer promotes (coin-flip rounds gained it), the judge only vetoes."""
+    """require_acc_gain (the shapes world): a candidate must predict held-out votes better than the base (0.5) beyond
+    gain_z of its own SEs, and no worse than the served version; a judge gain alone never promotes (coin-flip rounds
+    gained it), the judge only vetoes."""
     cfg = {"min_eval_pairs": 100, "require_acc_gain": True, "gain_z": 1.96, "min_judge_delta": -0.02}
-    clear = _ev(0.61, 0.50, 0.04, pairs=128)  # +0.11, 2.75 SE
-    noise = _ev(0.55, 0.50, 0.04, pairs=128)  # +0.05, 1.25 SE: what a coin-flip round's accuracy moved by
-    assert promotion_gate(clear, **cfg)[0]
-    ok, why = promotion_gate(noise, **cfg)
-    assert not ok and "no evidence it learned the votes" in why
     # Against the base: the candidate's own SE.
-    assert promotion_gate(_ev(0.61, None, 0.04, pairs=128), **cfg)[0]
-    assert not promotion_gate(_ev(0.53, None, 0.04, pairs=128), **cfg)[0]
+    assert promotion_gate(_ev(0.61, None, 0.04, pairs=128), **cfg)[0]  # +0.11, 2.75 SE
+    ok, why = promotion_gate(_ev(0.55, None, 0.04, pairs=128), **cfg)  # +0.05: what a coin-flip round moved by
+    assert not ok and "no evidence it learned the votes: +0.050 over the base" in why
+    # A round that continues the served version: evidence against the base, regression against the served version.
+    chained = _ev(0.62, 0.61, 0.02, pairs=384)
+    chained["versions"]["candidate"]["implicit_acc_se"] = 0.03
+    ok, why = promotion_gate(chained, **cfg)
+    assert ok and "implicit acc (latent) 0.620 vs 0.610" in why and "vs base +0.120 (SE 0.030)" in why
+    chained["versions"]["candidate"]["implicit_acc_se"] = 0.07  # the same accuracy, not told from chance
+    assert not promotion_gate(chained, **cfg)[0]
+    worse = _ev(0.60, 0.68, 0.02, pairs=384)  # learned the votes, but clearly predicts them worse than the served one
+    worse["versions"]["candidate"]["implicit_acc_se"] = 0.02
+    ok, why = promotion_gate(worse, **cfg)
+    assert not ok and "1.96 SE < -0.020" in why
     # Too few held-out pairs: no evidence, no promotion (without the rule the criterion is skipped instead).
     ok, why = promotion_gate(_ev(0.9, None, 0.01, pairs=40), **cfg)
     assert not ok and "only 40 held-out pairs (need 100)" in why
     assert promotion_gate(_ev(0.9, None, 0.01, pairs=40), min_eval_pairs=100)[0]
     # The judge vetoes a fall beyond its margin, and tolerates one within it.
-    clear["versions"]["candidate"]["judge"], clear["versions"]["serving"]["judge"] = 0.60, 0.65
-    assert not promotion_gate(clear, **cfg)[0]
-    clear["versions"]["candidate"]["judge"] = 0.64
-    assert promotion_gate(clear, **cfg)[0]
+    chained["versions"]["candidate"]["implicit_acc_se"] = 0.03
+    chained["versions"]["candidate"]["judge"], chained["versions"]["serving"]["judge"] = 0.60, 0.65
+    assert not promotion_gate(chained, **cfg)[0]
+    chained["versions"]["candidate"]["judge"] = 0.64
+    assert promotion_gate(chained, **cfg)[0]
 
 
 def test_gain_z_must_not_be_negative() -> None:
@@ -114,3 +123,22 @@ def test_grouped_se_takes_a_prompts_rows_as_one_observation() -> None:
     row = paired({"a": a, "b": b}, {}, row_groups)["a-b"]
     assert row["acc_delta_se_prompts"] == pytest.approx(grouped_se(correct(a) - correct(b), row_groups))
     assert "acc_delta_se_prompts" not in paired({"a": a, "b": b}, {})["a-b"]
+
+
+def test_the_gate_reads_the_prompt_clustered_error_when_the_evaluation_has_it() -> None:
+    # A drop of -0.08 is -0.08 + 1.96 x 0.02 < -0.02 in row SEs but within noise in prompt-clustered SEs (a prompt's
+    # several ratings carry one piece of evidence): the no-worse rule must let it pass, and says which error it read.
+    cfg = {"min_eval_pairs": 8, "min_acc_delta": -0.02}
+    ev = _ev(0.55, 0.63, 0.02)
+    assert not promotion_gate(ev, **cfg)[0]  # an evaluator without the clustered SE: the row SE
+    ev["paired"]["candidate-serving"]["acc_delta_se_prompts"] = 0.05
+    ev["eval_prompts"] = 21
+    ok, why = promotion_gate(ev, **cfg)
+    assert ok and "SE 0.050, 256 pairs of 21 prompts" in why
+    # The evidence rule against the base: the candidate's own clustered SE; a NaN one (a single prompt) falls back to
+    # the row SE.
+    base = _ev(0.60, None, 0.03)
+    base["versions"]["candidate"]["implicit_acc_se_prompts"] = 0.06
+    assert not promotion_gate(base, require_acc_gain=True, **cfg)[0]
+    base["versions"]["candidate"]["implicit_acc_se_prompts"] = float("nan")
+    assert promotion_gate(base, require_acc_gain=True, **cfg)[0]

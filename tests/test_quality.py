@@ -97,12 +97,18 @@ def test_rounds_in_plain_words() -> None:
     ev = {"versions": {"candidate": {"judge": 0.68, "implicit_acc": 0.636}}, "base_judge": 0.60}
     won = _run("succeeded", None, {"eval": ev, "gate": "implicit acc (ncp) 0.636 vs 0.500 (SE 0.047); judge"}, "v0003")
     assert progress.plain_reason(won) == (
-        "promoted: it agreed with held-out votes more often than v0002 (64% vs 50%, judge 0.68 vs 0.60); now serving v0003"
+        "promoted: it agreed with 64% of held-out votes (chance 50%, judge 0.68 vs 0.60); now serving v0003"
+    )
+    chained = {"versions": {"candidate": {"implicit_acc": 0.62}, "serving": {"implicit_acc": 0.61}}}
+    won = _run("succeeded", None, {"eval": chained, "gate": "implicit acc (ncp) 0.620 vs 0.610"}, "v0003")
+    assert (
+        progress.plain_reason(won)
+        == "promoted: it agreed with 62% of held-out votes (chance 50%, v0002 61%); now serving v0003"
     )
     ev["versions"]["candidate"]["implicit_acc"] = 0.55
     noise = "gate: implicit acc (ncp) 0.550 vs 0.500 (SE 0.040) (no evidence it learned the votes: delta +0.050 - 1.96 SE <= 0)"
     assert progress.plain_reason(_run("failed", noise, {"eval": ev})) == (
-        "not promoted: it did not agree with held-out votes clearly more often than v0002 (55% vs 50%, within noise)"
+        "not promoted: it agreed with 55% of held-out votes, not clearly more than chance (50%)"
     )
     veto = "gate: implicit acc (ncp) 0.700 vs 0.500 (SE 0.040); judge 0.550 vs 0.600 (delta -0.050 < -0.020)"
     ev["versions"]["candidate"] |= {"implicit_acc": 0.7, "judge": 0.55}

@@ -45,12 +45,14 @@ DEFAULT_TIMESTEP_LOW = 0.3
 # gate, half of it on the pairs).
 DEFAULT_ROUND_LR = 2e-3
 DEFAULT_ROUND_STEPS = 100
-DEFAULT_GATE_PAIRS = 128
+# The gate scores the newest 384 held-out ratings (about 80 prompts with a quarter of the prompts held out): at 128,
+# 13-28 prompts, too few to tell a round that drew +0.12 better from noise (docs/research/votes-vs-pairs.md).
+DEFAULT_GATE_PAIRS = 384
 # What the gate asks of a round in this world (jobs.gate, docs/research/loop-null.md): 100 Adam steps move the LoRA
 # +-0.05 on the judge whatever the labels say (coin-flip rounds: -0.066, -0.038, +0.037 on the test probes; the raters'
 # labels on the same 1,136 pairs: +0.106), so a gate that promotes on the judge promotes noise. A candidate must predict
-# held-out votes better than the served version beyond 1.96 paired standard errors, once 100 held-out pairs exist (a
-# round waits for them); the judge only vetoes a fall of more than 0.02; every round starts from the served version
+# held-out votes better than the base beyond 1.96 standard errors (a prompt one cluster) and no worse than the served
+# version, once 100 held-out pairs exist (a round waits for them); the judge only vetoes a fall of more than 0.02; every round starts from the served version
 # (a rejected candidate is a step of unknown sign, not progress to continue).
 DEFAULT_GATE_MIN_EVAL_PAIRS = 100
 DEFAULT_GATE_JUDGE_VETO = -0.02
