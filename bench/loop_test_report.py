@@ -164,6 +164,7 @@ def markdown(
         "below was selected on. Intervals: 95% bootstrap over prompts (a prompt's images are one cluster). The gate's "
         "own probe score is a running maximum and is not the result."
         + gate_text(LEGACY_CONFIG | c)
+        + data_text(result)
         + (
             f" Ran with settings since changed; rerun: `python -m bench.loop{flags}`."
             if (flags := rerun_flags(c))
@@ -188,6 +189,25 @@ def markdown(
     lines += ["", f"![loop-default]({stem}.png)", "", *goal_lines(result, null), attribute_line(result)]
     lines += runs_lines(result, list(others))
     return "\n".join(lines)
+
+
+def data_text(result: dict) -> str:
+    """What the votes held: a pair shown to several raters is several votes but one comparison (the raters share one
+    judge, so their ratings of a pair agree), docs/research/votes-vs-pairs.md."""
+    overflow = (LEGACY_CONFIG | result["config"])["overflow"]
+    text = (" A pair went to up to 6 raters (the arena's overflow showings: the bots outpaced the generator)."
+            if overflow else " Raters waited for fresh pairs: a pair went to at most 3 of them (`--no-overflow`).")  # fmt: skip
+    marks = [b for b in result.get("data_budget", []) if b["votes"] in (GAIN_VOTES, GAP_VOTES)]
+    if marks:
+        text += (
+            " The votes held "
+            + ", ".join(
+                f"{b['distinct_pairs']:,} distinct image pairs of {b['prompts']} prompts at {b['votes']:,}"
+                for b in marks
+            )
+            + " votes."
+        )
+    return text
 
 
 def step_xy(res: dict, key: str = "votes") -> tuple[list[dict], list[float], list[float]]:

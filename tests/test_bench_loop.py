@@ -239,3 +239,27 @@ def test_a_run_on_the_gates_probes_is_published_in_the_research_log(
     text = page.read_text()
     assert "<!-- BEGIN loop-headroom -->" in text and "![loop](../loop_headroom.png)" in text
     assert loop_report.RESEARCH_PAGE.name in (loop_report.ROOT / "docs" / "BENCHMARKS.md").read_text()
+
+
+def test_the_data_budget_counts_a_pair_rated_by_several_raters_once(tmp_path: Path) -> None:
+    """bench.loop.data_budget reads a real store: six votes on one image pair (either side order) are one comparison."""
+    from feedback_store import FeedbackStore
+    from tests.store_fixtures import fast_images
+
+    store = FeedbackStore(tmp_path / "arena.duckdb", data_dir=tmp_path)
+    prompts = [store.add_prompt(f"a small blue square, take {i}", "pool", "shapes") for i in range(2)]
+    imgs = [fast_images(store, p, ("base", "v1")) for p in prompts]
+    shows = [(0, "base", "v1")] * 4 + [(0, "v1", "base")] * 2 + [(1, "base", "v1")]  # 6 ratings of one pair, then 1
+    for n, (p, left, right) in enumerate(shows):
+        pair = store.issue_pair(prompts[p], imgs[p][left], imgs[p][right], "cross_version", f"s{n}")
+        store.record_vote(pair.token, f"s{n}", "left", store.ensure_rater(f"r{n}").pseudonym)
+    store.close()
+    budget = loop.data_budget(tmp_path / "arena.duckdb", (6, 7, 100))
+    assert budget == [
+        {"votes": 6, "distinct_pairs": 1, "prompts": 1},
+        {"votes": 7, "distinct_pairs": 2, "prompts": 2},  # 100 asked, 7 cast: the mark is the run's end
+    ]
+    text = loop.test_report.data_text({"config": {"overflow": False}, "data_budget": [{"votes": 2000,
+                                       "distinct_pairs": 667, "prompts": 357}]})  # fmt: skip
+    assert "at most 3 of them" in text and "667 distinct image pairs of 357 prompts at 2,000 votes" in text
+    assert "up to 6 raters" in loop.test_report.data_text({"config": {}})  # a run from before the switch

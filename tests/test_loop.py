@@ -83,6 +83,9 @@ def test_two_rounds_promote_hot_swap_and_record_lineage(runtime: Runtime) -> Non
     trained = json.loads((rt.registry.info("v0001").folder / "metrics.json").read_text())["config"]
     assert (trained["timestep_low"], trained["timestep_high"]) == (0.3, 1.0)
     assert rt.registry.current() == "v0001" == rt.generation.serving_version
+    # The round's snapshot holds out the loop's share of prompts (a quarter by default): the split its gate scores.
+    manifest = json.loads((rt.loop.snapshots_dir / first.snapshot_id / "manifest.json").read_text())
+    assert manifest["split"]["eval_fraction"] == rt.loop.config.eval_fraction == 0.25
     # Raters keep voting between rounds; the new votes come from the new version.
     pair = rt.arena.next_pair("session-x")
     assert rt.store.image(rt.store.pair(pair.pair_id).left_image_id).adapter_version == "v0001"
