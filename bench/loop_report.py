@@ -169,13 +169,20 @@ def markdown(result: dict, stem: str = "loop") -> str:
 
 def gate_text(c: dict) -> str:
     c = RERUN_DEFAULTS | c  # a result file may predate a field: its default then
-    if c.get("gate") == "votes":
-        se = "standard errors over prompts (a prompt's ratings one cluster)" if c.get("gate_se") == "prompts" else (
-            "standard errors")  # fmt: skip
+    if c.get("gate") == "votes" and c.get("gate_se") == "prompts":  # jobs.gate since votes-vs-pairs.md
         return (
-            f" Gate: implicit accuracy on the newest {c.get('eval_max_pairs')} held-out pairs "
-            f"({c.get('eval_fraction', 0.1):g} of the prompts held out) above the served "
-            f"version's beyond {LoopConfig().gate_gain_z:g} paired {se} (a round waits for "
+            f" Gate: the candidate must predict the newest {c.get('eval_max_pairs')} held-out ratings "
+            f"({c.get('eval_fraction', 0.1):g} of the prompts held out) better than chance by "
+            f"{LoopConfig().gate_gain_z:g} standard errors and no worse than the served version (a drop beyond "
+            f"{-LoopConfig().gate_min_acc_delta:g} and {LoopConfig().gate_acc_z:g} SEs rejects), every SE taking a "
+            f"prompt's ratings as one cluster (a round waits for {c.get('gate_min_eval_pairs')} of them); the judge "
+            f"on {c['probes']} probe prompts x {c['probe_seeds']} seeds vetoes a fall of more than "
+            f"{-DEFAULT_GATE_JUDGE_VETO:g}."
+        )
+    if c.get("gate") == "votes":
+        return (
+            f" Gate: implicit accuracy on the newest {c.get('eval_max_pairs')} held-out pairs above the served "
+            f"version's beyond {LoopConfig().gate_gain_z:g} paired standard errors (a round waits for "
             f"{c.get('gate_min_eval_pairs')} of them); the judge on {c['probes']} probe prompts x {c['probe_seeds']} "
             f"seeds vetoes a fall of more than {-DEFAULT_GATE_JUDGE_VETO:g}."
         )

@@ -42,7 +42,8 @@ def promotion_gate(
     min_eval_pairs: fewer held-out pairs than this and the accuracy criterion is not used (with `require_acc_gain`:
     the candidate is rejected, it cannot show what it learned);
     acc_z, min_acc_delta: reject when the accuracy change + acc_z x its standard error is below min_acc_delta;
-    require_acc_gain, gain_z: reject unless the accuracy change - gain_z x its standard error is above 0;
+    require_acc_gain, gain_z: reject unless the candidate's accuracy above the base's 0.5, less gain_z x its own
+    standard error, is above 0;
     min_judge_delta: shapes world, reject when the judge score change is below it.
     """
     cand = ev["versions"]["candidate"]

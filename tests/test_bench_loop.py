@@ -127,14 +127,20 @@ def test_the_gate_is_described_and_a_run_from_before_the_paired_criterion_reruns
     res = result([rnd("promoted", 300, 0.02, version="v0001")])
     res["config"] |= {"model": "runs/shapes-headroom", "gate_min_eval_pairs": RERUN_DEFAULTS["gate_min_eval_pairs"]}
     text = loop.markdown(res, "loop_headroom")
-    assert "Gate: implicit accuracy on the newest 384 held-out pairs (0.25 of the prompts held out) above the served " \
-        "version's beyond 1.96 paired standard errors over prompts (a prompt's ratings one cluster) (a round waits " \
-        "for 100 of them)" in text  # fmt: skip
+    assert "Gate: the candidate must predict the newest 384 held-out ratings (0.25 of the prompts held out) better " \
+        "than chance by 1.96 standard errors and no worse than the served version (a drop beyond 0.02 and 1.96 SEs " \
+        "rejects), every SE taking a prompt's ratings as one cluster (a round waits for 100 of them)" in text  # fmt: skip
     assert (
         f"the judge on 48 probe prompts x {RERUN_DEFAULTS['probe_seeds']} seeds vetoes a fall of more than 0.02"
         in text
     )
     assert "--gate" not in text and "--probe-seeds" not in text
+    # A run of the evidence gate before it read clustered SEs asked the candidate to beat the served version.
+    del res["config"]["gate_se"]
+    assert "implicit accuracy on the newest 384 held-out pairs above the served version's" in loop.markdown(
+        res, "loop_headroom"
+    )
+    res["config"]["gate_se"] = "prompts"
     for key in ("gate_acc_z", "probe_seeds", "gate", "overflow", "eval_fraction", "gate_se"):
         del res["config"][key]
     res["config"]["probe_seeds"] = 2  # what a result file written before the paired criterion holds
