@@ -40,7 +40,8 @@ _LOOP = LoopConfig()
 # lr 2e-3: the setting that met +0.10 in 3 of 3 runs on the first model's detuned base (RESEARCH_PAGE, `loop-deficit-lr2`,
 # with t >= 0.5 T on SD1.5's schedule, SNR < 0.38); t >= 0.3 T: the app's own slice for the shapes model, SNR < 0.65 on
 # the shipped models' linear schedule; 6,000 votes: the gap goal's budget (bench/loop_test_report.py). Rounds of 100
-# steps gated on 48 probes x 3 seeds and 128 held-out pairs: the 5-minute round goal with 8 raters voting beside them
+# steps gated on 48 probes x 3 seeds and 384 held-out ratings: 72-112 s, within the 5-minute round goal with 8 raters
+# voting beside them
 # (ncp.shapes.model.DEFAULT_ROUND_STEPS says what longer rounds took).
 RERUN_DEFAULTS = {"raters": 8, "votes": 6000, "minutes": 30.0, "pace": 0.2, "train_every": DEFAULT_ROUND_EVERY_S,
                   "min_new_votes": DEFAULT_ROUND_MIN_VOTES, "min_pairs": 16, "max_steps": DEFAULT_ROUND_STEPS, "batch_size": 8,
