@@ -13,8 +13,9 @@ On the evaluator's output (`ncp.evaluate`):
     labels, docs/research/loop-null.md) is promoted whenever it happens to land well: the gate becomes random search
     on its own score. The evidence is asked against the base, not the serving version: a round that continues the
     served version inherits its implicit reward, and ranking held-out votes better than it is not what makes a
-    round draw better (rounds from v0001 drew +0.13-0.15 on the probes at accuracy within 0.01 of v0001's,
-    docs/research/votes-vs-pairs.md); against the serving version the no-worse rule guards.
+    round draw better (rounds from v0001 drew +0.135 and +0.145 on the probes at accuracies 0.625 and 0.664 against
+    v0001's 0.615 and 0.602, short of the evidence that rule asked for, docs/research/votes-vs-pairs.md); against the
+    serving version the no-worse rule guards.
 - in the shapes world, the judge score on the fixed probe set: the change must be at least `min_judge_delta` (with
   the evidence rule, a negative margin: the judge vetoes a regression, it does not choose what is promoted).
 
