@@ -75,9 +75,8 @@ class LoopConfig:
     gate_min_judge_delta: float = 0.0  # shapes: promote only if judge(candidate) - judge(serving) >= this
     # Evidence rule (jobs.gate): promote only a candidate whose held-out accuracy beats the base's (chance) by more
     # than gate_gain_z of its standard errors (and is no worse than the serving version's); a round waits (skipped,
-    # no run recorded) until the held-out split has
-    # gate_min_eval_pairs strict pairs. The shapes world turns it on: there a judge-only gate promoted coin-flip rounds
-    # (docs/research/loop-null.md).
+    # no run recorded) until the held-out split has gate_min_eval_pairs strict pairs. The shapes world turns it on:
+    # there a judge-only gate promoted coin-flip rounds (docs/research/loop-null.md).
     gate_require_acc_gain: bool = False
     gate_gain_z: float = 1.96
     # Null arm (bench.loop --null): every rater label the loop reads, the training pairs and the gate's held-out pairs
