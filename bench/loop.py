@@ -74,7 +74,7 @@ def round_row(last: dict, t_start: float, votes: int) -> dict:
         "gain_vs_base": cand.get("judge_gain_vs_base"),
         "gain_ci95": cand.get("judge_gain_ci"),
         "implicit_acc": cand.get("implicit_acc"),
-        # The gate's evidence: the paired accuracy change and its SE over rows (what the rule reads) and over prompts.
+        # The gate's evidence: the paired accuracy change and its SE over rows and over prompts (what the rule reads).
         "gate_evidence": {
             k: ev.get("paired", {}).get("candidate-serving", {}).get(k)
             for k in ("acc_delta", "acc_delta_se", "acc_delta_se_prompts")

@@ -174,8 +174,8 @@ def gate_text(c: dict) -> str:
         return (
             f" Gate: the candidate must predict the newest {c.get('eval_max_pairs')} held-out ratings "
             f"({c.get('eval_fraction', 0.1):g} of the prompts held out) better than chance by "
-            f"{LoopConfig().gate_gain_z:g} standard errors and no worse than the served version (a drop beyond "
-            f"{-LoopConfig().gate_min_acc_delta:g} and {LoopConfig().gate_acc_z:g} SEs rejects), every SE taking a "
+            f"{_LOOP.gate_gain_z:g} standard errors and no worse than the served version (a drop beyond "
+            f"{-_LOOP.gate_min_acc_delta:g} and {_LOOP.gate_acc_z:g} SEs rejects), every SE taking a "
             f"prompt's ratings as one cluster (a round waits for {c.get('gate_min_eval_pairs')} of them); the judge "
             f"on {c['probes']} probe prompts x {c['probe_seeds']} seeds vetoes a fall of more than "
             f"{-DEFAULT_GATE_JUDGE_VETO:g}."
@@ -183,11 +183,11 @@ def gate_text(c: dict) -> str:
     if c.get("gate") == "votes":
         return (
             f" Gate: implicit accuracy on the newest {c.get('eval_max_pairs')} held-out pairs above the served "
-            f"version's beyond {LoopConfig().gate_gain_z:g} paired standard errors (a round waits for "
+            f"version's beyond {_LOOP.gate_gain_z:g} paired standard errors (a round waits for "
             f"{c.get('gate_min_eval_pairs')} of them); the judge on {c['probes']} probe prompts x {c['probe_seeds']} "
             f"seeds vetoes a fall of more than {-DEFAULT_GATE_JUDGE_VETO:g}."
         )
-    margin = f"no worse than the served version's by {-LoopConfig().gate_min_acc_delta:g}"
+    margin = f"no worse than the served version's by {-_LOOP.gate_min_acc_delta:g}"
     acc = f"{margin} beyond {z:g} paired standard errors" if (z := c["gate_acc_z"]) else f"{margin} (point estimate)"
     return (
         f" Gate: judge on {c['probes']} probe prompts x {c['probe_seeds']} seeds at least the served version's, "

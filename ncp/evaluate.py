@@ -119,8 +119,8 @@ def paired(
     0.05-0.07 in 256 pairs, about two of these standard errors.
 
     `prompts` (one per held-out pair): `acc_delta_se_prompts`, the same SE with a prompt's pairs (and every rating of
-    one pair) as one cluster. Reported beside `acc_delta_se`, which the gate reads: in the live loop a pair is rated
-    several times and the held-out split is drawn by prompt, so the rows are not independent."""
+    one pair) as one cluster; jobs.gate reads it (over `acc_delta_se`) because in the live loop a pair is rated several
+    times and the held-out split is drawn by prompt, so the rows are not independent."""
     names = list(dict.fromkeys([*margins, *judge]))
     out: dict[str, dict[str, float]] = {}
     for i, a in enumerate(names):
@@ -262,7 +262,7 @@ def evaluate(
         row = {"implicit_acc": accuracy(margins[name]) if margins else float("nan")}
         if n_pairs:  # against the base, whose margins are all 0 (accuracy 0.5): the candidate's own spread
             row["implicit_acc_se"] = mean_se(correct(margins[name]))[1]
-            row["implicit_acc_se_prompts"] = grouped_se(correct(margins[name]), prompts)  # reporting only
+            row["implicit_acc_se_prompts"] = grouped_se(correct(margins[name]), prompts)  # what the gate reads
             row["implicit_acc_by_space"] = {sp: accuracy(m[name]) for sp, m in by_space.items()}
         if probes is not None:
             s = judged[name] = scores(name, versions[name])
