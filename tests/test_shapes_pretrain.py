@@ -100,6 +100,9 @@ def test_pretrain_continues_from_a_model_with_noisy_captions(tmp_path: Path) -> 
            "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--unet-steps", "2", "--batch", "2",
            "--ckpt-every", "2", "--caption-noise", "color=1.0", "--cache-images", "64"]  # fmt: skip
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=600)
+    for folder in (tmp_path / "out", ROOT / "models" / "shapes-base", ROOT / "models" / "shapes-ceiling"):
+        for config in folder.glob("*/config.json"):  # no training work folder named in a published model's configs
+            assert "_name_or_path" not in json.loads(config.read_text()), config
     shipped = (ROOT / "models" / "shapes-base" / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
     assert (tmp_path / "out" / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == shipped
     log = [json.loads(x) for x in (tmp_path / "work" / "log.jsonl").read_text().splitlines()]

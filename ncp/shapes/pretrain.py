@@ -174,7 +174,17 @@ def train_unet(args: argparse.Namespace, work: Path, out: Path, log) -> None:
             tmp.rename(work / "latest")
     bar.close()
     assemble_pipeline(unet, vae, text_encoder, tokenizer, args.beta_schedule).to("cpu").save_pretrained(out)
+    drop_source_paths(out)
     log({"stage": "unet", "done": True, "steps": step})
+
+
+def drop_source_paths(folder: Path) -> None:
+    """Remove `_name_or_path` from the saved components' configs: diffusers records the local folder a component
+    was loaded from (a training work folder), which means nothing to whoever loads the published model."""
+    for config in Path(folder).glob("*/config.json"):
+        data = json.loads(config.read_text())
+        if data.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -257,6 +267,7 @@ def main(argv: list[str] | None = None) -> None:
         vae = AutoencoderTiny.from_pretrained(args.out / "vae")
         refit_decoder(vae, args, log, args.refit_decoder_steps, args.vae_lr * 0.3, seed_offset=991)
         vae.save_pretrained(args.out / "vae")
+        drop_source_paths(args.out)
         return
     train_vae(args, args.work, log)
     train_unet(args, args.work, args.out, log)
