@@ -47,6 +47,7 @@ from bench.raters import run_raters  # noqa: E402
 from feedback_store import FeedbackStore  # noqa: E402
 from feedback_store.stats import leaderboard  # noqa: E402
 from jobs.loop import LoopConfig  # noqa: E402
+from jobs.loop_config import SPACE_BETA  # noqa: E402
 from jobs.registry import AdapterRegistry  # noqa: E402
 from jobs.runtime import SHAPES_CEILING, SHAPES_MODEL, ArenaConfig, Runtime  # noqa: E402
 from ncp.evaluate import TEST_PROBES, TEST_SEED_OFFSET  # noqa: E402
@@ -216,11 +217,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="", help="another base: its own section `loop-NAME`, plot and JSON")
     p.add_argument("--render", type=Path, help="only rewrite the plot and the doc section from this result file")
     return p
-
-
-# Each space's beta: NCP's the loop's default (5e5), latent DPO's the reference 5000 (METHOD.md; the tuned betas differ
-# about 100x because PL is ~c_t^2 x L). A latent arm at NCP's beta would be a different, much stronger KL setting.
-SPACE_BETA = {"ncp": RERUN_DEFAULTS["beta"], "latent": 5000.0}
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

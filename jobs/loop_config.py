@@ -11,6 +11,11 @@ import math
 import sys
 from dataclasses import dataclass
 
+# Each round space's DPO beta: NCP-DPO's tuned 5e5, latent Diffusion-DPO's reference 5000 (METHOD.md). They differ
+# about 100x because the NCP error PL is ~c_t^2 x the latent error L; a latent round at NCP's beta would be a far
+# stronger KL anchor, not the same method in another space.
+SPACE_BETA = {"ncp": 5e5, "latent": 5000.0}
+
 
 @dataclass(frozen=True)
 class LoopConfig:
@@ -26,7 +31,7 @@ class LoopConfig:
     eval_time_limit_s: float = 240.0
     objective: str = "dpo"
     space: str = "ncp"
-    beta: float = 5e5
+    beta: float = SPACE_BETA["ncp"]  # a round in latent space takes SPACE_BETA["latent"]
     # The best ncp-dpo grid point on the shapes validation prompts (docs/research/ncp-vs-latent-dpo.md, 120 steps of
     # 8 pairs): at 2e-4 the LoRA barely moves in a round, 3e-3 overshoots.
     lr: float = 1e-3

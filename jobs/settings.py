@@ -16,7 +16,7 @@ from pathlib import Path
 from jobs.abuse import AbuseConfig
 from jobs.gpu_plan import PLAN_MODES
 from jobs.hub_push import HubPushConfig
-from jobs.loop_config import LoopConfig
+from jobs.loop_config import SPACE_BETA, LoopConfig
 from jobs.runtime import SHAPES_MODEL, ArenaConfig, is_shapes_model
 from ncp.serving import SamplingConfig
 from ncp.shapes.model import DEFAULT_CONTINUE_REJECTED as SHAPES_CONTINUE_REJECTED
@@ -74,6 +74,12 @@ ENV_VARS: tuple[EnvVar, ...] = (
         "NCP_TIMESTEP_LOW",
         f"{_LOOP.timestep_low:g} (shapes model: {SHAPES_TIMESTEP_LOW:g})",
         "lowest training timestep of a round, as a fraction of the noise schedule (0: uniform t, as the paper)",
+    ),
+    EnvVar(
+        "NCP_ROUND_SPACE",
+        _LOOP.space,
+        "where a round measures its DPO errors: ncp (NCP-DPO, the UNet encoder's features) or latent (latent "
+        "Diffusion-DPO); each has its own beta (docs/BENCHMARKS.md, section loop-arms, compares them in the loop)",
     ),
     EnvVar(
         "NCP_DPO_REFERENCE",
@@ -186,6 +192,9 @@ def config_from_env(env: Mapping[str, str]) -> ArenaConfig:
     if schedule not in ("0", "1"):
         raise ValueError(f"NCP_SCHEDULE must be 0 or 1, got {schedule!r}.")
     shapes = is_shapes_model(model)  # the embedded model or one pretrained from it (the same tokenizer)
+    round_space = str(env_value(env, "NCP_ROUND_SPACE", str, _LOOP.space))
+    if round_space not in SPACE_BETA:
+        raise ValueError(f"NCP_ROUND_SPACE must be one of {', '.join(SPACE_BETA)}, got {round_space!r}.")
     loop = LoopConfig(
         model=model,
         shapes_probes=24 if shapes else 0,  # the shapes world gates on the pixel judge too (fixed probe set)
@@ -213,6 +222,8 @@ def config_from_env(env: Mapping[str, str]) -> ArenaConfig:
         timestep_low=float(
             env_value(env, "NCP_TIMESTEP_LOW", float, SHAPES_TIMESTEP_LOW if shapes else _LOOP.timestep_low)
         ),
+        space=round_space,
+        beta=SPACE_BETA[round_space],
         reference=str(env_value(env, "NCP_DPO_REFERENCE", str, _LOOP.reference)),
         train_window=str(env_value(env, "NCP_TRAIN_WINDOW", str, _LOOP.train_window)),
     )

@@ -258,6 +258,7 @@ def test_config_from_env_maps_every_variable(tmp_path: Path) -> None:
         "NCP_TIMESTEP_LOW": "0.5",
         "NCP_DPO_REFERENCE": "init",
         "NCP_TRAIN_WINDOW": "serving",
+        "NCP_ROUND_SPACE": "latent",
         "NCP_STEPS": "7",
         "NCP_GUIDANCE": "1.5",
         "NCP_SCHEDULE": "0",
@@ -278,9 +279,11 @@ def test_config_from_env_maps_every_variable(tmp_path: Path) -> None:
     assert (cfg.admin_token, cfg.admin_users, cfg.rater_salt) == ("tok", ("alice", "bob"), "0123456789abcdef0123")
     assert (cfg.loop.train_every_s, cfg.loop.min_new_votes, cfg.loop.continue_rejected) == (60.0, 5, 0)
     assert (cfg.loop.timestep_low, cfg.loop.reference, cfg.loop.train_window) == (0.5, "init", "serving")
+    assert (cfg.loop.space, cfg.loop.beta) == ("latent", 5000.0)  # latent rounds take their own beta (METHOD.md)
     assert (cfg.sampling.steps, cfg.sampling.guidance, cfg.schedule, cfg.prefetch) == (7, 1.5, False, 3)
     default = app.config_from_env({})
     assert default.schedule and default.admin_token is None and default.is_shapes and default.hub_push is None
+    assert (default.loop.space, default.loop.beta) == ("ncp", 5e5)  # the product's method: NCP-DPO
     # lineage: the embedded model by its short id, any other base (a detuned shapes base too) as configured
     assert base_model_id(default.model) == "shapes-base" and app.config_from_env({}).is_shapes
     # A base pretrained from the embedded model (a detuned one: README) is a shapes model by its tokenizer, not its
@@ -326,6 +329,7 @@ def test_config_from_env_maps_every_variable(tmp_path: Path) -> None:
         ({"NCP_TIMESTEP_LOW": "1"}, "timestep_low"),
         ({"NCP_DPO_REFERENCE": "previous"}, "reference"),
         ({"NCP_TRAIN_WINDOW": "recent"}, "train_window"),
+        ({"NCP_ROUND_SPACE": "pixel"}, "NCP_ROUND_SPACE"),
     ]:
         with pytest.raises(ValueError, match=match):
             app.config_from_env(bad)
