@@ -40,9 +40,9 @@ DEFAULT_TIMESTEP_LOW = 0.3
 # A round's learning rate and steps on this world, in the app and in `python -m bench.loop` alike: lr 2e-3 met the
 # +0.10 goal in 3 of 3 runs on the first world's deficit base (docs/research/live-loop-on-detuned-bases.md), and 100
 # steps of 8 pairs, gated on the newest 384 held-out ratings, keep a round (train + gate) within 5 minutes on a 2-core
-# CPU while raters vote beside it (72-112 s on the 64-px default base, docs/research/votes-vs-pairs.md). 150 steps took 318 s with the base served (20 s snapshot and start, 172 s training at
-# 1.05 s a step, 122 s gate); 120 steps and 256 pairs 340 s with a version served (its margins are scored too: 160 s
-# gate, half of it on the pairs).
+# CPU while raters vote beside it (72-112 s on the 64-px default base, docs/research/votes-vs-pairs.md). 150 steps
+# took 318 s with the base served (20 s snapshot and start, 172 s training at 1.05 s a step, 122 s gate); 120 steps
+# and 256 pairs 340 s with a version served (its margins are scored too: 160 s gate, half of it on the pairs).
 DEFAULT_ROUND_LR = 2e-3
 DEFAULT_ROUND_STEPS = 100
 # The gate scores the newest 384 held-out ratings (about 80 prompts with a quarter of the prompts held out): at 128,
