@@ -229,7 +229,10 @@ def test_on_policy_window_trains_only_on_the_served_versions_own_pairs(runtime: 
     on-policy data, with that version as the reference), and starts from the served version even after a rejection."""
     rt = runtime
     served = rt.registry.current()
-    for i in range(12):  # fresh pairs: the served version draws both images (PairMix on_policy=1.0)
+    # Fresh pairs: the served version draws both images (PairMix on_policy=1.0). 24 votes, not fewer: up to `prefetch`
+    # of them were drawn before the last promotion, and about a tenth of the prompts fall in the eval split, so a
+    # dozen left the round below min_pairs=8 now and then.
+    for i in range(24):
         pair = rt.arena.next_pair(f"session-window-{i}")
         rt.arena.vote(f"session-window-{i}", pair.token, "left" if i % 2 else "right", rt.rater_id(f"rater-{i % 4}"))
     with_launcher(rt, None, train_window="serving", reference="init", continue_rejected=2, min_pairs=1000)
