@@ -79,7 +79,8 @@ ENV_VARS: tuple[EnvVar, ...] = (
         "NCP_ROUND_SPACE",
         _LOOP.space,
         "where a round measures its DPO errors: ncp (NCP-DPO, the UNet encoder's features) or latent (latent "
-        "Diffusion-DPO); each has its own beta (docs/BENCHMARKS.md, section loop-arms, compares them in the loop)",
+        "Diffusion-DPO); each has its own beta (docs/BENCHMARKS.md, section loop-arms, compares them in the loop; on "
+        "the same votes a round gains the same in either: docs/research/round-space.md)",
     ),
     EnvVar(
         "NCP_DPO_REFERENCE",
