@@ -108,6 +108,13 @@ def parser() -> argparse.ArgumentParser:
         help="pairs a round needs (with --train-window serving: of the served version's own images)",
     )
     p.add_argument("--max-steps", type=int, default=RERUN_DEFAULTS["max_steps"])
+    p.add_argument(
+        "--max-pair-passes",
+        type=float,
+        default=0.0,
+        help="cap a round at this many passes over its distinct image pairs (0: none; docs/research/round-space.md: "
+        "NCP-DPO turns down after ~1.5); give the run its own --name",
+    )
     p.add_argument("--batch-size", type=int, default=RERUN_DEFAULTS["batch_size"])
     p.add_argument("--lr", type=float, default=RERUN_DEFAULTS["lr"])
     p.add_argument(
@@ -256,6 +263,7 @@ def main(argv: list[str] | None = None) -> None:
         min_new_votes=args.min_new_votes,
         min_pairs=args.min_pairs,
         max_steps=args.max_steps,
+        max_pair_passes=args.max_pair_passes,
         batch_size=args.batch_size,
         lr=args.lr,
         beta=args.beta,

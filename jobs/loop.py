@@ -28,7 +28,7 @@ from jobs.gate import promotion_gate
 from jobs.loop_config import LoopConfig  # noqa: F401 - re-exported: `from jobs.loop import LoopConfig`
 from jobs.registry import BASE, AdapterRegistry, RegistryError
 from jobs.subprocess_run import read_progress, run_child
-from jobs.training_pairs import cap_rater_share
+from jobs.training_pairs import cap_rater_share, distinct_image_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -156,10 +156,17 @@ class AlignmentLoop:
             return RoundResult("skipped", f"only {n} pairs of {parent}'s own images; waiting for {cfg.min_pairs}",
                                parent=parent, snapshot_id=snap.snapshot_id, seconds=time.monotonic() - t0)  # fmt: skip
         init, line_len = self._init_adapter(parent)
+        distinct = distinct_image_pairs(train_file) if n else 0  # rows are votes; several raters vote on one pair
         run_id = self.store.start_training_run(
             snap.snapshot_id,
             parent,
-            config={**asdict(cfg), "trigger": trigger, "pairs": n, "init_adapter": self._describe(init, parent)},
+            config={
+                **asdict(cfg),
+                "trigger": trigger,
+                "pairs": n,
+                "distinct_pairs": distinct,
+                "init_adapter": self._describe(init, parent),
+            },
         )
 
         def fail(status: str, reason: str, metrics: dict | None = None) -> RoundResult:
@@ -194,7 +201,7 @@ class AlignmentLoop:
             "--timestep-low",
             str(cfg.timestep_low),
             "--max-steps",
-            str(cfg.round_steps(n)),
+            str(cfg.round_steps(n, distinct)),
             "--batch-size",
             str(cfg.batch_size),
             "--lora-rank",

@@ -40,6 +40,10 @@ class LoopConfig:
     # steps on its first 160 pairs (7.5 passes), collapsed to empty canvases (judge 0.60 -> 0.43); 40 steps on the same
     # pairs did not (docs/research/loop-plateau.md).
     max_epochs: float = 2.0
+    # ...and, when > 0, at most this many passes over the round's DISTINCT image pairs (a row is one vote, and several
+    # raters vote on each pair): NCP-DPO rounds gain up to ~1.5 passes over the same image pairs and then turn down,
+    # while latent DPO keeps gaining (docs/research/round-space.md). 0: no cap (the measured default so far).
+    max_pair_passes: float = 0.0
     batch_size: int = 8
     lora_rank: int = 8  # fixed for the life of a deployment (hot-swap needs the same rank and targets)
     lora_alpha: int = 8
@@ -97,10 +101,14 @@ class LoopConfig:
     # seeded the next round of the same run, which then also fell short (-0.046 where a fresh start gained +0.075).
     continue_max_drop: float = 0.02
 
-    def round_steps(self, pairs: int) -> int:
-        """Optimizer steps of a round on `pairs` pairs: max_steps, or fewer when that would pass over them more than
-        max_epochs times (at least one step)."""
-        return max(1, min(self.max_steps, math.ceil(self.max_epochs * pairs / self.batch_size)))
+    def round_steps(self, pairs: int, distinct_pairs: int | None = None) -> int:
+        """Optimizer steps of a round on `pairs` rows: max_steps, or fewer when that would pass over them more than
+        max_epochs times, or (with max_pair_passes > 0) over its `distinct_pairs` image pairs more than
+        max_pair_passes times; at least one step."""
+        steps = min(self.max_steps, math.ceil(self.max_epochs * pairs / self.batch_size))
+        if self.max_pair_passes > 0 and distinct_pairs is not None:
+            steps = min(steps, math.ceil(self.max_pair_passes * distinct_pairs / self.batch_size))
+        return max(1, steps)
 
     def __post_init__(self) -> None:
         if self.objective not in ("dpo", "cpo", "sft") or self.space not in ("latent", "ncp"):
@@ -121,6 +129,10 @@ class LoopConfig:
             raise ValueError(f"eval_max_pairs must be >= 0 (0: all held-out pairs), got {self.eval_max_pairs}.")
         if not self.max_epochs > 0:
             raise ValueError(f"max_epochs must be > 0 passes over a round's pairs, got {self.max_epochs}.")
+        if not self.max_pair_passes >= 0:
+            raise ValueError(
+                f"max_pair_passes must be >= 0 passes over a round's image pairs (0: no cap), got {self.max_pair_passes}."
+            )
         if self.continue_rejected < 0:
             raise ValueError(f"continue_rejected must be >= 0 rounds, got {self.continue_rejected}.")
         if not 0 < self.max_rater_share <= 1:

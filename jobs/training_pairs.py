@@ -30,3 +30,11 @@ def cap_rater_share(src: Path, dst: Path, max_share: float, min_pairs: int, only
     table = table.filter(pa.array(keep, type=pa.bool_()))  # typed: an empty list would be a null array
     pq.write_table(table, dst)
     return table.num_rows
+
+
+def distinct_image_pairs(path: Path) -> int:
+    """How many distinct image pairs the rows of a training file hold (either order counts once): several raters vote
+    on one pair, so a pass over the rows goes over each image pair several times."""
+    table = pq.read_table(path, columns=["image_0_uid", "image_1_uid"])
+    left, right = table.column("image_0_uid").to_pylist(), table.column("image_1_uid").to_pylist()
+    return len({frozenset((a, b)) for a, b in zip(left, right, strict=True)})

@@ -258,6 +258,7 @@ def test_on_policy_window_trains_only_on_the_served_versions_own_pairs(runtime: 
     runs = [rt.store.training_run(r.run_id).config for r in results]
     assert [c["init_adapter"] for c in runs] == [served, served]  # no rejected line: on-policy rounds restart
     assert all(c["train_window"] == "serving" and c["reference"] == "init" for c in runs)
+    assert all(0 < c["distinct_pairs"] <= c["pairs"] for c in runs)  # lineage: how many image pairs the votes held
 
 
 def test_an_evidence_gated_round_waits_for_held_out_pairs(runtime: Runtime) -> None:

@@ -4,10 +4,13 @@ whose probe judge fell clearly below the version it was compared with does not s
 
 from __future__ import annotations
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from jobs.loop import judge_drop
 from jobs.loop_config import LoopConfig
+from jobs.training_pairs import distinct_image_pairs
 
 
 def test_a_round_passes_over_its_pairs_at_most_max_epochs_times() -> None:
@@ -18,6 +21,24 @@ def test_a_round_passes_over_its_pairs_at_most_max_epochs_times() -> None:
     assert LoopConfig(max_steps=150, batch_size=8, max_epochs=100).round_steps(160) == 150
     with pytest.raises(ValueError, match="max_epochs"):
         LoopConfig(max_epochs=0)
+
+
+def test_max_pair_passes_caps_a_round_by_its_distinct_image_pairs_not_its_votes() -> None:
+    """Three raters on each of 100 image pairs: 300 rows, 100 distinct pairs; 1.5 passes over them is 19 steps."""
+    cfg = LoopConfig(max_steps=100, batch_size=8, max_epochs=2.0, max_pair_passes=1.5)
+    assert cfg.round_steps(300, 100) == 19
+    assert cfg.round_steps(300, 1000) == 75  # many distinct pairs: max_epochs over the rows decides
+    assert cfg.round_steps(300) == 75  # no count given: no pair cap
+    assert LoopConfig(max_steps=100, batch_size=8).round_steps(300, 100) == 75  # 0 (the default): no pair cap
+    assert cfg.round_steps(300, 0) == 1
+    with pytest.raises(ValueError, match="max_pair_passes"):
+        LoopConfig(max_pair_passes=-1)
+
+
+def test_distinct_image_pairs_counts_a_pair_once_whoever_voted_and_in_either_order(tmp_path) -> None:
+    rows = {"image_0_uid": ["a", "a", "b", "c", "e"], "image_1_uid": ["b", "b", "a", "d", "c"]}
+    pq.write_table(pa.table(rows), tmp_path / "train.parquet")
+    assert distinct_image_pairs(tmp_path / "train.parquet") == 3  # {a,b} three times, {c,d}, {c,e}
 
 
 def test_judge_drop_reads_the_candidate_against_what_it_was_compared_with() -> None:
