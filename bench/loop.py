@@ -111,7 +111,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-pair-passes",
         type=float,
-        default=0.0,
+        default=RERUN_DEFAULTS["max_pair_passes"],
         help="cap a round at this many passes over its distinct image pairs (0: none; docs/research/round-space.md: "
         "NCP-DPO turns down after ~1.5); give the run its own --name",
     )

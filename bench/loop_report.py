@@ -44,7 +44,7 @@ _LOOP = LoopConfig()
 # voting beside them
 # (ncp.shapes.model.DEFAULT_ROUND_STEPS says what longer rounds took).
 RERUN_DEFAULTS = {"raters": 8, "votes": 6000, "minutes": 30.0, "pace": 0.2, "train_every": DEFAULT_ROUND_EVERY_S,
-                  "min_new_votes": DEFAULT_ROUND_MIN_VOTES, "min_pairs": 16, "max_steps": DEFAULT_ROUND_STEPS, "batch_size": 8,
+                  "min_new_votes": DEFAULT_ROUND_MIN_VOTES, "min_pairs": 16, "max_steps": DEFAULT_ROUND_STEPS, "max_pair_passes": 0.0, "batch_size": 8,
                   "lr": DEFAULT_ROUND_LR,
                   "beta": _LOOP.beta, "objective": "dpo", "continue_rejected": DEFAULT_CONTINUE_REJECTED, "space": "ncp",
                   "timestep_low": SHAPES_TIMESTEP_LOW, "reference": "base", "train_window": "all", "probes": 48,
