@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from diffusers import DiffusionPipeline
 
 from ncp.shapes.model import IMAGE_SIZE
@@ -60,6 +61,15 @@ def test_pretrain_writes_a_loadable_pipeline_and_resumes(tmp_path: Path) -> None
     assert max(abs(m) for m in done["channel_means_after"]) < 0.1, done
     scheduler = json.loads((tmp_path / "out" / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["beta_schedule"] == "linear", "the shipped recipe's noise schedule"
+    # A decoder refit (with the edge loss) changes the decoder only: the latents, and the UNet trained on them, hold.
+    from diffusers import AutoencoderTiny
+
+    before = AutoencoderTiny.from_pretrained(tmp_path / "out" / "vae").state_dict()
+    refit = ["--refit-decoder-steps", "2", "--edge-weight", "2", "--vae-batch", "2", "--out", str(tmp_path / "out")]
+    subprocess.run([sys.executable, "-m", "ncp.shapes.pretrain", *refit], cwd=ROOT, check=True, timeout=600)
+    after = AutoencoderTiny.from_pretrained(tmp_path / "out" / "vae").state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("encoder."))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
 
 
 def test_caption_noise_names_random_values_at_its_rate() -> None:

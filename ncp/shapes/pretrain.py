@@ -246,6 +246,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--vae-batch", type=int, default=32, help="images per VAE step")
     p.add_argument("--fg-weight", type=float, default=10.0, help="extra loss weight of foreground pixels (VAE)")
+    p.add_argument(
+        "--edge-weight",
+        type=float,
+        default=0.0,
+        help="decoder refits: weight of an L1 loss on the image's finite differences around the objects, which "
+        "keeps the corners of small shapes (the shipped ceiling's decoder: 2)",
+    )
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of UNet and text encoder")
     p.add_argument("--vae-lr", type=float, default=1e-3, help="peak learning rate of the VAE")
     p.add_argument("--two-object-prob", type=float, default=0.3, help="share of two-object scenes")

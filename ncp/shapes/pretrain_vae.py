@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from ncp.shapes.model import (
@@ -59,13 +60,28 @@ def train_vae(args: argparse.Namespace, work: Path, log) -> None:
     center_vae(vae, args, work, log)
 
 
-def vae_loss(rec: torch.Tensor, x: torch.Tensor, fg_weight: float) -> torch.Tensor:
+def vae_loss(rec: torch.Tensor, x: torch.Tensor, fg_weight: float, edge_weight: float = 0.0) -> torch.Tensor:
     # Shapes cover a few percent of the frame: weight foreground pixels (far from the corner's background colour)
     # so colour fidelity is not drowned by the background.
     bg = x[:, :, :1, :1]
-    weight = 1.0 + fg_weight * ((x - bg).abs().amax(dim=1, keepdim=True) > 0.1).float()
+    fg = ((x - bg).abs().amax(dim=1, keepdim=True) > 0.1).float()
+    weight = 1.0 + fg_weight * fg
     err = (rec - x).abs()
-    return (weight * (err**2 + 0.5 * err)).mean() / weight.mean()
+    loss = (weight * (err**2 + 0.5 * err)).mean() / weight.mean()
+    if edge_weight:
+        loss = loss + edge_weight * edge_loss(rec, x, fg)
+    return loss
+
+
+def edge_loss(rec: torch.Tensor, x: torch.Tensor, fg: torch.Tensor) -> torch.Tensor:
+    """L1 between the finite differences of the reconstruction and of the render, on the objects and one pixel
+    around them. A per-pixel loss barely sees the corners of a small square or triangle (a few pixels of a few
+    percent of the frame), so the decoder rounds them and the judge reads a circle: the shipped decoder lost 13 of
+    27 small squares and 9 of 32 small triangles of the held-in set (docs/research/shapes-layout.md)."""
+    near = F.max_pool2d(fg, 3, 1, 1)
+    dx = (rec[..., :, 1:] - rec[..., :, :-1]) - (x[..., :, 1:] - x[..., :, :-1])
+    dy = (rec[..., 1:, :] - rec[..., :-1, :]) - (x[..., 1:, :] - x[..., :-1, :])
+    return (dx.abs() * near[..., :, 1:]).mean() + (dy.abs() * near[..., 1:, :]).mean()
 
 
 def center_vae(vae, args: argparse.Namespace, work: Path, log) -> None:  # noqa: ANN001 - AutoencoderTiny
@@ -104,7 +120,7 @@ def refit_decoder(vae, args: argparse.Namespace, log, steps: int, lr: float, see
         _, x = render_batch(rng, args.vae_batch, args.two_object_prob)
         with torch.no_grad():
             z = vae.encode(x).latents
-        loss = vae_loss(vae.decode(z).sample, x, args.fg_weight)
+        loss = vae_loss(vae.decode(z).sample, x, args.fg_weight, getattr(args, "edge_weight", 0.0))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
