@@ -138,4 +138,6 @@ def test_high_share_oversamples_the_high_noise_slice() -> None:
     assert only_high.min() >= 500 and only_high.max() <= 999
     mixed = sample_timesteps(20000, 1000, 0.5, 0.5, dev)  # half from the slice + half of the uniform rest: 75%
     assert (mixed >= 500).float().mean().item() == pytest.approx(0.75, abs=0.02)
+    detail = sample_timesteps(20000, 1000, 0.5, 0.0, dev, t_high=0.3)  # a detail stage: low noise only
+    assert detail.min() >= 0 and detail.max() <= 299 and detail.float().mean().item() == pytest.approx(149.5, abs=5)
     assert (mixed < 500).any()

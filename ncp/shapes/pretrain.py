@@ -59,15 +59,19 @@ def latent_cache(vae, args: argparse.Namespace, work: Path, dev: torch.device) -
     return cache
 
 
-def sample_timesteps(n: int, num_train: int, t_low: float, high_share: float, dev: torch.device) -> torch.Tensor:
-    """Training timesteps: a `high_share` of the batch from the high-noise slice [t_low T, T), the rest from [0, T).
+def sample_timesteps(
+    n: int, num_train: int, t_low: float, high_share: float, dev: torch.device, t_high: float = 1.0
+) -> torch.Tensor:
+    """Training timesteps: a `high_share` of the batch from the high-noise slice [t_low T, T), the rest from
+    [0, t_high T) (t_high < 1: a detail stage that leaves the high-noise steps, where colour and layout are decided,
+    alone; docs/research/shapes-layout.md).
 
     With t uniform the few samples where x_t no longer shows the layout carry tiny eps-gradients, and Adam's step
     is normalised by the much larger gradients of the low-noise samples: the model learns layout from x_t, never from
     the position words (docs/research/shapes-layout.md). Oversampling the high-noise slice is the sampling form of
     P2 weighting (Choi et al. 2022, "Perception Prioritized Training of Diffusion Models"): more of the update goes
     to the noise levels where content and layout are decided."""
-    t = torch.randint(0, num_train, (n,), device=dev)
+    t = torch.randint(0, max(1, int(t_high * num_train)), (n,), device=dev)
     high = torch.rand(n, device=dev) < high_share
     lo = min(int(t_low * num_train), num_train - 1)
     return torch.where(high, torch.randint(lo, num_train, (n,), device=dev), t)
@@ -126,7 +130,9 @@ def train_unet(args: argparse.Namespace, work: Path, out: Path, log) -> None:
         prompts = ["" if rng.random() < 0.1 else p for p in prompts]
         ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
         cond = text_encoder(ids.input_ids.to(dev))[0]  # (B, 24, 64)
-        t = sample_timesteps(len(prompts), sched.config.num_train_timesteps, args.t_low, args.high_share, dev)
+        t = sample_timesteps(
+            len(prompts), sched.config.num_train_timesteps, args.t_low, args.high_share, dev, args.t_high
+        )
         eps = torch.randn_like(z0)
         if args.noise_offset:  # offset noise: a per-image, per-channel constant, so the model learns the image means
             eps = eps + args.noise_offset * torch.randn(z0.shape[0], z0.shape[1], 1, 1, device=dev)
@@ -231,6 +237,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument(
         "--high-share", type=float, default=0.0, help="share of each batch drawn from [t_low T, T) (1: only there)"
+    )
+    p.add_argument(
+        "--t-high",
+        type=float,
+        default=1.0,
+        help="the rest of each batch is drawn from [0, t_high T) (below 1: train the low-noise steps only)",
     )
     p.add_argument(
         "--freeze-text-encoder", action="store_true", help="train the UNet only (with --init-model: keep its encoder)"
