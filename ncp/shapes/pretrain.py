@@ -63,8 +63,7 @@ def sample_timesteps(
     n: int, num_train: int, t_low: float, high_share: float, dev: torch.device, t_high: float = 1.0
 ) -> torch.Tensor:
     """Training timesteps: a `high_share` of the batch from the high-noise slice [t_low T, T), the rest from
-    [0, t_high T) (t_high < 1: a detail stage that leaves the high-noise steps, where colour and layout are decided,
-    alone; docs/research/shapes-layout.md).
+    [0, t_high T) (t_high < 1: a stage on the low-noise steps only, an ablation in docs/research/shapes-layout.md).
 
     With t uniform the few samples where x_t no longer shows the layout carry tiny eps-gradients, and Adam's step
     is normalised by the much larger gradients of the low-noise samples: the model learns layout from x_t, never from
