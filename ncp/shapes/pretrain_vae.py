@@ -109,8 +109,11 @@ def center_vae(vae, args: argparse.Namespace, work: Path, log) -> None:  # noqa:
     log({"stage": "vae", "done": True, "scaling_factor": 1.0 / std, "channel_means_after": z.mean((0, 2, 3)).tolist()})
 
 
-def refit_decoder(vae, args: argparse.Namespace, log, steps: int, lr: float, seed_offset: int = 777) -> None:  # noqa: ANN001
-    """Fine-tune the decoder alone (encoder frozen: the latents, and any UNet trained on them, stay valid)."""
+def refit_decoder(  # noqa: ANN001 - vae: AutoencoderTiny
+    vae, args: argparse.Namespace, log, steps: int, lr: float, seed_offset: int = 777, after_step=None
+) -> None:
+    """Fine-tune the decoder alone (encoder frozen: the latents, and any UNet trained on them, stay valid).
+    `after_step(n)`, if given, runs after the n-th step (bench/shapes_roundtrip.py judges the decoder there)."""
     vae.encoder.requires_grad_(False)
     opt = torch.optim.AdamW(vae.decoder.parameters(), lr=lr, weight_decay=0.0)
     rng = random.Random(args.seed + seed_offset)
@@ -120,10 +123,12 @@ def refit_decoder(vae, args: argparse.Namespace, log, steps: int, lr: float, see
         _, x = render_batch(rng, args.vae_batch, args.two_object_prob)
         with torch.no_grad():
             z = vae.encode(x).latents
-        loss = vae_loss(vae.decode(z).sample, x, args.fg_weight, getattr(args, "edge_weight", 0.0))
+        loss = vae_loss(vae.decode(z).sample, x, args.fg_weight, args.edge_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if (step + 1) % 50 == 0:
             log({"stage": "decoder", "step": step + 1, "loss": loss.item()})
+        if after_step is not None:
+            after_step(step + 1)
     vae.encoder.requires_grad_(True)
